@@ -1,0 +1,208 @@
+"""Loading, normalising and saving ONNX models.
+
+Everything a later pass may rely on is established here, once: a checked model at opset >= 13
+(per-channel Q/DQ needs it), weights as initializers even when the exporter stored them as
+`Constant` nodes, static shapes except an optional dynamic batch dimension, and shape information
+for every tensor. Saving is atomic and byte-deterministic.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import numpy_helper
+
+from .errors import InputError, UnsupportedModelError
+
+MIN_OPSET = 13
+QUANTIZED_OPS = {
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
+    "ConvInteger", "MatMulInteger", "QLinearAdd", "QLinearConcat",
+}
+_EXTERNAL_DATA_LIMIT = 1_800_000_000
+
+
+def parse_input_shapes(specs: tuple[str, ...] | list[str]) -> dict[str, list[int]]:
+    """Parse `NAME=1x3x224x224` strings (the `--input-shape` option)."""
+    shapes: dict[str, list[int]] = {}
+    for spec in specs:
+        name, sep, dims = spec.rpartition("=")
+        try:
+            if not sep or not name:
+                raise ValueError
+            shape = [int(d) for d in dims.lower().split("x")]
+            if any(d <= 0 for d in shape):
+                raise ValueError
+        except ValueError:
+            raise InputError(f"--input-shape {spec!r}: expected NAME=DIMxDIMx... with positive dims") from None
+        shapes[name] = shape
+    return shapes
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Read and check an ONNX file; external data next to it is loaded too."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    try:
+        model = onnx.load(str(path), load_external_data=True)
+    except Exception as exc:  # protobuf raises several unrelated types
+        raise InputError(f"{path}: not a readable ONNX model ({_first_line(exc)})") from None
+    if not model.graph.node:
+        raise InputError(f"{path}: not an ONNX model (the graph has no nodes)")
+    try:
+        if model.ByteSize() < _EXTERNAL_DATA_LIMIT:
+            onnx.checker.check_model(model)
+        else:
+            onnx.checker.check_model(str(path))
+    except Exception as exc:
+        raise InputError(f"{path}: invalid ONNX model: {_first_line(exc)}") from None
+    return model
+
+
+def normalize(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None) -> onnx.ModelProto:
+    """Bring a float model into the form every pass expects (see the module docstring)."""
+    _refuse_quantized(model)
+    model = _upgrade_opset(model)
+    graph = gs.import_onnx(model)
+    _constants_to_initializers(graph)
+    _resolve_input_shapes(graph, input_shapes or {})
+    graph.cleanup().toposort()
+    model = gs.export_onnx(graph)
+    return infer_shapes(model)
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        return onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+    except Exception as exc:
+        raise InputError(f"shape inference failed: {_first_line(exc)}") from None
+
+
+def opset_of(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    raise InputError("model imports no default-domain opset")
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
+    """Write `model` atomically (temp file + rename) with deterministic bytes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if model.ByteSize() >= _EXTERNAL_DATA_LIMIT:
+        _save_with_external_data(model, path)
+        return
+    atomic_write_bytes(path, model.SerializeToString(deterministic=True))
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _save_with_external_data(model: onnx.ModelProto, path: Path) -> None:
+    data_name = path.name + ".data"
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmpdir:
+        tmp_model = Path(tmpdir) / path.name
+        onnx.save(model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=data_name, size_threshold=1024)
+        os.replace(Path(tmpdir) / data_name, path.parent / data_name)
+        os.replace(tmp_model, path)
+
+
+def _refuse_quantized(model: onnx.ModelProto) -> None:
+    found = sorted({n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS})
+    if found:
+        raise UnsupportedModelError(
+            f"the model is already quantized (it contains {', '.join(found)}); give qpass the float model")
+
+
+def _upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
+    if opset_of(model) >= MIN_OPSET:
+        return model
+    try:
+        return onnx.version_converter.convert_version(model, MIN_OPSET)
+    except Exception as exc:
+        raise InputError(f"cannot upgrade opset {opset_of(model)} to {MIN_OPSET}: {_first_line(exc)}") from None
+
+
+def _constants_to_initializers(graph: gs.Graph) -> None:
+    """Exporters often store weights as `Constant` nodes; passes treat them as initializers."""
+    for node in graph.nodes:
+        if node.op != "Constant" or not node.outputs:
+            continue
+        value = _constant_value(node)
+        if value is None:
+            continue
+        out = node.outputs[0]
+        if out in graph.outputs:
+            continue
+        node.outputs.clear()
+        out.to_constant(value)
+
+
+def _constant_value(node: gs.Node) -> np.ndarray | None:
+    attrs = node.attrs
+    if "value" in attrs:
+        value = attrs["value"]
+        return np.asarray(value.values if isinstance(value, gs.Constant) else value)
+    scalar_kinds = {"value_float": np.float32, "value_int": np.int64}
+    list_kinds = {"value_floats": np.float32, "value_ints": np.int64}
+    for key, dtype in scalar_kinds.items():
+        if key in attrs:
+            return np.array(attrs[key], dtype=dtype)
+    for key, dtype in list_kinds.items():
+        if key in attrs:
+            return np.array(list(attrs[key]), dtype=dtype)
+    return None
+
+
+def _resolve_input_shapes(graph: gs.Graph, given: dict[str, list[int]]) -> None:
+    names = {t.name for t in graph.inputs}
+    unknown = sorted(set(given) - names)
+    if unknown:
+        raise InputError(f"--input-shape names {', '.join(unknown)}, but the model inputs are {', '.join(sorted(names))}")
+    for tensor in graph.inputs:
+        shape = list(tensor.shape or [])
+        if tensor.name in given:
+            new = given[tensor.name]
+            if len(new) != len(shape):
+                raise InputError(f"--input-shape {tensor.name}: {len(new)} dims given, the model input has {len(shape)}")
+            for dim, value in zip(shape, new):
+                if isinstance(dim, int) and dim > 0 and dim != value:
+                    raise InputError(f"--input-shape {tensor.name}={_fmt(new)} contradicts the model's static shape {_fmt(shape)}")
+            tensor.shape = new
+            continue
+        dynamic = [i for i, d in enumerate(shape) if not (isinstance(d, int) and d > 0)]
+        if [i for i in dynamic if i != 0]:
+            raise InputError(
+                f"input {tensor.name} has dynamic dimensions {_fmt(shape)}; give its sizes with "
+                f"--input-shape {tensor.name}=" + "x".join(str(d) if isinstance(d, int) and d > 0 else "N" for d in shape))
+
+
+def _fmt(shape) -> str:
+    return "x".join(str(d) for d in shape)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
+def initializer_array(model: onnx.ModelProto, name: str) -> np.ndarray | None:
+    for init in model.graph.initializer:
+        if init.name == name:
+            return numpy_helper.to_array(init)
+    return None
