@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import numpy_helper
 
 from .errors import InputError, UnsupportedModelError
 
@@ -73,6 +72,7 @@ def normalize(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None 
     _constants_to_initializers(graph)
     _resolve_input_shapes(graph, input_shapes or {})
     graph.cleanup().toposort()
+    _name_nodes(graph)
     model = gs.export_onnx(graph)
     return infer_shapes(model)
 
@@ -153,6 +153,15 @@ def _constants_to_initializers(graph: gs.Graph) -> None:
         out.to_constant(value)
 
 
+def _name_nodes(graph: gs.Graph) -> None:
+    """Give every node a unique, stable name: the plan and the report refer to nodes by name."""
+    seen: set[str] = set()
+    for i, node in enumerate(graph.nodes):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op}_{i}"
+        seen.add(node.name)
+
+
 def _constant_value(node: gs.Node) -> np.ndarray | None:
     attrs = node.attrs
     if "value" in attrs:
@@ -199,10 +208,3 @@ def _fmt(shape) -> str:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0][:300]
-
-
-def initializer_array(model: onnx.ModelProto, name: str) -> np.ndarray | None:
-    for init in model.graph.initializer:
-        if init.name == name:
-            return numpy_helper.to_array(init)
-    return None

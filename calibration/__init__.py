@@ -1,0 +1,1 @@
+"""Calibration: observers that turn streamed activations into ranges, and ranges into qparams."""

@@ -1,0 +1,142 @@
+"""Calibration data readers: stream model-input batches from .npy/.npz files.
+
+Every array has a leading sample axis: an array for input `x` of shape [N, 3, 32, 32] holds 32x32
+samples for a model input of shape [B, 3, 32, 32]. A `.npy` file feeds a single-input model; a
+`.npz` file names its arrays after the model inputs (other keys, such as `labels`, are kept for
+evaluation). A directory is read file by file in name order. `.npy` files are memory-mapped, so a
+large calibration set is never loaded at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from qpasses.errors import CalibrationError, InputError
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    shape: tuple  # the model's shape; dim 0 is the batch (int or a name when dynamic)
+    dtype: np.dtype
+
+
+@dataclass
+class ArraySource:
+    """Samples from arrays keyed by input name; `rows` selects and orders the samples used."""
+
+    arrays: dict[str, list[np.ndarray]]  # per input: chunks of [n_i, ...] in file order
+    labels: np.ndarray | None = None
+    origin: str = ""
+    rows: np.ndarray = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.rows is None:
+            first = next(iter(self.arrays.values()), [])
+            self.rows = np.arange(sum(chunk.shape[0] for chunk in first))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def subset(self, rows: np.ndarray) -> "ArraySource":
+        return ArraySource(self.arrays, self.labels, self.origin, self.rows[rows])
+
+    def split(self, holdout: int) -> tuple["ArraySource", "ArraySource"]:
+        """The first samples for calibration, the last `holdout` held back for evaluation."""
+        n = len(self) - holdout
+        return self.subset(np.arange(0, n)), self.subset(np.arange(n, len(self)))
+
+    def batch_labels(self) -> np.ndarray | None:
+        return None if self.labels is None else self.labels[self.rows]
+
+    def batches(self, batch_size: int, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+        rows = self.rows if limit is None else self.rows[:limit]
+        for start in range(0, len(rows), batch_size):
+            take = rows[start:start + batch_size]
+            yield {name: _gather(chunks, take) for name, chunks in self.arrays.items()}
+
+
+def _gather(chunks: list[np.ndarray], rows: np.ndarray) -> np.ndarray:
+    if len(chunks) == 1:
+        return np.ascontiguousarray(chunks[0][rows])
+    bounds = np.cumsum([0] + [c.shape[0] for c in chunks])
+    parts = []
+    for r in rows:
+        i = int(np.searchsorted(bounds, r, side="right") - 1)
+        parts.append(chunks[i][r - bounds[i]])
+    return np.stack(parts)
+
+
+def open_source(path: str | Path, inputs: list[InputSpec]) -> ArraySource:
+    """Read `path` (a .npy/.npz file or a directory of them) and check it against the model inputs."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in (".npy", ".npz"))
+        if not files:
+            raise CalibrationError(f"{path}: no .npy or .npz files in this directory")
+    elif path.is_file():
+        if path.suffix not in (".npy", ".npz"):
+            raise InputError(f"{path}: calibration data must be .npy, .npz or a directory of them")
+        files = [path]
+    else:
+        raise InputError(f"{path}: no such file or directory")
+    arrays: dict[str, list[np.ndarray]] = {spec.name: [] for spec in inputs}
+    labels = []
+    for file in files:
+        for name, array in _read(file, inputs).items():
+            if name == "labels":
+                labels.append(np.asarray(array))
+            else:
+                arrays[name].append(array)
+    counts = {name: sum(a.shape[0] for a in chunks) for name, chunks in arrays.items()}
+    if len(set(counts.values())) > 1:
+        raise CalibrationError(f"{path}: inputs have different sample counts: "
+                               + ", ".join(f"{k}={v}" for k, v in counts.items()))
+    n = next(iter(counts.values()), 0)
+    if n == 0:
+        raise CalibrationError(f"{path}: calibration data is empty (0 samples)")
+    label_array = np.concatenate(labels) if labels else None
+    if label_array is not None and len(label_array) != n:
+        raise CalibrationError(f"{path}: {len(label_array)} labels for {n} samples")
+    return ArraySource(arrays, label_array, str(path))
+
+
+def _read(file: Path, inputs: list[InputSpec]) -> dict[str, np.ndarray]:
+    try:
+        if file.suffix == ".npy":
+            if len(inputs) != 1:
+                raise CalibrationError(f"{file}: a .npy file feeds a single-input model; this model has inputs "
+                                       f"{', '.join(s.name for s in inputs)}: use a .npz keyed by input name")
+            found = {inputs[0].name: np.load(file, mmap_mode="r", allow_pickle=False)}
+        else:
+            with np.load(file, allow_pickle=False) as npz:
+                found = {k: npz[k] for k in npz.files}
+    except CalibrationError:
+        raise
+    except Exception as exc:
+        raise InputError(f"{file}: cannot read ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    missing = [s.name for s in inputs if s.name not in found]
+    if missing:
+        raise CalibrationError(f"{file}: no array for model input(s) {', '.join(missing)} (found: {', '.join(sorted(found)) or 'none'})")
+    out = {"labels": found["labels"]} if "labels" in found else {}
+    for spec in inputs:
+        out[spec.name] = _check(file, spec, found[spec.name])
+    return out
+
+
+def _check(file: Path, spec: InputSpec, array: np.ndarray) -> np.ndarray:
+    want = tuple(spec.shape)
+    if array.ndim != len(want) or any(isinstance(d, int) and d != a for d, a in zip(want[1:], array.shape[1:])):
+        raise CalibrationError(f"{file}: array {spec.name} has shape {list(array.shape)}, expected "
+                               f"[N, {', '.join(str(d) for d in want[1:])}] for model input {spec.name} {list(want)}")
+    if array.dtype != spec.dtype:
+        if not (np.issubdtype(array.dtype, np.floating) and np.issubdtype(spec.dtype, np.floating)):
+            raise CalibrationError(f"{file}: array {spec.name} is {array.dtype}, model input {spec.name} is {spec.dtype}")
+        array = array.astype(spec.dtype)
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        raise CalibrationError(f"{file}: array {spec.name} contains NaN or Inf")
+    return array

@@ -1,0 +1,75 @@
+"""Ranges to quantization parameters, for every scheme a target can ask for.
+
+One function serves all quantizers (as torch.ao's observers share `_calculate_qparams`):
+
+- the range is widened to contain 0, so that zero (padding, ReLU) is exact;
+- symmetric: zero_point = 0 and scale = max(|lo|, |hi|) / qmax (TensorRT's amax / 127);
+- asymmetric: scale = (hi - lo) / (qmax - qmin), zero_point = round(qmin - lo / scale);
+- power-of-two: scale = 2^ceil(log2(scale)), the smallest power of two that still covers the range;
+- a degenerate range (all zeros) gets scale 1, so every value quantizes to the zero point.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from qpasses.targets.schema import Quantizer
+
+
+@dataclass(frozen=True)
+class QParams:
+    scale: np.ndarray  # float32, scalar or per-channel
+    zero_point: np.ndarray  # int8/uint8/int32, same shape as scale
+    qmin: int
+    qmax: int
+    axis: int | None = None
+
+    @property
+    def signed(self) -> bool:
+        return self.qmin < 0
+
+
+def is_signed(quantizer: Quantizer, lo: np.ndarray) -> bool:
+    """Resolve `signed = "auto"` (MQBench adaptive signedness): unsigned when lo >= 0."""
+    if quantizer.signed == "auto":
+        return bool(np.min(lo) < 0)
+    return bool(quantizer.signed)
+
+
+def compute_qparams(lo, hi, quantizer: Quantizer, axis: int | None = None) -> QParams:
+    lo = np.minimum(np.asarray(lo, dtype=np.float64), 0.0)
+    hi = np.maximum(np.asarray(hi, dtype=np.float64), 0.0)
+    signed = is_signed(quantizer, lo)
+    qmin, qmax = quantizer.qrange(signed)
+    if quantizer.symmetric:
+        amax = np.maximum(-lo, hi) if signed else hi
+        scale = amax / qmax
+    else:
+        scale = (hi - lo) / (qmax - qmin)
+    scale = np.where(scale > 0, scale, 1.0)
+    if quantizer.scale == "pow2":
+        scale = np.exp2(np.ceil(np.log2(scale)))
+    scale = scale.astype(np.float32)
+    if quantizer.symmetric:
+        zero_point = np.zeros_like(scale, dtype=np.int64)
+    else:
+        zero_point = np.clip(np.round(qmin - lo / scale.astype(np.float64)), qmin, qmax).astype(np.int64)
+    dtype = np.int8 if signed else np.uint8
+    return QParams(np.asarray(scale, np.float32), np.asarray(zero_point, dtype), qmin, qmax, axis)
+
+
+def quantize(x: np.ndarray, qp: QParams) -> np.ndarray:
+    """Round-half-to-even and saturate, as ONNX QuantizeLinear does."""
+    scale, zp = _broadcast(qp, x.ndim)
+    q = np.round(x.astype(np.float32) / scale) + zp
+    return np.asarray(np.clip(q, qp.qmin, qp.qmax)).astype(qp.zero_point.dtype)
+
+
+def _broadcast(qp: QParams, ndim: int) -> tuple[np.ndarray, np.ndarray]:
+    if qp.axis is None or qp.scale.ndim == 0:
+        return qp.scale, qp.zero_point.astype(np.float32)
+    shape = [1] * ndim
+    shape[qp.axis] = -1
+    return qp.scale.reshape(shape), qp.zero_point.astype(np.float32).reshape(shape)

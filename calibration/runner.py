@@ -1,0 +1,106 @@
+"""Run a float model in ONNX Runtime and stream the tensors that need ranges to observers.
+
+The tensors are exposed as extra graph outputs of a copy of the model; each batch's values are
+handed to the observers and dropped, so memory does not grow with the number of samples.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from tqdm import tqdm
+
+from qpasses.errors import CalibrationError, EngineError
+
+from .data import ArraySource, InputSpec
+from .observers import Observer
+
+
+def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
+    initializers = {i.name for i in model.graph.initializer}
+    specs = []
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        tensor_type = value.type.tensor_type
+        shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor_type.shape.dim)
+        specs.append(InputSpec(value.name, shape, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))))
+    return specs
+
+
+def session(model: onnx.ModelProto, optimize: bool = True) -> ort.InferenceSession:
+    """A CPU session; `optimize=False` runs a Q/DQ graph op by op, the numeric reference."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if optimize
+                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    try:
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise EngineError(f"ONNX Runtime cannot load the model: {str(exc).splitlines()[0]}") from None
+
+
+def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
+    """A copy of `model` that also outputs the named intermediate tensors."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    existing = {o.name for o in model.graph.output}
+    types = {v.name: v.type for v in list(model.graph.value_info) + list(model.graph.input)}
+    for name in names:
+        if name in existing:
+            continue
+        value = onnx.ValueInfoProto(name=name)
+        if name in types:
+            value.type.CopyFrom(types[name])
+        else:
+            value.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+        model.graph.output.append(value)
+    return model
+
+
+def fixed_batch(model: onnx.ModelProto) -> int | None:
+    """The model's static batch size, or None when the batch dimension is dynamic."""
+    dims = [s.shape[0] for s in input_specs(model) if s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0]
+    return dims[0] if dims else None
+
+
+def observe(model: onnx.ModelProto, observers: dict[str, Observer], source: ArraySource, batch_size: int,
+            max_samples: int | None = None, quiet: bool = False, desc: str = "calibrating") -> int:
+    """Feed every batch of `source` through `model`, updating `observers[tensor]`; returns samples seen."""
+    names = sorted(observers)
+    sess = session(with_outputs(model, names))
+    batch = fixed_batch(model) or batch_size
+    limit = len(source) if max_samples is None else min(max_samples, len(source))
+    if fixed_batch(model) and limit % batch:
+        limit -= limit % batch  # a fixed batch dimension takes only whole batches
+    if limit == 0:
+        raise CalibrationError(f"no calibration samples to run (have {len(source)}, the model's batch is {batch})")
+    seen = 0
+    with tqdm(total=limit, desc=desc, unit="sample", disable=quiet, leave=False) as bar:
+        for feeds in source.batches(batch, limit):
+            try:
+                values = sess.run(names, feeds)
+            except Exception as exc:
+                raise EngineError(f"ONNX Runtime failed on calibration batch {seen // batch}: "
+                                  f"{str(exc).splitlines()[0]}") from None
+            for name, value in zip(names, values):
+                if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+                    raise CalibrationError(f"tensor {name} has NaN or Inf values on calibration batch {seen // batch}")
+                observers[name].update(value)
+            seen += len(next(iter(feeds.values())))
+            bar.update(len(next(iter(feeds.values()))))
+    return seen
+
+
+def run_outputs(model: onnx.ModelProto, source: ArraySource, batch_size: int, optimize: bool = True) -> list[np.ndarray]:
+    """All model outputs over `source`, concatenated along the batch axis."""
+    sess = session(model, optimize)
+    batch = fixed_batch(model) or batch_size
+    outs: list[list[np.ndarray]] = []
+    for feeds in source.batches(batch):
+        if len(next(iter(feeds.values()))) != batch and fixed_batch(model):
+            break
+        outs.append(sess.run(None, feeds))
+    return [np.concatenate(parts) for parts in zip(*outs)] if outs else []

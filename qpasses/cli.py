@@ -1,0 +1,154 @@
+"""The `qpass` command line.
+
+Every user-facing failure is one line on stderr and a documented exit code (see errors.py);
+`--debug` shows tracebacks and checks the graph after every pass.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import click
+
+from qpasses import __version__
+from qpasses.calibration.observers import OBSERVERS
+from qpasses.errors import InputError, QpassError
+from qpasses.targets.schema import builtin_names, load_target
+
+from . import graph as graph_io
+from .pass_infra import PassContext
+from .pipeline import ALL_PASSES, quantize as run_quantize
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="qpass")
+def cli() -> None:
+    """qpass: quantize float ONNX models for a deployment target."""
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--target", "-t", "target_name", default="onnxruntime", show_default=True,
+              help="Shipped target name (see `qpass targets`) or path of a target .toml file.")
+@click.option("--calib", default="minmax", show_default=True, type=click.Choice(sorted(OBSERVERS)),
+              help="Range-setting method for activations.")
+@click.option("--data", "-d", type=click.Path(path_type=Path),
+              help="Calibration inputs: a .npy/.npz file or a directory of them.")
+@click.option("--output", "-o", type=click.Path(path_type=Path), help="Output path [default: MODEL.<target>.int8.onnx].")
+@click.option("--input-shape", multiple=True, metavar="NAME=1x3x224x224", help="Sizes for dynamic input dimensions.")
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-samples", type=click.IntRange(min=1), help="Use at most this many calibration samples.")
+@click.option("--holdout", type=click.IntRange(min=0), help="Samples held back to measure output SQNR [default: 1/8, at most 64].")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed for every random choice.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars or summary.")
+@click.option("--debug", is_flag=True, help="Check the graph after every pass; show tracebacks.")
+def quantize(model: Path, target_name: str, calib: str, data: Path | None, output: Path | None, input_shape: tuple[str, ...],
+             batch_size: int, max_samples: int | None, holdout: int | None, seed: int, quiet: bool, debug: bool) -> None:
+    """Quantize MODEL for a target and write a Q/DQ ONNX model.
+
+    \b
+    Example:
+      qpass quantize model.onnx --target tensorrt --calib minmax --data calib.npz -o model.int8.onnx
+    """
+    target = load_target(target_name)
+    output = output or model.with_name(f"{model.stem}.{target.name}.int8.onnx")
+    if model.exists() and output.resolve() == model.resolve():
+        raise InputError(f"output {output} is the input model; qpass never overwrites its input")
+    ctx = PassContext(calib_method=calib, batch_size=batch_size, max_samples=max_samples, seed=seed, quiet=quiet, debug=debug)
+    result = run_quantize(model, target, data, ctx, graph_io.parse_input_shapes(input_shape), holdout)
+    graph_io.save_model(result.model, output)
+    if not quiet:
+        _print_summary(result, output)
+
+
+def _print_summary(result, output: Path) -> None:
+    plan, state = result.state.plan, result.state
+    echo = lambda text="": click.echo(text, err=True)  # noqa: E731 - the summary goes to stderr
+    echo(f"target {state.target.name}: {len(plan.quantized_nodes)} nodes quantized, "
+         f"{len(plan.activations)} activation Q/DQ, {len(plan.weights)} weights, {len(plan.biases)} int32 biases")
+    reasons = Counter(plan.float_nodes.values())
+    for reason, count in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])):
+        echo(f"  kept in float: {count:3d} node(s): {reason}")
+    for note in state.notes:
+        echo(f"  note: {note}")
+    echo(f"calibrated on {result.calib_samples} samples")
+    for name, db in result.sqnr_db.items():
+        echo(f"output {name}: SQNR {db:.1f} dB on {result.holdout_samples} held-back samples")
+    echo(f"wrote {output}")
+
+
+@cli.group(invoke_without_command=True)
+@click.pass_context
+def targets(ctx: click.Context) -> None:
+    """List the shipped targets."""
+    if ctx.invoked_subcommand is None:
+        for name in builtin_names():
+            click.echo(f"{name:12s} {load_target(name).summary}")
+
+
+@targets.command("show")
+@click.argument("name")
+def targets_show(name: str) -> None:
+    """Print a target's rules (a shipped name or a .toml path)."""
+    t = load_target(name)
+    click.echo(f"{t.name}: {t.summary}")
+    if t.reference:
+        click.echo(f"  source: {t.reference}")
+    click.echo(f"  weights:     {t.weight.describe()} ({t.weight_storage} storage)")
+    click.echo(f"  activations: {t.activation.describe()}")
+    click.echo(f"  bias: {t.bias}; fold BatchNorm: {t.fold_batchnorm}; "
+               f"model input quantized: {t.quantize_model_input}; model output quantized: {t.quantize_model_output}")
+    click.echo("  quantized op inputs:")
+    for op, rule in t.ops.items():
+        extra = [f"shares one quantizer in/out" if rule.share else "", f"{rule.weight_granularity} weights" if rule.weight_granularity else ""]
+        inputs = "all activation inputs" if rule.inputs == "all" else f"inputs {list(rule.inputs)}"
+        click.echo(f"    {op:18s} {inputs}" + "".join(f"; {e}" for e in extra if e))
+    if t.supergroups:
+        click.echo("  supergroups (no Q/DQ inside): " + ", ".join(" + ".join(g) for g in t.supergroups))
+    if t.float_ops:
+        click.echo("  kept in float: " + ", ".join(t.float_ops))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable list.")
+def passes(as_json: bool) -> None:
+    """List the graph passes in pipeline order."""
+    rows = [{"name": p.name, "summary": p.summary, "requires": list(p.requires)} for p in ALL_PASSES]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        needs = f" (needs {', '.join(row['requires'])})" if row["requires"] else ""
+        click.echo(f"{row['name']:16s} {row['summary']}{needs}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        cli.main(args=argv, prog_name="qpass", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return 2
+    except click.Abort:
+        click.echo("qpass: aborted", err=True)
+        return 130
+    except QpassError as exc:
+        if debug:
+            raise
+        click.echo(f"qpass: error: {exc}", err=True)
+        return exc.exit_code
+    except Exception as exc:  # a bug: still one line, with the way to the traceback
+        if debug:
+            raise
+        click.echo(f"qpass: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", err=True)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Graph passes, one per module, each named after the pass it holds."""

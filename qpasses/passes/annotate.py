@@ -1,0 +1,204 @@
+"""Annotate: apply the target's graph rules and write the quantization plan. No graph edits.
+
+Rules, all read from the target file:
+- an op type listed under `ops` has its activation inputs quantized (`inputs = "all"` or indices);
+  Conv/ConvTranspose/Gemm/MatMul also get their constant weight quantized, per channel on the
+  output-channel axis (Conv 0, ConvTranspose 1, Gemm 0 or 1 by transB, MatMul last);
+- a supergroup (e.g. Conv -> Add -> Relu) is one quantization unit: an edge inside a matched
+  instance gets no Q/DQ. A TensorRT-style residual Add is such a group: the input the conv
+  produces stays float and only the skip input is quantized (MQBench graph 2);
+- `share = true` makes an op's quantized inputs and its output use one quantizer: concat inputs
+  share a scale (MQBench app. G), MaxPool needs no requantization (AIMET 7.3.1);
+- the model's outputs stay float unless `quantize_model_output`; its inputs are quantized only
+  where a consumer's rule says so, or everywhere with `quantize_model_input`.
+Run after BatchNorm folding (a folded BN must not separate a conv from its Add).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from qpasses.pass_infra import Pass, PassContext, QuantState
+from qpasses.plan import ActivationQuant, BiasQuant, Edge, QuantPlan, WeightQuant
+from qpasses.targets.schema import WEIGHTED_OPS, Target
+
+FLOAT_DTYPES = (np.float32, np.float16)
+BIAS_INDEX = {"Conv": 2, "ConvTranspose": 2, "Gemm": 2}
+
+
+def weight_axis(node: gs.Node) -> int:
+    """The output-channel axis of a weighted op's weight (input 1)."""
+    if node.op == "Conv":
+        return 0
+    if node.op == "ConvTranspose":
+        return 1
+    if node.op == "Gemm":
+        return 0 if node.attrs.get("transB", 0) else 1
+    return len(node.inputs[1].shape) - 1  # MatMul: [..., K, N]
+
+
+def _is_float(tensor: gs.Tensor) -> bool:
+    return tensor.dtype is not None and np.dtype(tensor.dtype) in [np.dtype(d) for d in FLOAT_DTYPES]
+
+
+def _depths(graph: gs.Graph) -> dict[str, int]:
+    """Longest path (in nodes) from the graph inputs: prefers the main branch of a residual block."""
+    depth: dict[str, int] = {}
+    for node in graph.nodes:
+        depth[node.name] = 1 + max((depth[i.inputs[0].name] for i in node.inputs
+                                    if isinstance(i, gs.Variable) and i.inputs), default=0)
+    return depth
+
+
+def match_supergroups(graph: gs.Graph, target: Target) -> tuple[list[list[gs.Node]], set[Edge]]:
+    """Match the target's supergroups on single-consumer chains; return instances and inner edges."""
+    depth = _depths(graph)
+    order = {node.name: i for i, node in enumerate(graph.nodes)}
+    outputs = {t.name for t in graph.outputs}
+    candidates = []
+    for pattern in target.supergroups:
+        for head in graph.nodes:
+            if head.op != pattern[0]:
+                continue
+            chain = [head]
+            for op in pattern[1:]:
+                out = chain[-1].outputs[0]
+                if len(out.outputs) != 1 or out.name in outputs or out.outputs[0].op != op:
+                    break
+                chain.append(out.outputs[0])
+            if len(chain) == len(pattern):
+                candidates.append(chain)
+    candidates.sort(key=lambda c: (-len(c), -depth[c[0].name], order[c[0].name]))
+    used: set[str] = set()
+    groups, inner = [], set()
+    for chain in candidates:
+        if any(n.name in used for n in chain):
+            continue
+        used.update(n.name for n in chain)
+        groups.append(chain)
+        for prev, node in zip(chain, chain[1:]):
+            for idx, tensor in enumerate(node.inputs):
+                if tensor is prev.outputs[0]:
+                    inner.add((node.name, idx))
+    groups.sort(key=lambda c: order[c[0].name])
+    return groups, inner
+
+
+class _Shares:
+    """Union-find over tensor names: tensors in one set use one quantizer."""
+
+    def __init__(self, order: dict[str, int]):
+        self.parent: dict[str, str] = {}
+        self.order = order
+
+    def find(self, name: str) -> str:
+        self.parent.setdefault(name, name)
+        while self.parent[name] != name:
+            self.parent[name] = self.parent[self.parent[name]]
+            name = self.parent[name]
+        return name
+
+    def union(self, a: str, b: str) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:  # the tensor produced first anchors the set, so names are stable
+            first, second = sorted((ra, rb), key=lambda n: (self.order.get(n, -1), n))
+            self.parent[second] = first
+
+
+class Annotate(Pass):
+    name = "annotate"
+    summary = "apply the target's graph rules: choose Q/DQ edges, weights, shared quantizers"
+
+    def run(self, state: QuantState, ctx: PassContext) -> bool:
+        state.plan = build_plan(state.graph, state.target)
+        return False
+
+
+def build_plan(graph: gs.Graph, target: Target) -> QuantPlan:
+    plan = QuantPlan()
+    groups, inner = match_supergroups(graph, target)
+    plan.groups = [[n.name for n in g] for g in groups]
+    in_group = {n.name: g[0].name for g in groups for n in g[1:]}
+    edges: dict[str, list[Edge]] = {}
+
+    def add_edge(tensor: gs.Tensor, node: gs.Node, idx: int) -> None:
+        if isinstance(tensor, gs.Variable) and _is_float(tensor) and (node.name, idx) not in inner:
+            edges.setdefault(tensor.name, [])
+            if (node.name, idx) not in edges[tensor.name]:
+                edges[tensor.name].append((node.name, idx))
+
+    share_nodes = []
+    for node in graph.nodes:
+        rule = target.ops.get(node.op)
+        if node.op in target.float_ops:
+            plan.float_nodes[node.name] = "listed in the target's float_ops"
+            continue
+        if rule is None:
+            plan.float_nodes[node.name] = (f"fused into {in_group[node.name]} (supergroup)" if node.name in in_group
+                                           else f"the target has no int8 rule for {node.op}")
+            continue
+        skip = set()
+        if node.op in WEIGHTED_OPS and len(node.inputs) > 1:
+            weight = node.inputs[1]
+            if isinstance(weight, gs.Constant):
+                if not np.issubdtype(weight.values.dtype, np.floating):
+                    plan.float_nodes[node.name] = "its weight is not floating point"
+                    continue
+                quantizer = target.weight_quantizer(node.op)
+                axis = weight_axis(node) if quantizer.granularity == "per_channel" else None
+                plan.weights.append(WeightQuant(node.name, node.op, 1, weight.name, axis))
+                skip.add(1)
+            elif node.op != "MatMul":
+                plan.float_nodes[node.name] = "its weight is computed at run time, not a constant"
+                continue
+            bias_idx = BIAS_INDEX.get(node.op)
+            if bias_idx is not None and len(node.inputs) > bias_idx:
+                skip.add(bias_idx)
+                bias = node.inputs[bias_idx]
+                if (target.bias == "int32" and isinstance(bias, gs.Constant) and 1 in skip
+                        and bias.values.ndim <= 1 and isinstance(node.inputs[0], gs.Variable)):
+                    plan.biases.append(BiasQuant(node.name, bias.name, node.inputs[0].name, weight.name))
+        indices = range(len(node.inputs)) if rule.inputs == "all" else [i for i in rule.inputs if i < len(node.inputs)]
+        before = sum(len(v) for v in edges.values())
+        for idx in indices:
+            if idx not in skip:
+                add_edge(node.inputs[idx], node, idx)
+        if skip & {1} or sum(len(v) for v in edges.values()) > before:
+            plan.quantized_nodes.append(node.name)
+        else:
+            plan.float_nodes[node.name] = "no float activation input to quantize (all inside a supergroup or constant)"
+        if rule.share:
+            share_nodes.append(node)
+
+    if target.quantize_model_input:
+        for tensor in graph.inputs:
+            for consumer in tensor.outputs:
+                for idx, t in enumerate(consumer.inputs):
+                    if t is tensor:
+                        add_edge(tensor, consumer, idx)
+
+    if target.quantize_model_output:
+        for tensor in graph.outputs:
+            if _is_float(tensor) and tensor.inputs:
+                edges.setdefault(tensor.name, [])
+                plan.model_outputs.append(tensor.name)
+
+    producer_order = {t.name: i for i, t in enumerate(graph.inputs)}
+    for i, node in enumerate(graph.nodes):
+        for out in node.outputs:
+            producer_order[out.name] = len(graph.inputs) + i
+    shares = _Shares(producer_order)
+    for node in share_nodes:
+        members = [t.name for t in node.inputs if t.name in edges] + [node.outputs[0].name]
+        for name in members[1:]:
+            shares.union(members[0], name)
+
+    for name in sorted(edges, key=lambda n: (producer_order.get(n, -1), n)):
+        plan.activations[name] = ActivationQuant(name, edges[name], shares.find(name))
+    for act in plan.activations.values():
+        plan.shares.setdefault(act.share, []).append(act.tensor)
+    # a bias can be integer only if its input really is quantized per tensor
+    plan.biases = [b for b in plan.biases if b.input_tensor in plan.activations
+                   and any(e[0] == b.node for e in plan.activations[b.input_tensor].consumers)]
+    return plan

@@ -1,0 +1,44 @@
+"""Calibrate: set the range of every planned quantizer and turn it into qparams.
+
+Activations: the float model (after folding) runs in ONNX Runtime on the calibration data and one
+observer per quantized tensor streams its values; tensors that share a quantizer (concat inputs,
+pooling in/out) merge their observers, so the shared range covers every member. Weights: an
+observer sees the whole constant, per channel on the planned axis. Run after `annotate`.
+"""
+
+from __future__ import annotations
+
+from qpasses.calibration.observers import make_observer
+from qpasses.calibration.qparams import compute_qparams
+from qpasses.calibration.runner import observe
+from qpasses.errors import CalibrationError
+from qpasses.pass_infra import Pass, PassContext, QuantState
+
+
+class Calibrate(Pass):
+    name = "calibrate"
+    summary = "run the float model in ONNX Runtime on calibration data; ranges and qparams per quantizer"
+    requires = ("plan",)
+
+    def run(self, state: QuantState, ctx: PassContext) -> bool:
+        plan, target = state.plan, state.target
+        tensors = {t.name: t for t in state.graph.tensors().values()}
+        if plan.activations:
+            if ctx.data is None:
+                raise CalibrationError("calibration data is required (--data DIR_OR_FILE with .npy/.npz inputs)")
+            observers = {name: make_observer(ctx.calib_method) for name in plan.activations}
+            observe(state.model(), observers, ctx.data, ctx.batch_size, ctx.max_samples, ctx.quiet)
+            for anchor, members in plan.shares.items():
+                merged = make_observer(ctx.calib_method)
+                for name in members:
+                    merged.merge(observers[name])
+                plan.ranges[anchor] = merged.compute_range()
+                plan.qparams[anchor] = compute_qparams(*plan.ranges[anchor], target.activation)
+        for w in plan.weights:
+            if w.tensor in plan.qparams:
+                continue
+            observer = make_observer("minmax", w.axis)
+            observer.update(tensors[w.tensor].values)
+            plan.ranges[w.tensor] = observer.compute_range()
+            plan.qparams[w.tensor] = compute_qparams(*plan.ranges[w.tensor], target.weight_quantizer(w.op_type), w.axis)
+        return False
