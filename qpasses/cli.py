@@ -69,6 +69,8 @@ def _print_summary(result, output: Path) -> None:
     echo = lambda text="": click.echo(text, err=True)  # noqa: E731 - the summary goes to stderr
     echo(f"target {state.target.name}: {len(plan.quantized_nodes)} nodes quantized, "
          f"{len(plan.activations)} activation Q/DQ, {len(plan.weights)} weights, {len(plan.biases)} int32 biases")
+    if plan.fused_nodes:
+        echo(f"  fused into a supergroup (no Q/DQ inside): {len(plan.fused_nodes)} node(s)")
     reasons = Counter(plan.float_nodes.values())
     for reason, count in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])):
         echo(f"  kept in float: {count:3d} node(s): {reason}")

@@ -49,6 +49,7 @@ class QuantPlan:
     shares: dict[str, list[str]] = field(default_factory=dict)  # anchor -> member tensors
     groups: list[list[str]] = field(default_factory=list)  # supergroup instances (node names)
     model_outputs: list[str] = field(default_factory=list)  # graph outputs given a Q/DQ of their own
+    fused_nodes: dict[str, str] = field(default_factory=dict)  # node -> head of its supergroup
     float_nodes: dict[str, str] = field(default_factory=dict)  # node -> why it stays float
     quantized_nodes: list[str] = field(default_factory=list)
     ranges: dict[str, tuple] = field(default_factory=dict)  # share anchor -> (lo, hi)

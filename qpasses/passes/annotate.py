@@ -135,8 +135,10 @@ def build_plan(graph: gs.Graph, target: Target) -> QuantPlan:
             plan.float_nodes[node.name] = "listed in the target's float_ops"
             continue
         if rule is None:
-            plan.float_nodes[node.name] = (f"fused into {in_group[node.name]} (supergroup)" if node.name in in_group
-                                           else f"the target has no int8 rule for {node.op}")
+            if node.name in in_group:
+                plan.fused_nodes[node.name] = in_group[node.name]
+            else:
+                plan.float_nodes[node.name] = f"the target has no int8 rule for {node.op}"
             continue
         skip = set()
         if node.op in WEIGHTED_OPS and len(node.inputs) > 1:

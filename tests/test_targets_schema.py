@@ -1,0 +1,73 @@
+"""Target files: every shipped target loads; bad files fail with the exact field."""
+
+import re
+
+import pytest
+
+from qpasses.errors import InputError
+from qpasses.targets import builtin_names, load_target
+
+MQBENCH_TABLE_1 = {  # target: (weight granularity, symmetric, pow2 scale)
+    "tensorrt": ("per_channel", True, "float"),
+    "acl": ("per_channel", True, "float"),
+    "tvm-arm": ("per_tensor", True, "pow2"),
+    "snpe": ("per_tensor", False, "float"),
+    "fbgemm": ("per_channel", False, "float"),
+    "academic": ("per_tensor", True, "float"),
+}
+
+
+def test_shipped_targets():
+    assert set(builtin_names()) == set(MQBENCH_TABLE_1) | {"onnxruntime"}
+
+
+@pytest.mark.parametrize("name", sorted(MQBENCH_TABLE_1))
+def test_quantizers_follow_mqbench_table_1(name):
+    t = load_target(name)
+    granularity, symmetric, scale = MQBENCH_TABLE_1[name]
+    assert (t.weight.granularity, t.weight.symmetric, t.weight.scale) == (granularity, symmetric, scale)
+    assert t.fold_batchnorm
+
+
+def test_tensorrt_is_symmetric_narrow_and_has_no_per_channel_deconv():
+    t = load_target("tensorrt")
+    assert t.weight.narrow_range and t.weight.qrange(True) == (-127, 127)
+    assert t.activation.symmetric and t.activation.qrange(True) == (-128, 127)
+    assert t.weight_quantizer("ConvTranspose").granularity == "per_tensor"
+    assert t.weight_quantizer("Conv").granularity == "per_channel"
+
+
+def write(tmp_path, text):
+    path = tmp_path / "custom.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_user_target_extends_a_shipped_one(tmp_path):
+    t = load_target(write(tmp_path, 'extends = "onnxruntime"\nname = "ort-reduce-range"\n[weight]\nbits = 7\n'))
+    assert t.name == "ort-reduce-range" and t.weight.bits == 7 and t.weight.qrange(True) == (-64, 63)
+    assert t.ops == load_target("onnxruntime").ops
+
+
+@pytest.mark.parametrize("text, field", [
+    ('extends = "tensorrt"\n[weight]\ngranularity = "channel"\n', "weight.granularity"),
+    ('extends = "tensorrt"\n[weight]\nsymmetric = "yes"\n', "weight.symmetric"),
+    ('extends = "tensorrt"\n[activation]\nbits = 16\n', "activation.bits"),
+    ('extends = "tensorrt"\nbias = "int8"\n', "bias"),
+    ('extends = "tensorrt"\ncolour = "red"\n', "colour"),
+    ('extends = "tensorrt"\n[ops.Add]\ninputs = "some"\n', "ops.Add.inputs"),
+    ('extends = "tensorrt"\n[ops.Add]\nshared = true\n', "ops.Add.shared"),
+    ('extends = "tensorrt"\nsupergroups = [["Conv"]]\n', "supergroups[0]"),
+])
+def test_bad_field_is_named(tmp_path, text, field):
+    with pytest.raises(InputError, match=re.escape(f"{field}: ")):
+        load_target(write(tmp_path, text))
+
+
+def test_duplicate_keys_and_unknown_names_are_rejected(tmp_path):
+    with pytest.raises(InputError, match="not valid TOML"):
+        load_target(write(tmp_path, 'name = "a"\nname = "b"\n'))
+    with pytest.raises(InputError, match="unknown target 'tensorrtt'"):
+        load_target("tensorrtt")
+    with pytest.raises(InputError, match="no such file"):
+        load_target(str(tmp_path / "missing.toml"))
