@@ -78,7 +78,8 @@ def observe(model: onnx.ModelProto, observers: dict[str, Observer], source: Arra
     if limit == 0:
         raise CalibrationError(f"no calibration samples to run (have {len(source)}, the model's batch is {batch})")
     seen = 0
-    with tqdm(total=limit, desc=desc, unit="sample", disable=quiet, leave=False) as bar:
+    # disable=None: no bar when stderr is not a terminal, so CI logs stay readable
+    with tqdm(total=limit, desc=desc, unit="sample", disable=True if quiet else None, leave=False) as bar:
         for feeds in source.batches(batch, limit):
             try:
                 values = sess.run(names, feeds)

@@ -1,0 +1,59 @@
+"""Annotate: rules from a target file become the plan, including user-written targets."""
+
+import pytest
+
+from qpasses.pass_infra import PassContext
+from qpasses.pipeline import quantize
+from qpasses.targets import load_target
+from test_insert_qdq import View
+
+
+def custom(tmp_path, text):
+    path = tmp_path / "t.toml"
+    path.write_text(text)
+    return load_target(str(path))
+
+
+def run(zoo_dir, model, target):
+    return quantize(zoo_dir / f"{model}.onnx", target, zoo_dir / "calib.npy", PassContext(quiet=True, debug=True))
+
+
+def test_supergroup_keeps_qdq_out_of_a_fused_relu(tmp_path, zoo_dir):
+    base = 'extends = "fbgemm"\nname = "every-relu"\n[ops.Relu]\ninputs = "all"\n'
+    fused = run(zoo_dir, "resnet_basic", custom(tmp_path, base))
+    v = View(fused.model)
+    assert all(v.op_of(r.input[0]) in ("Conv", "Add") for r in v.nodes("Relu"))
+    no_groups = base.replace('name = "every-relu"', 'name = "every-relu"\nsupergroups = []')
+    unfused = run(zoo_dir, "resnet_basic", custom(tmp_path, no_groups))
+    v = View(unfused.model)
+    assert all(v.op_of(r.input[0]) == "DequantizeLinear" for r in v.nodes("Relu"))
+
+
+def test_model_input_and_output_quantization(tmp_path, zoo_dir):
+    target = custom(tmp_path, 'extends = "academic"\nname = "io"\nquantize_model_input = true\nquantize_model_output = true\n')
+    result = run(zoo_dir, "resnet_basic", target)
+    v = View(result.model)
+    assert v.op_of("output") == "DequantizeLinear" and v.op_of("output.float") == "Gemm"
+    assert all(c.op_type == "QuantizeLinear" for c in v.consumers["input"])
+
+
+def test_float_ops_are_reported(tmp_path, zoo_dir):
+    target = custom(tmp_path, 'extends = "tensorrt"\nname = "no-gemm"\nfloat_ops = ["Gemm"]\n')
+    plan = run(zoo_dir, "gemm_head", target).state.plan
+    gemms = [n for n, why in plan.float_nodes.items() if why == "listed in the target's float_ops"]
+    assert len(gemms) == 2 and not any(w.op_type == "Gemm" for w in plan.weights)
+
+
+@pytest.mark.parametrize("target", ["tensorrt", "fbgemm"])
+def test_residual_plan_prefers_the_main_branch(zoo_dir, target):
+    """In a downsampling block both Add inputs come from convs; TensorRT fuses the deeper one."""
+    result = run(zoo_dir, "resnet_basic", load_target(target))
+    plan, v = result.state.plan, View(result.model)
+    add = v.nodes("Add")[0]
+    quantized_inputs = [i for i in add.input if v.op_of(i) == "DequantizeLinear"]
+    if target == "tensorrt":
+        assert len(quantized_inputs) == 1
+        assert "down" in v.producer[quantized_inputs[0]].input[0]  # the 1x1 downsample conv is the skip
+        assert any(add.name in group for group in plan.groups)
+    else:
+        assert len(quantized_inputs) == 2

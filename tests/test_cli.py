@@ -1,0 +1,130 @@
+"""The `qpass` command: the README's main job, bad input as one line and exit 2, determinism."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from conftest import EXAMPLE
+
+
+def qpass(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run(["qpass", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, code: int, text: str) -> None:
+    assert proc.returncode == code, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("qpass: error:") and text in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_quantize_example_is_deterministic(tmp_path):
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    first = qpass("quantize", EXAMPLE / "model.onnx", "--target", "tensorrt", "--data", EXAMPLE / "calib.npz", "-o", a)
+    assert first.returncode == 0, first.stderr
+    assert "SQNR" in first.stderr and "nodes quantized" in first.stderr
+    second = qpass("quantize", EXAMPLE / "model.onnx", "--target", "tensorrt", "--data", EXAMPLE / "calib.npz", "-o", b, "-q")
+    assert second.returncode == 0 and second.stderr == ""
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_default_output_goes_next_to_the_input(tmp_path):
+    model = tmp_path / "m.onnx"
+    model.write_bytes((EXAMPLE / "model.onnx").read_bytes())
+    proc = qpass("quantize", model, "-t", "acl", "-d", EXAMPLE / "calib.npz", "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "m.acl.int8.onnx").is_file()
+    assert model.read_bytes() == (EXAMPLE / "model.onnx").read_bytes()
+
+
+def test_never_overwrites_the_input(tmp_path):
+    model = tmp_path / "m.onnx"
+    model.write_bytes((EXAMPLE / "model.onnx").read_bytes())
+    proc = qpass("quantize", model, "-d", EXAMPLE / "calib.npz", "-o", model)
+    assert_one_line_error(proc, 2, "never overwrites its input")
+    assert model.read_bytes() == (EXAMPLE / "model.onnx").read_bytes()
+
+
+def nan_model(path):
+    """Log of the input feeds a Conv: negative calibration inputs make its quantized input NaN."""
+    w = helper.make_tensor("w", TensorProto.FLOAT, [2, 1, 1, 1], [1.0, -1.0])
+    nodes = [helper.make_node("Log", ["x"], ["logx"], name="log"), helper.make_node("Conv", ["logx", "w"], ["y"], name="conv")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, 4, 4])], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    return path
+
+
+def quantized_model(path):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.UINT8, [1])
+    graph = helper.make_graph([helper.make_node("QuantizeLinear", ["x", "s"], ["y"])], "g", [x], [y],
+                              [helper.make_tensor("s", TensorProto.FLOAT, [], [0.1])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    return path
+
+
+@pytest.fixture
+def bad_inputs(tmp_path):
+    (tmp_path / "junk.onnx").write_text("not a model")
+    np.savez(tmp_path / "empty.npz", input=np.zeros((0, 1, 8, 8), np.float32))
+    np.savez(tmp_path / "shape.npz", input=np.zeros((4, 1, 9, 8), np.float32))
+    np.savez(tmp_path / "dtype.npz", input=np.zeros((4, 1, 8, 8), np.int64))
+    np.save(tmp_path / "neg.npy", -np.ones((4, 1, 4, 4), np.float32))
+    (tmp_path / "target.toml").write_text('extends = "tensorrt"\n[weight]\ngranularity = "channel"\n')
+    nan_model(tmp_path / "nan.onnx")
+    quantized_model(tmp_path / "q.onnx")
+    return tmp_path
+
+
+CASES = [
+    (["missing.onnx"], "no such file"),
+    (["junk.onnx"], "not a readable ONNX model"),
+    (["q.onnx"], "already quantized"),
+    ([EXAMPLE / "model.onnx", "--target", "tpu"], "unknown target 'tpu'"),
+    ([EXAMPLE / "model.onnx", "--target", "target.toml"], "weight.granularity"),
+    ([EXAMPLE / "model.onnx"], "calibration data is required"),
+    ([EXAMPLE / "model.onnx", "--data", "empty.npz"], "empty"),
+    ([EXAMPLE / "model.onnx", "--data", "shape.npz"], "shape"),
+    ([EXAMPLE / "model.onnx", "--data", "dtype.npz"], "int64"),
+    ([EXAMPLE / "model.onnx", "--data", "missing.npz"], "no such file"),
+    (["nan.onnx", "--data", "neg.npy"], "tensor logx has NaN or Inf"),
+    ([EXAMPLE / "model.onnx", "--input-shape", "image=1x1x8x8", "--data", EXAMPLE / "calib.npz"], "model inputs are input"),
+]
+
+
+@pytest.mark.parametrize("args, message", CASES, ids=[c[1] for c in CASES])
+def test_bad_input_is_one_line_and_writes_nothing(bad_inputs, args, message):
+    before = sorted(p.name for p in bad_inputs.iterdir())
+    proc = qpass("quantize", *args, "-o", "out.onnx", cwd=bad_inputs)
+    assert_one_line_error(proc, 2, message)
+    assert sorted(p.name for p in bad_inputs.iterdir()) == before
+
+
+def test_usage_errors_exit_2():
+    proc = qpass("quantize", EXAMPLE / "model.onnx", "--calib", "median")
+    assert proc.returncode == 2 and "median" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_listing_commands():
+    targets = qpass("targets")
+    assert targets.returncode == 0
+    assert [line.split()[0] for line in targets.stdout.splitlines()] == sorted(
+        ["academic", "acl", "fbgemm", "onnxruntime", "snpe", "tensorrt", "tvm-arm"])
+    show = qpass("targets", "show", "tensorrt")
+    assert show.returncode == 0 and "narrow range" in show.stdout and "Conv + Add" in show.stdout
+    passes = qpass("passes")
+    assert [line.split()[0] for line in passes.stdout.splitlines()] == ["fold-batchnorm", "annotate", "calibrate", "insert-qdq"]
+    version = qpass("--version")
+    assert version.returncode == 0 and "qpass" in version.stdout
+
+
+def test_module_entry_point():
+    proc = subprocess.run([sys.executable, "-m", "qpasses.cli", "targets"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "tensorrt" in proc.stdout

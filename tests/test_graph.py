@@ -1,0 +1,85 @@
+"""Loading and normalising models: the guarantees every pass relies on."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from models import build, export
+from qpasses import graph as graph_io
+from qpasses.errors import InputError, UnsupportedModelError
+
+
+def test_missing_and_unreadable_files(tmp_path):
+    with pytest.raises(InputError, match="no such file"):
+        graph_io.load_model(tmp_path / "nope.onnx")
+    junk = tmp_path / "junk.onnx"
+    junk.write_text("this is not a protobuf\n" * 10)
+    with pytest.raises(InputError, match="not"):
+        graph_io.load_model(junk)
+
+
+def test_invalid_graph_is_reported(tmp_path):
+    node = helper.make_node("Relu", ["missing"], ["y"])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    path = tmp_path / "bad.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    with pytest.raises(InputError, match="invalid ONNX model"):
+        graph_io.load_model(path)
+
+
+def test_old_opset_is_upgraded_and_constants_become_initializers(tmp_path):
+    path = export(build("mobilenetv2_block"), tmp_path / "m11.onnx", opset=11)
+    raw = graph_io.load_model(path)
+    assert graph_io.opset_of(raw) == 11 and any(n.op_type == "Constant" for n in raw.graph.node)
+    model = graph_io.normalize(raw)
+    assert graph_io.opset_of(model) == 13
+    assert not any(n.op_type == "Constant" for n in model.graph.node)
+    names = [n.name for n in model.graph.node]
+    assert all(names) and len(set(names)) == len(names)
+
+
+def dynamic_model() -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_dynamic_dims_need_sizes():
+    with pytest.raises(InputError, match=r"--input-shape x=Nx3xNxN"):
+        graph_io.normalize(dynamic_model())
+    model = graph_io.normalize(dynamic_model(), graph_io.parse_input_shapes(["x=2x3x8x8"]))
+    dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [2, 3, 8, 8]
+    with pytest.raises(InputError, match="contradicts"):
+        graph_io.normalize(dynamic_model(), {"x": [2, 4, 8, 8]})
+    with pytest.raises(InputError, match="model inputs are x"):
+        graph_io.normalize(dynamic_model(), {"image": [2, 3, 8, 8]})
+    with pytest.raises(InputError, match="NAME=DIMxDIM"):
+        graph_io.parse_input_shapes(["x=2x3xeightx8"])
+
+
+def test_dynamic_batch_alone_is_kept(tmp_path):
+    model = graph_io.normalize(graph_io.load_model(export(build("gemm_head"), tmp_path / "g.onnx")))
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
+
+
+def test_quantized_models_are_refused():
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.UINT8, [1])
+    graph = helper.make_graph([helper.make_node("QuantizeLinear", ["x", "s"], ["y"])], "g", [x], [y],
+                              [helper.make_tensor("s", TensorProto.FLOAT, [], [0.1])])
+    with pytest.raises(UnsupportedModelError, match="already quantized"):
+        graph_io.normalize(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+
+
+def test_save_is_atomic_and_deterministic(tmp_path):
+    model = graph_io.normalize(graph_io.load_model(export(build("resnet_basic"), tmp_path / "r.onnx")))
+    a, b = tmp_path / "out" / "a.onnx", tmp_path / "out" / "b.onnx"
+    graph_io.save_model(model, a)
+    graph_io.save_model(model, b)
+    assert a.read_bytes() == b.read_bytes()
+    assert sorted(p.name for p in a.parent.iterdir()) == ["a.onnx", "b.onnx"]  # no temp files left
+    np.testing.assert_equal(len(onnx.load(a).graph.node), len(model.graph.node))
