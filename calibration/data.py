@@ -1,4 +1,4 @@
-"""Calibration data readers: stream model-input batches from .npy/.npz files.
+"""Calibration data readers: stream model-input batches from .npy/.npz files (images: images.py).
 
 Every array has a leading sample axis: an array for input `x` of shape [N, 3, 32, 32] holds 32x32
 samples for a model input of shape [B, 3, 32, 32]. A `.npy` file feeds a single-input model; a
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Protocol
 
 import numpy as np
 
@@ -23,6 +23,15 @@ class InputSpec:
     name: str
     shape: tuple  # the model's shape; dim 0 is the batch (int or a name when dynamic)
     dtype: np.dtype
+
+
+class DataSource(Protocol):
+    """What calibration needs from a data reader: a sample count, subsets and batches of feeds."""
+
+    def __len__(self) -> int: ...
+    def split(self, holdout: int) -> tuple["DataSource", "DataSource"]: ...
+    def batch_labels(self) -> np.ndarray | None: ...
+    def batches(self, batch_size: int, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]: ...
 
 
 @dataclass
@@ -71,13 +80,17 @@ def _gather(chunks: list[np.ndarray], rows: np.ndarray) -> np.ndarray:
     return np.stack(parts)
 
 
-def open_source(path: str | Path, inputs: list[InputSpec]) -> ArraySource:
-    """Read `path` (a .npy/.npz file or a directory of them) and check it against the model inputs."""
+def open_source(path: str | Path, inputs: list[InputSpec], preprocess: Path | None = None) -> DataSource:
+    """Read `path` (a .npy/.npz file, a directory of them, or of images) and check it against the model inputs."""
     path = Path(path)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in (".npy", ".npz"))
         if not files:
-            raise CalibrationError(f"{path}: no .npy or .npz files in this directory")
+            from .images import IMAGE_SUFFIXES, open_images
+
+            if any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*")):
+                return open_images(path, inputs, preprocess)
+            raise CalibrationError(f"{path}: no .npy, .npz or image files in this directory")
     elif path.is_file():
         if path.suffix not in (".npy", ".npz"):
             raise InputError(f"{path}: calibration data must be .npy, .npz or a directory of them")

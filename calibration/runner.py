@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from qpasses.errors import CalibrationError, EngineError
 
-from .data import ArraySource, InputSpec
+from .data import DataSource, InputSpec
 from .observers import Observer
 
 
@@ -66,7 +66,7 @@ def fixed_batch(model: onnx.ModelProto) -> int | None:
     return dims[0] if dims else None
 
 
-def observe(model: onnx.ModelProto, observers: dict[str, Observer], source: ArraySource, batch_size: int,
+def observe(model: onnx.ModelProto, observers: dict[str, Observer], source: DataSource, batch_size: int,
             max_samples: int | None = None, quiet: bool = False, desc: str = "calibrating") -> int:
     """Feed every batch of `source` through `model`, updating `observers[tensor]`; returns samples seen."""
     names = sorted(observers)
@@ -95,7 +95,7 @@ def observe(model: onnx.ModelProto, observers: dict[str, Observer], source: Arra
     return seen
 
 
-def run_outputs(model: onnx.ModelProto, source: ArraySource, batch_size: int, optimize: bool = True) -> list[np.ndarray]:
+def run_outputs(model: onnx.ModelProto, source: DataSource, batch_size: int, optimize: bool = True) -> list[np.ndarray]:
     """All model outputs over `source`, concatenated along the batch axis."""
     sess = session(model, optimize)
     batch = fixed_batch(model) or batch_size

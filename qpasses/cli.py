@@ -36,7 +36,8 @@ def cli() -> None:
 @click.option("--calib", default="minmax", show_default=True, type=click.Choice(sorted(OBSERVERS)),
               help="Range-setting method for activations.")
 @click.option("--data", "-d", type=click.Path(path_type=Path),
-              help="Calibration inputs: a .npy/.npz file or a directory of them.")
+              help="Calibration inputs: a .npy/.npz file, a directory of them, or a directory of images.")
+@click.option("--preprocess", type=click.Path(path_type=Path), help="Preprocessing spec (TOML) for an image directory.")
 @click.option("--output", "-o", type=click.Path(path_type=Path), help="Output path [default: MODEL.<target>.int8.onnx].")
 @click.option("--input-shape", multiple=True, metavar="NAME=1x3x224x224", help="Sizes for dynamic input dimensions.")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
@@ -45,7 +46,8 @@ def cli() -> None:
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for every random choice.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or summary.")
 @click.option("--debug", is_flag=True, help="Check the graph after every pass; show tracebacks.")
-def quantize(model: Path, target_name: str, calib: str, data: Path | None, output: Path | None, input_shape: tuple[str, ...],
+def quantize(model: Path, target_name: str, calib: str, data: Path | None, preprocess: Path | None, output: Path | None,
+             input_shape: tuple[str, ...],
              batch_size: int, max_samples: int | None, holdout: int | None, seed: int, quiet: bool, debug: bool) -> None:
     """Quantize MODEL for a target and write a Q/DQ ONNX model.
 
@@ -58,7 +60,7 @@ def quantize(model: Path, target_name: str, calib: str, data: Path | None, outpu
     if model.exists() and output.resolve() == model.resolve():
         raise InputError(f"output {output} is the input model; qpass never overwrites its input")
     ctx = PassContext(calib_method=calib, batch_size=batch_size, max_samples=max_samples, seed=seed, quiet=quiet, debug=debug)
-    result = run_quantize(model, target, data, ctx, graph_io.parse_input_shapes(input_shape), holdout)
+    result = run_quantize(model, target, data, ctx, graph_io.parse_input_shapes(input_shape), holdout, preprocess)
     graph_io.save_model(result.model, output)
     if not quiet:
         _print_summary(result, output)

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from qpasses.calibration.data import ArraySource, open_source
+from qpasses.calibration.data import ArraySource, DataSource, open_source
 from qpasses.calibration.runner import input_specs, run_outputs
 from qpasses.targets.schema import Target
 
@@ -49,10 +49,11 @@ def holdout_size(n: int) -> int:
 
 
 def quantize(model_path: str | Path, target: Target, data: str | Path | None, ctx: PassContext,
-             input_shapes: dict[str, list[int]] | None = None, holdout: int | None = None) -> QuantizeResult:
+             input_shapes: dict[str, list[int]] | None = None, holdout: int | None = None,
+             preprocess: Path | None = None) -> QuantizeResult:
     model = graph_io.normalize(graph_io.load_model(model_path), input_shapes)
-    source: ArraySource | None = open_source(data, input_specs(model)) if data is not None else None
-    held = ArraySource({}, rows=np.arange(0))
+    source: DataSource | None = open_source(data, input_specs(model), preprocess) if data is not None else None
+    held: DataSource = ArraySource({}, rows=np.arange(0))
     if source is not None:
         n_hold = holdout_size(len(source)) if holdout is None else min(holdout, len(source) - 1)
         source, held = source.split(n_hold)
@@ -71,7 +72,7 @@ def quantize(model_path: str | Path, target: Target, data: str | Path | None, ct
     return result
 
 
-def output_sqnr(reference: onnx.ModelProto, candidate: onnx.ModelProto, data: ArraySource, batch_size: int) -> dict[str, float]:
+def output_sqnr(reference: onnx.ModelProto, candidate: onnx.ModelProto, data: DataSource, batch_size: int) -> dict[str, float]:
     """SQNR in dB of each output of `candidate` against `reference`; the Q/DQ model runs unfused."""
     ref = run_outputs(reference, data, batch_size)
     got = run_outputs(candidate, data, batch_size, optimize=False)

@@ -57,3 +57,20 @@ def test_residual_plan_prefers_the_main_branch(zoo_dir, target):
         assert any(add.name in group for group in plan.groups)
     else:
         assert len(quantized_inputs) == 2
+
+
+def test_conv_with_a_runtime_weight_stays_float_and_is_reported(tmp_path):
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    w = helper.make_tensor("w_in", TensorProto.FLOAT, [3, 2, 1, 1], np.ones(6))
+    nodes = [helper.make_node("Relu", ["w_in"], ["w"], name="make_weight"),
+             helper.make_node("Conv", ["x", "w"], ["y"], name="dynamic_conv")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 4, 4])], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "m.onnx")
+    np.save(tmp_path / "d.npy", np.random.default_rng(0).standard_normal((4, 2, 4, 4)).astype(np.float32))
+    result = quantize(tmp_path / "m.onnx", load_target("tensorrt"), tmp_path / "d.npy", PassContext(quiet=True))
+    assert result.state.plan.float_nodes["dynamic_conv"] == "its weight is computed at run time, not a constant"
+    assert not any(n.op_type == "QuantizeLinear" for n in result.model.graph.node)

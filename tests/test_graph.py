@@ -83,3 +83,25 @@ def test_save_is_atomic_and_deterministic(tmp_path):
     assert a.read_bytes() == b.read_bytes()
     assert sorted(p.name for p in a.parent.iterdir()) == ["a.onnx", "b.onnx"]  # no temp files left
     np.testing.assert_equal(len(onnx.load(a).graph.node), len(model.graph.node))
+
+
+def test_external_data_and_constant_node_weights_are_quantized(tmp_path):
+    """Weights stored as Constant nodes and in an external data file are both found and quantized."""
+    from qpasses.pass_infra import PassContext
+    from qpasses.pipeline import quantize
+    from qpasses.targets import load_target
+
+    model = onnx.load(export(build("resnet_basic"), tmp_path / "r.onnx"))
+    weights = [i for i in model.graph.initializer if i.name.endswith("weight")]
+    for init in weights:
+        model.graph.node.insert(0, helper.make_node("Constant", [], [init.name], value=init))
+        model.graph.initializer.remove(init)
+    path = tmp_path / "ext" / "r.onnx"
+    path.parent.mkdir()
+    onnx.save(model, path, save_as_external_data=True, location="r.data", size_threshold=0)
+    assert (path.parent / "r.data").is_file()
+    np.save(tmp_path / "calib.npy", np.random.default_rng(0).standard_normal((8, 3, 16, 16)).astype(np.float32))
+    result = quantize(path, load_target("onnxruntime"), tmp_path / "calib.npy", PassContext(quiet=True))
+    assert len(result.state.plan.weights) == sum(n.op_type in ("Conv", "Gemm") for n in model.graph.node)
+    assert not any("run time" in why for why in result.state.plan.float_nodes.values())
+    assert not any(n.op_type == "Constant" for n in result.model.graph.node)
