@@ -51,5 +51,5 @@ def test_missing_input_and_bad_paths(tmp_path):
     with pytest.raises(InputError, match="no such file"):
         open_source(tmp_path / "none.npy", SPEC)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CalibrationError, match="no .npy or .npz"):
+    with pytest.raises(CalibrationError, match="no .npy, .npz or image files"):
         open_source(tmp_path / "empty", SPEC)
