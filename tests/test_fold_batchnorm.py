@@ -70,3 +70,27 @@ def test_unfoldable_bn_becomes_mul_add():
     assert any("Mul + Add" in note for note in state.notes)
     x = np.random.default_rng(2).standard_normal((2, 4, 5, 5)).astype(np.float32)
     np.testing.assert_allclose(run(folded, x), run(model, x), rtol=1e-5, atol=1e-5)
+
+
+def matmul_bn_model() -> onnx.ModelProto:
+    """MatMul with a constant [K, N] weight followed by BatchNormalization over N."""
+    rng = np.random.default_rng(3)
+    k, n = 6, 4
+    inits = [helper.make_tensor("B", TensorProto.FLOAT, [k, n], rng.standard_normal(k * n))]
+    inits += [helper.make_tensor(name, TensorProto.FLOAT, [n], v) for name, v in
+              [("g", rng.uniform(0.5, 1.5, n)), ("b", rng.uniform(-1, 1, n)), ("m", rng.uniform(-1, 1, n)), ("v", rng.uniform(0.5, 2, n))]]
+    nodes = [helper.make_node("MatMul", ["x", "B"], ["h"], name="mm"),
+             helper.make_node("BatchNormalization", ["h", "g", "b", "m", "v"], ["y"], name="bn")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", n])], inits)
+    return graph_io.normalize(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+
+
+def test_matmul_folds_with_a_shift_add():
+    model = matmul_bn_model()
+    state = fold(model)
+    folded = state.model()
+    assert [n.op_type for n in folded.graph.node] == ["MatMul", "Add"]
+    assert state.bn_records["y"]["producer"] == "mm"
+    x = np.random.default_rng(4).standard_normal((5, 6)).astype(np.float32)
+    np.testing.assert_allclose(run(folded, x), run(model, x), rtol=1e-5, atol=1e-5)
