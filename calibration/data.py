@@ -9,6 +9,7 @@ large calibration set is never loaded at once.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Protocol
@@ -34,9 +35,35 @@ class DataSource(Protocol):
     def batches(self, batch_size: int, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]: ...
 
 
+class RowSelection:
+    """Shared bookkeeping of the sources: the samples used are `rows`, in order."""
+
+    rows: np.ndarray
+    labels: np.ndarray | None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def subset(self, rows: np.ndarray):
+        return dataclasses.replace(self, rows=self.rows[rows])
+
+    def split(self, holdout: int):
+        """The first samples for calibration, the last `holdout` held back for evaluation."""
+        n = len(self) - holdout
+        return self.subset(np.arange(0, n)), self.subset(np.arange(n, len(self)))
+
+    def batch_labels(self) -> np.ndarray | None:
+        return None if self.labels is None else self.labels[self.rows]
+
+    def batch_rows(self, batch_size: int, limit: int | None) -> Iterator[np.ndarray]:
+        rows = self.rows if limit is None else self.rows[:limit]
+        for start in range(0, len(rows), batch_size):
+            yield rows[start:start + batch_size]
+
+
 @dataclass
-class ArraySource:
-    """Samples from arrays keyed by input name; `rows` selects and orders the samples used."""
+class ArraySource(RowSelection):
+    """Samples from arrays keyed by input name."""
 
     arrays: dict[str, list[np.ndarray]]  # per input: chunks of [n_i, ...] in file order
     labels: np.ndarray | None = None
@@ -48,24 +75,8 @@ class ArraySource:
             first = next(iter(self.arrays.values()), [])
             self.rows = np.arange(sum(chunk.shape[0] for chunk in first))
 
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def subset(self, rows: np.ndarray) -> "ArraySource":
-        return ArraySource(self.arrays, self.labels, self.origin, self.rows[rows])
-
-    def split(self, holdout: int) -> tuple["ArraySource", "ArraySource"]:
-        """The first samples for calibration, the last `holdout` held back for evaluation."""
-        n = len(self) - holdout
-        return self.subset(np.arange(0, n)), self.subset(np.arange(n, len(self)))
-
-    def batch_labels(self) -> np.ndarray | None:
-        return None if self.labels is None else self.labels[self.rows]
-
     def batches(self, batch_size: int, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-        rows = self.rows if limit is None else self.rows[:limit]
-        for start in range(0, len(rows), batch_size):
-            take = rows[start:start + batch_size]
+        for take in self.batch_rows(batch_size, limit):
             yield {name: _gather(chunks, take) for name, chunks in self.arrays.items()}
 
 

@@ -30,7 +30,7 @@ else:  # pragma: no cover
 
 from qpasses.errors import CalibrationError, InputError
 
-from .data import InputSpec
+from .data import InputSpec, RowSelection
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp"}
 
@@ -95,8 +95,8 @@ def read_preprocess(path: Path, spec: InputSpec) -> Preprocess:
 
 
 @dataclass
-class ImageSource:
-    """Image files and their preprocessing; same protocol as ArraySource."""
+class ImageSource(RowSelection):
+    """Image files decoded and preprocessed batch by batch."""
 
     name: str
     files: list[Path]
@@ -108,23 +108,9 @@ class ImageSource:
         if self.rows is None:
             self.rows = np.arange(len(self.files))
 
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def subset(self, rows: np.ndarray) -> "ImageSource":
-        return ImageSource(self.name, self.files, self.prep, self.labels, self.rows[rows])
-
-    def split(self, holdout: int) -> tuple["ImageSource", "ImageSource"]:
-        n = len(self) - holdout
-        return self.subset(np.arange(0, n)), self.subset(np.arange(n, len(self)))
-
-    def batch_labels(self) -> np.ndarray | None:
-        return None if self.labels is None else self.labels[self.rows]
-
     def batches(self, batch_size: int, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-        rows = self.rows if limit is None else self.rows[:limit]
-        for start in range(0, len(rows), batch_size):
-            yield {self.name: np.stack([self.prep.apply(self.files[r]) for r in rows[start:start + batch_size]])}
+        for take in self.batch_rows(batch_size, limit):
+            yield {self.name: np.stack([self.prep.apply(self.files[r]) for r in take])}
 
 
 def open_images(directory: Path, inputs: list[InputSpec], preprocess: Path | None) -> ImageSource:

@@ -74,3 +74,24 @@ def test_conv_with_a_runtime_weight_stays_float_and_is_reported(tmp_path):
     result = quantize(tmp_path / "m.onnx", load_target("tensorrt"), tmp_path / "d.npy", PassContext(quiet=True))
     assert result.state.plan.float_nodes["dynamic_conv"] == "its weight is computed at run time, not a constant"
     assert not any(n.op_type == "QuantizeLinear" for n in result.model.graph.node)
+
+
+@pytest.mark.parametrize("op, trans_b, w_shape, axis", [
+    ("Gemm", 0, [6, 4], 1), ("Gemm", 1, [4, 6], 0), ("MatMul", 0, [6, 4], 1)])
+def test_per_channel_axis_of_linear_weights(tmp_path, op, trans_b, w_shape, axis):
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    attrs = {"transB": trans_b} if op == "Gemm" else {}
+    w = helper.make_tensor("w", TensorProto.FLOAT, w_shape, np.random.default_rng(0).standard_normal(24))
+    graph = helper.make_graph([helper.make_node(op, ["x", "w"], ["y"], name="linear", **attrs)], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "m.onnx")
+    np.save(tmp_path / "d.npy", np.random.default_rng(1).standard_normal((8, 6)).astype(np.float32))
+    result = quantize(tmp_path / "m.onnx", load_target("tensorrt"), tmp_path / "d.npy", PassContext(quiet=True))
+    (weight,) = result.state.plan.weights
+    assert weight.axis == axis and result.state.plan.qparams["w"].scale.shape == (4,)
+    v = View(result.model)
+    assert v.axis(v.weight_dq(v.nodes(op)[0])) == axis
