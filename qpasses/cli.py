@@ -34,7 +34,11 @@ def cli() -> None:
 @click.option("--target", "-t", "target_name", default="onnxruntime", show_default=True,
               help="Shipped target name (see `qpass targets`) or path of a target .toml file.")
 @click.option("--calib", default="minmax", show_default=True, type=click.Choice(sorted(OBSERVERS)),
-              help="Range-setting method for activations.")
+              help="Range-setting method for activations (MQBench app. C.1).")
+@click.option("--weight-calib", default="minmax", show_default=True, type=click.Choice(sorted(OBSERVERS)),
+              help="Range-setting method for weights.")
+@click.option("--quantile", type=float, help="Quantile for --calib/--weight-calib quantile [default: 0.9999].")
+@click.option("--meanstd-k", type=float, help="k of mean +/- k*std for meanstd [default: 3].")
 @click.option("--data", "-d", type=click.Path(path_type=Path),
               help="Calibration inputs: a .npy/.npz file, a directory of them, or a directory of images.")
 @click.option("--preprocess", type=click.Path(path_type=Path), help="Preprocessing spec (TOML) for an image directory.")
@@ -46,20 +50,26 @@ def cli() -> None:
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for every random choice.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or summary.")
 @click.option("--debug", is_flag=True, help="Check the graph after every pass; show tracebacks.")
-def quantize(model: Path, target_name: str, calib: str, data: Path | None, preprocess: Path | None, output: Path | None,
+def quantize(model: Path, target_name: str, calib: str, weight_calib: str, quantile: float | None, meanstd_k: float | None,
+             data: Path | None, preprocess: Path | None, output: Path | None,
              input_shape: tuple[str, ...],
              batch_size: int, max_samples: int | None, holdout: int | None, seed: int, quiet: bool, debug: bool) -> None:
     """Quantize MODEL for a target and write a Q/DQ ONNX model.
 
     \b
     Example:
-      qpass quantize model.onnx --target tensorrt --calib minmax --data calib.npz -o model.int8.onnx
+      qpass quantize model.onnx --target tensorrt --calib kl --data calib.npz -o model.int8.onnx
     """
     target = load_target(target_name)
     output = output or model.with_name(f"{model.stem}.{target.name}.int8.onnx")
     if model.exists() and output.resolve() == model.resolve():
         raise InputError(f"output {output} is the input model; qpass never overwrites its input")
-    ctx = PassContext(calib_method=calib, batch_size=batch_size, max_samples=max_samples, seed=seed, quiet=quiet, debug=debug)
+    if quantile is not None and not 0.0 < quantile <= 1.0:
+        raise InputError(f"--quantile must be in (0, 1], got {quantile}")
+    if meanstd_k is not None and meanstd_k <= 0:
+        raise InputError(f"--meanstd-k must be positive, got {meanstd_k}")
+    options = {k: v for k, v in {"q": quantile, "k": meanstd_k}.items() if v is not None}
+    ctx = PassContext(calib_method=calib, weight_calib=weight_calib, calib_options=options, batch_size=batch_size, max_samples=max_samples, seed=seed, quiet=quiet, debug=debug)
     result = run_quantize(model, target, data, ctx, graph_io.parse_input_shapes(input_shape), holdout, preprocess)
     graph_io.save_model(result.model, output)
     if not quiet:

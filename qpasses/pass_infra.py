@@ -44,6 +44,8 @@ class PassContext:
 
     data: "DataSource | None" = None
     calib_method: str = "minmax"
+    weight_calib: str = "minmax"
+    calib_options: dict[str, float] = field(default_factory=dict)  # q (quantile), k (meanstd)
     batch_size: int = 16
     max_samples: int | None = None
     seed: int = 0

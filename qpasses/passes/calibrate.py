@@ -26,19 +26,19 @@ class Calibrate(Pass):
         if plan.activations:
             if ctx.data is None:
                 raise CalibrationError("calibration data is required (--data DIR_OR_FILE with .npy/.npz inputs)")
-            observers = {name: make_observer(ctx.calib_method) for name in plan.activations}
+            observers = {name: make_observer(ctx.calib_method, **ctx.calib_options) for name in plan.activations}
             observe(state.model(), observers, ctx.data, ctx.batch_size, ctx.max_samples, ctx.quiet)
             for anchor, members in plan.shares.items():
-                merged = make_observer(ctx.calib_method)
+                merged = make_observer(ctx.calib_method, **ctx.calib_options)
                 for name in members:
                     merged.merge(observers[name])
-                plan.ranges[anchor] = merged.compute_range()
+                plan.ranges[anchor] = merged.compute_range(target.activation)
                 plan.qparams[anchor] = compute_qparams(*plan.ranges[anchor], target.activation)
         for w in plan.weights:
             if w.tensor in plan.qparams:
                 continue
-            observer = make_observer("minmax", w.axis)
+            observer = make_observer(ctx.weight_calib, w.axis, **ctx.calib_options)
             observer.update(tensors[w.tensor].values)
-            plan.ranges[w.tensor] = observer.compute_range()
+            plan.ranges[w.tensor] = observer.compute_range(target.weight_quantizer(w.op_type))
             plan.qparams[w.tensor] = compute_qparams(*plan.ranges[w.tensor], target.weight_quantizer(w.op_type), w.axis)
         return False
