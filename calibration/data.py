@@ -91,8 +91,32 @@ def _gather(chunks: list[np.ndarray], rows: np.ndarray) -> np.ndarray:
     return np.stack(parts)
 
 
-def open_source(path: str | Path, inputs: list[InputSpec], preprocess: Path | None = None) -> DataSource:
+RANDOM_WARNING = ("WARNING: calibrating on random data (--data random): this is a smoke test, not calibration; "
+                  "the ranges say nothing about real inputs")
+
+
+def random_source(spec: str, inputs: list[InputSpec], seed: int) -> ArraySource:
+    """`random` or `random:N`: N (default 32) standard-normal samples per input, for smoke tests only."""
+    _, _, count = spec.partition(":")
+    try:
+        n = int(count) if count else 32
+        if n <= 0:
+            raise ValueError
+    except ValueError:
+        raise InputError(f"--data {spec}: expected random or random:N with N > 0") from None
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for s in inputs:
+        if not np.issubdtype(s.dtype, np.floating) or any(not isinstance(d, int) for d in s.shape[1:]):
+            raise InputError(f"--data random needs static float inputs; {s.name} is {s.dtype} {list(s.shape)}")
+        arrays[s.name] = [rng.standard_normal((n, *s.shape[1:])).astype(s.dtype)]
+    return ArraySource(arrays, origin="random")
+
+
+def open_source(path: str | Path, inputs: list[InputSpec], preprocess: Path | None = None, seed: int = 0) -> DataSource:
     """Read `path` (a .npy/.npz file, a directory of them, or of images) and check it against the model inputs."""
+    if str(path) == "random" or str(path).startswith("random:"):
+        return random_source(str(path), inputs, seed)
     path = Path(path)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in (".npy", ".npz"))

@@ -238,10 +238,12 @@ class MSEObserver(HistogramObserver):
 class KLObserver(HistogramObserver):
     """TensorRT's entropy calibration: the |x| threshold minimising KL(P || Q).
 
-    The magnitudes' histogram is laid on 2048 bins over [0, max|x|]. For each i in [L, 2048], P is
+    The magnitudes' histogram is laid on 2048 bins over [0, max|x|], its first bin (the exact zeros
+    a ReLU produces) set to its neighbour's count as NVIDIA's calibrator does. For each i in [L, 2048], P is
     the first i bins with the clipped tail added to bin i-1, Q the same i bins merged into L levels
     (L = 128 for int8, 256 for uint8 on non-negative data) and expanded back over the non-empty
-    bins; the threshold is (i* + 0.5) * bin width for the i* of smallest KL(P || Q). Evaluated in
+    bins; the threshold is (i* + 0.5) * bin width for the i* of smallest KL(P || Q), among the
+    candidates that clip at most 1% of the values (see `kl_best_bin`). Evaluated in
     closed form per merged level with prefix sums, so every candidate costs O(L), not O(i).
     """
 
@@ -256,6 +258,7 @@ class KLObserver(HistogramObserver):
         counts, width = self.hist.abs_counts(c)
         edges = np.arange(len(counts) + 1) * width
         hist = resample(counts, edges, np.linspace(0.0, amax, self.kl_bins + 1))
+        hist[0] = hist[1]  # the spike of exact zeros (ReLU) would dominate P; NVIDIA's calibrator does the same
         levels = 2**quantizer.bits if (lo >= 0 and not is_signed(quantizer, np.array(lo))) else 2 ** (quantizer.bits - 1)
         threshold = (kl_best_bin(hist, levels) + 0.5) * amax / self.kl_bins
         threshold = min(threshold, amax)
@@ -264,7 +267,7 @@ class KLObserver(HistogramObserver):
         return max(lo, -threshold), min(hi, threshold)
 
 
-def kl_best_bin(hist: np.ndarray, levels: int) -> int:
+def kl_best_bin(hist: np.ndarray, levels: int, max_clipped: float = 0.01) -> int:
     """The number of bins i in [levels, len(hist)] whose clipped distribution diverges least."""
     n = len(hist)
     cands = np.arange(levels, n + 1)
@@ -291,7 +294,10 @@ def kl_best_bin(hist: np.ndarray, levels: int) -> int:
     p_logq = (p_per_level * np.log(q_level)).sum(axis=1)
     kl = (p_logp - p_logq) / total - np.log(total) + np.log(np.maximum(kept, 1e-300))
     kl = np.where((last == 0) & (outliers > 0), np.inf, kl)  # P > 0 where Q = 0
-    return int(cands[int(np.argmin(kl))])
+    # Guard: with few distinct values (e.g. 8x8 digit pixels) P and Q both pile the folded tail into
+    # one bin and KL goes to 0 while most values are clipped; never clip more than `max_clipped`.
+    kl = np.where(outliers > max_clipped * total, np.inf, kl)
+    return int(cands[int(np.argmin(kl))]) if np.isfinite(kl).any() else n
 
 
 OBSERVERS: dict[str, type[Observer]] = {

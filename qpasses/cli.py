@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from qpasses import __version__
+from qpasses.calibration.data import RANDOM_WARNING, random_source
 from qpasses.calibration.observers import OBSERVERS
 from qpasses.errors import InputError, QpassError
 from qpasses.targets.schema import builtin_names, load_target
@@ -39,8 +40,9 @@ def cli() -> None:
               help="Range-setting method for weights.")
 @click.option("--quantile", type=float, help="Quantile for --calib/--weight-calib quantile [default: 0.9999].")
 @click.option("--meanstd-k", type=float, help="k of mean +/- k*std for meanstd [default: 3].")
-@click.option("--data", "-d", type=click.Path(path_type=Path),
-              help="Calibration inputs: a .npy/.npz file, a directory of them, or a directory of images.")
+@click.option("--data", "-d",
+              help="Calibration inputs: a .npy/.npz file, a directory of them, a directory of images, "
+                   "or 'random[:N]' (a smoke test, not calibration).")
 @click.option("--preprocess", type=click.Path(path_type=Path), help="Preprocessing spec (TOML) for an image directory.")
 @click.option("--output", "-o", type=click.Path(path_type=Path), help="Output path [default: MODEL.<target>.int8.onnx].")
 @click.option("--input-shape", multiple=True, metavar="NAME=1x3x224x224", help="Sizes for dynamic input dimensions.")
@@ -51,7 +53,7 @@ def cli() -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or summary.")
 @click.option("--debug", is_flag=True, help="Check the graph after every pass; show tracebacks.")
 def quantize(model: Path, target_name: str, calib: str, weight_calib: str, quantile: float | None, meanstd_k: float | None,
-             data: Path | None, preprocess: Path | None, output: Path | None,
+             data: str | None, preprocess: Path | None, output: Path | None,
              input_shape: tuple[str, ...],
              batch_size: int, max_samples: int | None, holdout: int | None, seed: int, quiet: bool, debug: bool) -> None:
     """Quantize MODEL for a target and write a Q/DQ ONNX model.
@@ -70,6 +72,9 @@ def quantize(model: Path, target_name: str, calib: str, weight_calib: str, quant
         raise InputError(f"--meanstd-k must be positive, got {meanstd_k}")
     options = {k: v for k, v in {"q": quantile, "k": meanstd_k}.items() if v is not None}
     ctx = PassContext(calib_method=calib, weight_calib=weight_calib, calib_options=options, batch_size=batch_size, max_samples=max_samples, seed=seed, quiet=quiet, debug=debug)
+    if data is not None and (data == "random" or data.startswith("random:")):
+        random_source(data, [], seed)  # checks the spec before the warning
+        click.echo(RANDOM_WARNING, err=True)
     result = run_quantize(model, target, data, ctx, graph_io.parse_input_shapes(input_shape), holdout, preprocess)
     graph_io.save_model(result.model, output)
     if not quiet:

@@ -52,7 +52,7 @@ def quantize(model_path: str | Path, target: Target, data: str | Path | None, ct
              input_shapes: dict[str, list[int]] | None = None, holdout: int | None = None,
              preprocess: Path | None = None) -> QuantizeResult:
     model = graph_io.normalize(graph_io.load_model(model_path), input_shapes)
-    source: DataSource | None = open_source(data, input_specs(model), preprocess) if data is not None else None
+    source: DataSource | None = open_source(data, input_specs(model), preprocess, ctx.seed) if data is not None else None
     held: DataSource = ArraySource({}, rows=np.arange(0))
     if source is not None:
         n_hold = holdout_size(len(source)) if holdout is None else min(holdout, len(source) - 1)

@@ -107,6 +107,22 @@ def test_bad_input_is_one_line_and_writes_nothing(bad_inputs, args, message):
     assert sorted(p.name for p in bad_inputs.iterdir()) == before
 
 
+def test_random_data_says_loudly_it_is_not_calibration(tmp_path):
+    proc = qpass("quantize", EXAMPLE / "model.onnx", "--data", "random:16", "-o", tmp_path / "r.onnx", "-q")
+    assert proc.returncode == 0 and "not calibration" in proc.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--calib", "quantile", "--quantile", "1.5"], "--quantile must be in (0, 1]"),
+    (["--calib", "meanstd", "--meanstd-k", "0"], "--meanstd-k must be positive"),
+    (["--data", "random:x"], "random:N"),
+])
+def test_bad_calibration_options(tmp_path, args, message):
+    proc = qpass("quantize", EXAMPLE / "model.onnx", "-o", tmp_path / "o.onnx", *args)
+    assert_one_line_error(proc, 2, message)
+    assert not (tmp_path / "o.onnx").exists()
+
+
 def test_usage_errors_exit_2():
     proc = qpass("quantize", EXAMPLE / "model.onnx", "--calib", "median")
     assert proc.returncode == 2 and "median" in proc.stderr and "Traceback" not in proc.stderr

@@ -53,3 +53,14 @@ def test_missing_input_and_bad_paths(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CalibrationError, match="no .npy, .npz or image files"):
         open_source(tmp_path / "empty", SPEC)
+
+
+def test_random_source_is_seeded_and_sized():
+    from qpasses.calibration.data import random_source
+
+    a, b = random_source("random:5", SPEC, seed=3), random_source("random:5", SPEC, seed=3)
+    assert len(a) == 5 and a.origin == "random"
+    np.testing.assert_array_equal(next(a.batches(5))["x"], next(b.batches(5))["x"])
+    assert len(random_source("random", SPEC, seed=0)) == 32
+    with pytest.raises(InputError, match="random:N"):
+        random_source("random:zero", SPEC, seed=0)

@@ -85,10 +85,12 @@ def ref_mse(x, q):
 
 
 def ref_kl_threshold(x, levels=128, bins=2048):
-    """TensorRT entropy calibration, written as a plain loop over candidates and bins."""
+    """TensorRT entropy calibration, written as a plain loop over candidates and bins (with the
+    zero-bin treatment of NVIDIA's calibrator and the 1% clipping guard qpass documents)."""
     amax = np.abs(x).max()
     hist, _ = np.histogram(np.abs(x), bins=bins, range=(0, amax))
     hist = hist.astype(np.float64)
+    hist[0] = hist[1]
     best, best_i = np.inf, bins
     for i in range(levels, bins + 1):
         p = hist[:i].copy()
@@ -101,7 +103,7 @@ def ref_kl_threshold(x, levels=128, bins=2048):
             if nonzero.any():
                 q[start:stop][nonzero] = hist[start:stop].sum() / nonzero.sum()
         p, q = p / p.sum(), q / q.sum()
-        if np.any((p > 0) & (q == 0)):
+        if np.any((p > 0) & (q == 0)) or hist[i:].sum() > 0.01 * hist.sum():
             continue
         kl = np.sum(p[p > 0] * np.log(p[p > 0] / q[p > 0]))
         if kl < best:
@@ -145,7 +147,15 @@ def test_kl_closed_form_equals_the_plain_loop():
     x = data(2)
     amax = np.abs(x).max()
     hist = np.histogram(np.abs(x), bins=2048, range=(0, amax))[0].astype(np.float64)
+    hist[0] = hist[1]
     assert (kl_best_bin(hist, 128) + 0.5) * amax / 2048 == pytest.approx(ref_kl_threshold(x), rel=1e-12)
+
+
+def test_kl_never_clips_most_of_a_discrete_distribution():
+    """17 pixel levels with most mass at |x| = 1: plain KL would clip at the first level."""
+    x = np.random.default_rng(0).choice(np.linspace(-1, 1, 17), size=20_000, p=[0.7] + [0.3 / 16] * 16).astype(np.float32)
+    lo, hi = stream("kl", x, 1000).compute_range(SYM)
+    assert np.mean(np.abs(x) > hi) <= 0.01
 
 
 def test_kl_observer_against_tensorrt_reference():
