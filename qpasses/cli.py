@@ -78,10 +78,10 @@ def quantize(model: Path, target_name: str, calib: str, weight_calib: str, quant
     result = run_quantize(model, target, data, ctx, graph_io.parse_input_shapes(input_shape), holdout, preprocess)
     graph_io.save_model(result.model, output)
     if not quiet:
-        _print_summary(result, output)
+        _print_summary(result, output, f"{calib} activations, {weight_calib} weights")
 
 
-def _print_summary(result, output: Path) -> None:
+def _print_summary(result, output: Path, methods: str) -> None:
     plan, state = result.state.plan, result.state
     echo = lambda text="": click.echo(text, err=True)  # noqa: E731 - the summary goes to stderr
     echo(f"target {state.target.name}: {len(plan.quantized_nodes)} nodes quantized, "
@@ -93,7 +93,7 @@ def _print_summary(result, output: Path) -> None:
         echo(f"  kept in float: {count:3d} node(s): {reason}")
     for note in state.notes:
         echo(f"  note: {note}")
-    echo(f"calibrated on {result.calib_samples} samples")
+    echo(f"calibrated on {result.calib_samples} samples ({methods})")
     for name, db in result.sqnr_db.items():
         echo(f"output {name}: SQNR {db:.1f} dB on {result.holdout_samples} held-back samples")
     echo(f"wrote {output}")

@@ -66,7 +66,7 @@ def quantize(model_path: str | Path, target: Target, data: str | Path | None, ct
     if target.fold_batchnorm:
         FoldBatchNorm()(float_state, PassContext(quiet=True))
     float_model = float_state.model()
-    result = QuantizeResult(quantized, float_model, state, results, len(source) if source else 0, len(held))
+    result = QuantizeResult(quantized, float_model, state, results, state.plan.calibration_samples, len(held))
     if len(held):
         result.sqnr_db = output_sqnr(model, quantized, held, ctx.batch_size)
     return result

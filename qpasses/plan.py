@@ -52,6 +52,7 @@ class QuantPlan:
     fused_nodes: dict[str, str] = field(default_factory=dict)  # node -> head of its supergroup
     float_nodes: dict[str, str] = field(default_factory=dict)  # node -> why it stays float
     quantized_nodes: list[str] = field(default_factory=list)
+    calibration_samples: int = 0  # samples the activation observers saw
     ranges: dict[str, tuple] = field(default_factory=dict)  # share anchor -> (lo, hi)
     qparams: dict[str, QParams] = field(default_factory=dict)  # share anchor or weight tensor key
 

@@ -64,3 +64,10 @@ def test_random_source_is_seeded_and_sized():
     assert len(random_source("random", SPEC, seed=0)) == 32
     with pytest.raises(InputError, match="random:N"):
         random_source("random:zero", SPEC, seed=0)
+
+
+def test_mixed_shapes_in_a_directory(tmp_path):
+    np.save(tmp_path / "a.npy", np.zeros((2, 3, 4, 4), np.float32))
+    np.save(tmp_path / "b.npy", np.zeros((2, 3, 8, 8), np.float32))
+    with pytest.raises(CalibrationError, match="b.npy: array x has shape"):
+        open_source(tmp_path, SPEC)

@@ -122,11 +122,13 @@ def build_plan(graph: gs.Graph, target: Target) -> QuantPlan:
     in_group = {n.name: g[0].name for g in groups for n in g[1:]}
     edges: dict[str, list[Edge]] = {}
 
-    def add_edge(tensor: gs.Tensor, node: gs.Node, idx: int) -> None:
-        if isinstance(tensor, gs.Variable) and _is_float(tensor) and (node.name, idx) not in inner:
-            edges.setdefault(tensor.name, [])
-            if (node.name, idx) not in edges[tensor.name]:
-                edges[tensor.name].append((node.name, idx))
+    def add_edge(tensor: gs.Tensor, node: gs.Node, idx: int) -> bool:
+        if not (isinstance(tensor, gs.Variable) and _is_float(tensor)) or (node.name, idx) in inner:
+            return False
+        consumers = edges.setdefault(tensor.name, [])
+        if (node.name, idx) not in consumers:
+            consumers.append((node.name, idx))
+        return True
 
     share_nodes = []
     for node in graph.nodes:
@@ -162,11 +164,8 @@ def build_plan(graph: gs.Graph, target: Target) -> QuantPlan:
                         and bias.values.ndim <= 1 and isinstance(node.inputs[0], gs.Variable)):
                     plan.biases.append(BiasQuant(node.name, bias.name, node.inputs[0].name, weight.name))
         indices = range(len(node.inputs)) if rule.inputs == "all" else [i for i in rule.inputs if i < len(node.inputs)]
-        before = sum(len(v) for v in edges.values())
-        for idx in indices:
-            if idx not in skip:
-                add_edge(node.inputs[idx], node, idx)
-        if skip & {1} or sum(len(v) for v in edges.values()) > before:
+        added = [add_edge(node.inputs[idx], node, idx) for idx in indices if idx not in skip]
+        if 1 in skip or any(added):
             plan.quantized_nodes.append(node.name)
         else:
             plan.float_nodes[node.name] = "no float activation input to quantize (all inside a supergroup or constant)"

@@ -27,7 +27,7 @@ class Calibrate(Pass):
             if ctx.data is None:
                 raise CalibrationError("calibration data is required (--data DIR_OR_FILE with .npy/.npz inputs)")
             observers = {name: make_observer(ctx.calib_method, **ctx.calib_options) for name in plan.activations}
-            observe(state.model(), observers, ctx.data, ctx.batch_size, ctx.max_samples, ctx.quiet)
+            plan.calibration_samples = observe(state.model(), observers, ctx.data, ctx.batch_size, ctx.max_samples, ctx.quiet)
             for anchor, members in plan.shares.items():
                 merged = make_observer(ctx.calib_method, **ctx.calib_options)
                 for name in members:
