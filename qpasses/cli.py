@@ -52,10 +52,10 @@ def cli() -> None:
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for every random choice.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or summary.")
 @click.option("--debug", is_flag=True, help="Check the graph after every pass; show tracebacks.")
-def quantize(model: Path, target_name: str, calib: str, weight_calib: str, quantile: float | None, meanstd_k: float | None,
-             data: str | None, preprocess: Path | None, output: Path | None,
-             input_shape: tuple[str, ...],
-             batch_size: int, max_samples: int | None, holdout: int | None, seed: int, quiet: bool, debug: bool) -> None:
+def quantize(model: Path, target_name: str, calib: str, weight_calib: str, quantile: float | None,
+             meanstd_k: float | None, data: str | None, preprocess: Path | None, output: Path | None,
+             input_shape: tuple[str, ...], batch_size: int, max_samples: int | None, holdout: int | None,
+             seed: int, quiet: bool, debug: bool) -> None:
     """Quantize MODEL for a target and write a Q/DQ ONNX model.
 
     \b

@@ -34,6 +34,14 @@ def test_quantize_example_is_deterministic(tmp_path):
     assert a.read_bytes() == b.read_bytes()
 
 
+@pytest.mark.parametrize("method", ["minmax", "quantile", "mse", "kl", "norm", "meanstd"])
+def test_every_calibration_method_from_the_command_line(tmp_path, method):
+    proc = qpass("quantize", EXAMPLE / "model.onnx", "-t", "tensorrt", "--calib", method, "--weight-calib", method,
+                 "--data", EXAMPLE / "calib.npz", "-o", tmp_path / "m.onnx")
+    assert proc.returncode == 0, proc.stderr
+    assert f"({method} activations, {method} weights)" in proc.stderr and "SQNR" in proc.stderr
+
+
 def test_default_output_goes_next_to_the_input(tmp_path):
     model = tmp_path / "m.onnx"
     model.write_bytes((EXAMPLE / "model.onnx").read_bytes())

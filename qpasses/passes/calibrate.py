@@ -3,7 +3,8 @@
 Activations: the float model (after folding) runs in ONNX Runtime on the calibration data and one
 observer per quantized tensor streams its values; tensors that share a quantizer (concat inputs,
 pooling in/out) merge their observers, so the shared range covers every member. Weights: an
-observer sees the whole constant, per channel on the planned axis. Run after `annotate`.
+observer of the `--weight-calib` method sees the whole constant, per channel on the planned axis.
+Run after `annotate`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ class Calibrate(Pass):
         tensors = {t.name: t for t in state.graph.tensors().values()}
         if plan.activations:
             if ctx.data is None:
-                raise CalibrationError("calibration data is required (--data DIR_OR_FILE with .npy/.npz inputs)")
+                raise CalibrationError("calibration data is required (--data: .npy/.npz, a directory, images or random)")
             observers = {name: make_observer(ctx.calib_method, **ctx.calib_options) for name in plan.activations}
             plan.calibration_samples = observe(state.model(), observers, ctx.data, ctx.batch_size, ctx.max_samples, ctx.quiet)
             for anchor, members in plan.shares.items():
@@ -37,8 +38,9 @@ class Calibrate(Pass):
         for w in plan.weights:
             if w.tensor in plan.qparams:
                 continue
+            quantizer = target.weight_quantizer(w.op_type)
             observer = make_observer(ctx.weight_calib, w.axis, **ctx.calib_options)
             observer.update(tensors[w.tensor].values)
-            plan.ranges[w.tensor] = observer.compute_range(target.weight_quantizer(w.op_type))
-            plan.qparams[w.tensor] = compute_qparams(*plan.ranges[w.tensor], target.weight_quantizer(w.op_type), w.axis)
+            plan.ranges[w.tensor] = observer.compute_range(quantizer)
+            plan.qparams[w.tensor] = compute_qparams(*plan.ranges[w.tensor], quantizer, w.axis)
         return False
