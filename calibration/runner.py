@@ -69,10 +69,13 @@ def fixed_batch(model: onnx.ModelProto) -> int | None:
 
 
 def observe(model: onnx.ModelProto, observers: dict[str, Observer], source: DataSource, batch_size: int,
-            max_samples: int | None = None, quiet: bool = False, desc: str = "calibrating") -> int:
-    """Feed every batch of `source` through `model`, updating `observers[tensor]`; returns samples seen."""
+            max_samples: int | None = None, quiet: bool = False, desc: str = "calibrating", optimize: bool = True) -> int:
+    """Feed every batch of `source` through `model`, updating `observers[tensor]`; returns samples seen.
+
+    `optimize=False` for a Q/DQ model, so that it is simulated op by op rather than run on ORT's
+    own int8 kernels."""
     names = sorted(observers)
-    sess = session(with_outputs(model, names))
+    sess = session(with_outputs(model, names), optimize)
     batch = fixed_batch(model) or batch_size
     limit = len(source) if max_samples is None else min(max_samples, len(source))
     if fixed_batch(model) and limit % batch:

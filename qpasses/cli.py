@@ -21,7 +21,7 @@ from qpasses.targets.schema import builtin_names, load_target
 
 from . import graph as graph_io
 from .pass_infra import PassContext
-from .pipeline import ALL_PASSES, quantize as run_quantize
+from .pipeline import ALL_PASSES, Techniques, quantize as run_quantize
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -49,13 +49,16 @@ def cli() -> None:
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
 @click.option("--max-samples", type=click.IntRange(min=1), help="Use at most this many calibration samples.")
 @click.option("--holdout", type=click.IntRange(min=0), help="Samples held back to measure output SQNR [default: 1/8, at most 64].")
+@click.option("--cle", is_flag=True, help="Cross-layer equalization (kept only if it does not lower the output SQNR).")
+@click.option("--cle-replace-relu6", is_flag=True, help="Let --cle turn ReLU6 into ReLU to equalize across it.")
+@click.option("--bias-correction", is_flag=True, help="Empirical bias correction (kept only if it helps).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for every random choice.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or summary.")
 @click.option("--debug", is_flag=True, help="Check the graph after every pass; show tracebacks.")
 def quantize(model: Path, target_name: str, calib: str, weight_calib: str, quantile: float | None,
              meanstd_k: float | None, data: str | None, preprocess: Path | None, output: Path | None,
              input_shape: tuple[str, ...], batch_size: int, max_samples: int | None, holdout: int | None,
-             seed: int, quiet: bool, debug: bool) -> None:
+             cle: bool, cle_replace_relu6: bool, bias_correction: bool, seed: int, quiet: bool, debug: bool) -> None:
     """Quantize MODEL for a target and write a Q/DQ ONNX model.
 
     \b
@@ -75,7 +78,9 @@ def quantize(model: Path, target_name: str, calib: str, weight_calib: str, quant
     if data is not None and (data == "random" or data.startswith("random:")):
         random_source(data, [], seed)  # checks the spec before the warning
         click.echo(RANDOM_WARNING, err=True)
-    result = run_quantize(model, target, data, ctx, graph_io.parse_input_shapes(input_shape), holdout, preprocess)
+    techniques = Techniques(cle=cle, cle_replace_relu6=cle_replace_relu6, bias_correction=bias_correction)
+    result = run_quantize(model, target, data, ctx, graph_io.parse_input_shapes(input_shape), holdout, preprocess,
+                          techniques)
     graph_io.save_model(result.model, output)
     if not quiet:
         _print_summary(result, output, f"{calib} activations, {weight_calib} weights")
@@ -94,6 +99,12 @@ def _print_summary(result, output: Path, methods: str) -> None:
     for note in state.notes:
         echo(f"  note: {note}")
     echo(f"calibrated on {result.calib_samples} samples ({methods})")
+    for d in result.decisions:
+        if not d.applied:
+            echo(f"warning: {d.technique} does not apply to this model (see the notes above)")
+            continue
+        verdict = "kept" if d.kept else "dropped (it lowered the output SQNR)"
+        echo(f"{d.technique}: {verdict}: worst-output SQNR {d.before_db:.1f} -> {d.after_db:.1f} dB")
     for name, db in result.sqnr_db.items():
         echo(f"output {name}: SQNR {db:.1f} dB on {result.holdout_samples} held-back samples")
     echo(f"wrote {output}")

@@ -139,8 +139,13 @@ def _upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _constants_to_initializers(graph: gs.Graph) -> None:
-    """Exporters often store weights as `Constant` nodes; passes treat them as initializers."""
+    """Exporters often store weights as `Constant` nodes or behind `Identity`; passes want initializers."""
     for node in graph.nodes:
+        if node.op == "Identity" and isinstance(node.inputs[0], gs.Constant) and node.outputs[0] not in graph.outputs:
+            out = node.outputs[0]  # exporters alias shared weights through Identity nodes
+            node.outputs.clear()
+            out.to_constant(node.inputs[0].values)
+            continue
         if node.op != "Constant" or not node.outputs:
             continue
         value = _constant_value(node)

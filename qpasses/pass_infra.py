@@ -30,6 +30,7 @@ class QuantState:
     graph: gs.Graph
     target: "Target"
     plan: "QuantPlan | None" = None
+    float_model: onnx.ModelProto | None = None  # the float graph the plan refers to (set by annotate)
     bn_records: dict[str, dict[str, Any]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 

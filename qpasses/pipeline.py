@@ -6,7 +6,7 @@ The sequence is the same for every target; what differs is data in the target fi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,27 +20,61 @@ from qpasses.targets.schema import Target
 from . import graph as graph_io
 from .pass_infra import Pass, PassContext, PassResult, QuantState, Sequential
 from .passes.annotate import Annotate
+from .passes.bias_correct import BiasCorrect
 from .passes.calibrate import Calibrate
+from .passes.equalize import Equalize
 from .passes.fold_batchnorm import FoldBatchNorm
 from .passes.insert_qdq import InsertQDQ
 
-ALL_PASSES: tuple[type[Pass], ...] = (FoldBatchNorm, Annotate, Calibrate, InsertQDQ)
+ALL_PASSES: tuple[type[Pass], ...] = (FoldBatchNorm, Equalize, Annotate, Calibrate, InsertQDQ, BiasCorrect)
+TECHNIQUES = {"cle": Equalize.name, "bias_correction": BiasCorrect.name}  # technique -> its pass, tried in order
 
 
-def build_pipeline(target: Target) -> Sequential:
+@dataclass(frozen=True)
+class Techniques:
+    """The accuracy-recovery techniques a run asks for (each is a pass switched on)."""
+
+    cle: bool = False
+    cle_replace_relu6: bool = False
+    bias_correction: bool = False
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Whether a requested technique was kept: it must not lower the held-back output SQNR."""
+
+    technique: str
+    applied: bool  # False: the technique found nothing to do on this model (see the notes for why)
+    before_db: float
+    after_db: float
+    kept: bool
+
+
+def build_pipeline(target: Target, techniques: Techniques = Techniques()) -> Sequential:
     passes: list[Pass] = [FoldBatchNorm()] if target.fold_batchnorm else []
-    return Sequential(passes + [Annotate(), Calibrate(), InsertQDQ()])
+    if techniques.cle:
+        passes.append(Equalize(replace_relu6=techniques.cle_replace_relu6))
+    passes += [Annotate(), Calibrate(), InsertQDQ()]
+    if techniques.bias_correction:
+        passes.append(BiasCorrect())
+    return Sequential(passes)
 
 
 @dataclass
 class QuantizeResult:
     model: onnx.ModelProto
-    float_model: onnx.ModelProto  # the normalised (and folded) float model the plan refers to
+    float_model: onnx.ModelProto  # the float graph the plan refers to (folded, equalized)
     state: QuantState
     passes: list[PassResult]
     calib_samples: int
     holdout_samples: int
     sqnr_db: dict[str, float] = field(default_factory=dict)
+    decisions: list[Decision] = field(default_factory=list)
+
+    @property
+    def score_db(self) -> float:
+        """The worst output's SQNR: what a technique must not lower."""
+        return min(self.sqnr_db.values()) if self.sqnr_db else float("nan")
 
 
 def holdout_size(n: int) -> int:
@@ -50,7 +84,8 @@ def holdout_size(n: int) -> int:
 
 def quantize(model_path: str | Path, target: Target, data: str | Path | None, ctx: PassContext,
              input_shapes: dict[str, list[int]] | None = None, holdout: int | None = None,
-             preprocess: Path | None = None) -> QuantizeResult:
+             preprocess: Path | None = None, techniques: Techniques = Techniques()) -> QuantizeResult:
+    """Quantize a model; each requested technique is kept only if it does not lower the SQNR."""
     model = graph_io.normalize(graph_io.load_model(model_path), input_shapes)
     source: DataSource | None = open_source(data, input_specs(model), preprocess, ctx.seed) if data is not None else None
     held: DataSource = ArraySource({}, rows=np.arange(0))
@@ -58,15 +93,33 @@ def quantize(model_path: str | Path, target: Target, data: str | Path | None, ct
         n_hold = holdout_size(len(source)) if holdout is None else min(holdout, len(source) - 1)
         source, held = source.split(n_hold)
     ctx.data = source
+    accepted = Techniques(cle_replace_relu6=techniques.cle_replace_relu6)
+    best = _run(model, target, ctx, accepted, held)
+    decisions: list[Decision] = []
+    why: list[str] = []
+    for name, pass_name in TECHNIQUES.items():
+        if not getattr(techniques, name):
+            continue
+        candidate = replace(accepted, **{name: True})
+        trial = _run(model, target, ctx, candidate, held)
+        applied = any(r.name == pass_name and r.modified for r in trial.passes)
+        kept = applied and (not len(held) or trial.score_db >= best.score_db)
+        decisions.append(Decision(name, applied, best.score_db, trial.score_db, kept))
+        if kept:
+            best, accepted = trial, candidate
+        elif not applied:  # keep the reasons it did not apply
+            why.extend(n for n in trial.state.notes if n not in best.state.notes)
+    best.decisions = decisions
+    best.state.notes.extend(n for n in why if n not in best.state.notes)
+    return best
+
+
+def _run(model: onnx.ModelProto, target: Target, ctx: PassContext, techniques: Techniques,
+         held: DataSource) -> QuantizeResult:
     state = QuantState(graph=gs.import_onnx(model), target=target)
-    pipeline = build_pipeline(target)
-    results = pipeline(state, ctx)
+    results = build_pipeline(target, techniques)(state, ctx)
     quantized = graph_io.infer_shapes(state.model())
-    float_state = QuantState(graph=gs.import_onnx(model), target=target)
-    if target.fold_batchnorm:
-        FoldBatchNorm()(float_state, PassContext(quiet=True))
-    float_model = float_state.model()
-    result = QuantizeResult(quantized, float_model, state, results, state.plan.calibration_samples, len(held))
+    result = QuantizeResult(quantized, state.float_model, state, results, state.plan.calibration_samples, len(held))
     if len(held):
         result.sqnr_db = output_sqnr(model, quantized, held, ctx.batch_size)
     return result

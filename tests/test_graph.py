@@ -105,3 +105,13 @@ def test_external_data_and_constant_node_weights_are_quantized(tmp_path):
     assert len(result.state.plan.weights) == sum(n.op_type in ("Conv", "Gemm") for n in model.graph.node)
     assert not any("run time" in why for why in result.state.plan.float_nodes.values())
     assert not any(n.op_type == "Constant" for n in result.model.graph.node)
+
+
+def test_identity_aliased_weights_become_initializers():
+    w = helper.make_tensor("w", TensorProto.FLOAT, [2, 1, 1, 1], [1.0, 2.0])
+    nodes = [helper.make_node("Identity", ["w"], ["w_alias"]), helper.make_node("Conv", ["x", "w_alias"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 2, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 2, 2])], [w])
+    model = graph_io.normalize(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    assert [n.op_type for n in model.graph.node] == ["Conv"]
+    assert "w_alias" in {i.name for i in model.graph.initializer}

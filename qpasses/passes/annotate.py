@@ -112,6 +112,7 @@ class Annotate(Pass):
 
     def run(self, state: QuantState, ctx: PassContext) -> bool:
         state.plan = build_plan(state.graph, state.target)
+        state.float_model = state.model()
         return False
 
 

@@ -1,0 +1,52 @@
+"""Empirical bias correction removes the measured per-channel mean error of conv outputs."""
+
+import numpy as np
+import onnx
+import pytest
+
+from qpasses.calibration.runner import observe
+from qpasses.pass_infra import PassContext
+from qpasses.passes.bias_correct import ChannelMean
+from qpasses.pipeline import Techniques, quantize
+from qpasses.targets import load_target
+
+
+def mean_errors(result, zoo_dir) -> dict[str, np.ndarray]:
+    """|E[y_float] - E[y_quant]| per channel for every corrected layer output, on the calibration data."""
+    from qpasses.calibration.data import InputSpec, open_source
+
+    source = open_source(zoo_dir / "calib.npy", [InputSpec("input", ("N", 3, 16, 16), np.dtype(np.float32))])
+    names = [n.output[0] for n in result.float_model.graph.node if n.op_type in ("Conv", "Gemm")]
+    out = {}
+    for model in (result.float_model, result.model):
+        means = {name: ChannelMean() for name in names}
+        observe(model, means, source, 8, quiet=True, optimize=model is result.float_model)
+        out[id(model)] = {k: m.mean() for k, m in means.items()}
+    ref, got = out[id(result.float_model)], out[id(result.model)]
+    return {k: np.abs(ref[k] - got[k]) for k in names}
+
+
+@pytest.mark.parametrize("target", ["academic", "tvm-arm"])  # a float bias and an int32 bias
+def test_mean_error_shrinks(zoo_dir, target):
+    run = lambda bc: quantize(zoo_dir / "resnet_basic.onnx", load_target(target), zoo_dir / "calib.npy",  # noqa: E731
+                              PassContext(quiet=True), holdout=0, techniques=Techniques(bias_correction=bc))
+    corrected = run(True)
+    before, after = mean_errors(run(False), zoo_dir), mean_errors(corrected, zoo_dir)
+    # the first layer's input is not affected by other corrections: its error must vanish, down to
+    # the step of an int32 bias (s_x * s_w), which no correction can split
+    first = next(iter(before))
+    conv = next(n for n in corrected.model.graph.node if n.op_type == "Conv")
+    bias_dq = next((n for n in corrected.model.graph.node if n.output[0] == conv.input[2] and n.op_type == "DequantizeLinear"), None)
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in corrected.model.graph.initializer}
+    step = inits[bias_dq.input[1]] if bias_dq is not None else np.zeros(len(after[first]))
+    assert np.all(after[first] <= np.maximum(0.05 * before[first].max(), step / 2) + 1e-7)
+    assert sum(a.mean() for a in after.values()) < 0.5 * sum(b.mean() for b in before.values())
+
+
+def test_a_technique_that_hurts_is_dropped_and_one_that_does_not_apply_is_said(zoo_dir):
+    result = quantize(zoo_dir / "mobilenetv2_block.onnx", load_target("tvm-arm"), zoo_dir / "calib.npy",
+                      PassContext(quiet=True), techniques=Techniques(cle=True, bias_correction=True))
+    cle, bc = result.decisions
+    assert not cle.applied and not cle.kept and any("ReLU6" in n for n in result.state.notes)
+    assert bc.applied and bc.kept == (bc.after_db >= bc.before_db)
+    assert result.score_db == pytest.approx(max(bc.before_db, bc.after_db))
