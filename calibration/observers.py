@@ -74,9 +74,6 @@ class Observer:
     def _range(self, quantizer: Quantizer) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
 
-    def _symmetric(self, quantizer: Quantizer) -> bool:
-        return quantizer.symmetric
-
 
 class MinMaxObserver(Observer):
     """lo = min(x), hi = max(x) over all data; symmetric: amax = max(|min|, |max|)."""
@@ -114,7 +111,7 @@ class MeanStdObserver(Observer):
         mean = s / n
         std = np.sqrt(np.maximum(ss / n - mean**2, 0.0))
         lo, hi = mean - self.k * std, mean + self.k * std
-        if self._symmetric(quantizer):
+        if quantizer.symmetric:
             amax = np.maximum(np.abs(lo), np.abs(hi))
             return -amax, amax
         return lo, hi
@@ -146,7 +143,7 @@ class NormObserver(Observer):
         n, total = self.sums
         qmin, qmax = quantizer.qrange(is_signed(quantizer, self.lo))
         scale = 2.0 * (total / n) ** (1.0 / self.p) / np.sqrt(qmax)
-        if self._symmetric(quantizer) or qmin < 0:
+        if quantizer.symmetric or qmin < 0:
             return -scale * qmax, scale * qmax
         steps = scale * (qmax - qmin)
         nonneg = self.lo >= 0
@@ -192,7 +189,7 @@ class QuantileObserver(HistogramObserver):
         self.q = q
 
     def _channel_range(self, c, quantizer):
-        if self._symmetric(quantizer):
+        if quantizer.symmetric:
             counts, width = self.hist.abs_counts(c)
             cum = np.concatenate([[0.0], np.cumsum(counts)])
             amax = float(np.interp(self.q * cum[-1], cum, np.arange(len(counts) + 1) * width))
@@ -220,7 +217,7 @@ class MSEObserver(HistogramObserver):
         centres = ((self.hist.first[c] + nz)[:, None] + offsets[None, :]).ravel() * self.hist.width[c]
         weights = np.repeat(counts[nz] / 4, 4)
         lo, hi = self.lo[c], self.hi[c]
-        if self._symmetric(quantizer):
+        if quantizer.symmetric:
             amax = max(abs(lo), abs(hi))
             cand_lo, cand_hi = -amax * self.factors, amax * self.factors
             if not is_signed(quantizer, np.array(lo)):
@@ -262,7 +259,7 @@ class KLObserver(HistogramObserver):
         levels = 2**quantizer.bits if (lo >= 0 and not is_signed(quantizer, np.array(lo))) else 2 ** (quantizer.bits - 1)
         threshold = (kl_best_bin(hist, levels) + 0.5) * amax / self.kl_bins
         threshold = min(threshold, amax)
-        if self._symmetric(quantizer):
+        if quantizer.symmetric:
             return -threshold, threshold
         return max(lo, -threshold), min(hi, threshold)
 

@@ -76,9 +76,10 @@ def observe(model: onnx.ModelProto, observers: dict[str, Observer], source: Data
     own int8 kernels."""
     names = sorted(observers)
     sess = session(with_outputs(model, names), optimize)
-    batch = fixed_batch(model) or batch_size
+    fixed = fixed_batch(model)
+    batch = fixed or batch_size
     limit = len(source) if max_samples is None else min(max_samples, len(source))
-    if fixed_batch(model) and limit % batch:
+    if fixed and limit % batch:
         limit -= limit % batch  # a fixed batch dimension takes only whole batches
     if limit == 0:
         raise CalibrationError(f"no calibration samples to run (have {len(source)}, the model's batch is {batch})")
@@ -103,10 +104,11 @@ def observe(model: onnx.ModelProto, observers: dict[str, Observer], source: Data
 def run_outputs(model: onnx.ModelProto, source: DataSource, batch_size: int, optimize: bool = True) -> list[np.ndarray]:
     """All model outputs over `source`, concatenated along the batch axis."""
     sess = session(model, optimize)
-    batch = fixed_batch(model) or batch_size
+    fixed = fixed_batch(model)
+    batch = fixed or batch_size
     outs: list[list[np.ndarray]] = []
     for feeds in source.batches(batch):
-        if len(next(iter(feeds.values()))) != batch and fixed_batch(model):
+        if fixed and len(next(iter(feeds.values()))) != batch:
             break
         outs.append(sess.run(None, feeds))
     return [np.concatenate(parts) for parts in zip(*outs)] if outs else []

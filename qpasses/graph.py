@@ -160,11 +160,16 @@ def _constants_to_initializers(graph: gs.Graph) -> None:
 
 def _name_nodes(graph: gs.Graph) -> None:
     """Give every node a unique, stable name: the plan and the report refer to nodes by name."""
-    seen: set[str] = set()
+    seen = {node.name for node in graph.nodes if node.name}
+    taken: set[str] = set()
     for i, node in enumerate(graph.nodes):
-        if not node.name or node.name in seen:
-            node.name = f"{node.op}_{i}"
-        seen.add(node.name)
+        if not node.name or node.name in taken:
+            name = f"{node.op}_{i}"
+            while name in seen:
+                name += "_"
+            node.name = name
+            seen.add(name)
+        taken.add(node.name)
 
 
 def _constant_value(node: gs.Node) -> np.ndarray | None:

@@ -19,7 +19,7 @@ from qpasses.pass_infra import Pass, PassContext, QuantState
 class Calibrate(Pass):
     name = "calibrate"
     summary = "run the float model in ONNX Runtime on calibration data; ranges and qparams per quantizer"
-    requires = ("plan",)
+    requires = ("plan", "float_model")
 
     def run(self, state: QuantState, ctx: PassContext) -> bool:
         plan, target = state.plan, state.target
@@ -28,7 +28,7 @@ class Calibrate(Pass):
             if ctx.data is None:
                 raise CalibrationError("calibration data is required (--data: .npy/.npz, a directory, images or random)")
             observers = {name: make_observer(ctx.calib_method, **ctx.calib_options) for name in plan.activations}
-            plan.calibration_samples = observe(state.model(), observers, ctx.data, ctx.batch_size, ctx.max_samples, ctx.quiet)
+            plan.calibration_samples = observe(state.float_model, observers, ctx.data, ctx.batch_size, ctx.max_samples, ctx.quiet)
             for anchor, members in plan.shares.items():
                 merged = make_observer(ctx.calib_method, **ctx.calib_options)
                 for name in members:

@@ -68,8 +68,6 @@ def _foldable_producer(graph: gs.Graph, bn: gs.Node) -> gs.Node | None:
         return None
     if producer.op == "MatMul" and (len(producer.inputs[1].shape) != 2 or len(x.shape or []) != 2):
         return None
-    if producer.op == "Gemm" and producer.attrs.get("transA", 0) not in (0, 1):
-        return None
     return producer
 
 
@@ -78,7 +76,7 @@ def _scale_shift(stats: dict) -> tuple[np.ndarray, np.ndarray]:
     return s, stats["beta"] - stats["mean"] * s
 
 
-def _own_constant(graph: gs.Graph, node: gs.Node, idx: int, values: np.ndarray) -> None:
+def _own_constant(node: gs.Node, idx: int, values: np.ndarray) -> None:
     """Set input `idx` of `node` to `values`, without touching a constant other nodes share."""
     old = node.inputs[idx]
     if len(old.outputs) > 1:
@@ -110,16 +108,16 @@ def _fold_into(graph: gs.Graph, producer: gs.Node, bn: gs.Node, stats: dict) -> 
         new_bias = (beta * bias if bias is not None else 0.0) * s + t
         producer.attrs["alpha"], producer.attrs["beta"] = 1.0, 1.0
     else:  # MatMul: scale B's columns, add the shift after it
-        _own_constant(graph, producer, 1, w * s[None, :])
+        _own_constant(producer, 1, w * s[None, :])
         out = bn.outputs[0]
         mid = gs.Variable(f"{producer.outputs[0].name}.matmul", dtype=out.dtype, shape=out.shape)
         producer.outputs[0] = mid
         graph.nodes.append(gs.Node("Add", f"{bn.name}.shift", inputs=[mid, gs.Constant(f"{bn.name}.shift", t.astype(dtype))],
                                    outputs=[out]))
         return
-    _own_constant(graph, producer, 1, w)
+    _own_constant(producer, 1, w)
     if bias is not None:
-        _own_constant(graph, producer, 2, np.broadcast_to(new_bias, np.broadcast_shapes(bias.shape, s.shape)).copy())
+        _own_constant(producer, 2, np.broadcast_to(new_bias, np.broadcast_shapes(bias.shape, s.shape)).copy())
     else:
         producer.inputs.append(gs.Constant(f"{producer.name}.bias", np.asarray(new_bias, dtype=dtype)))
     producer.outputs[0] = bn.outputs[0]
