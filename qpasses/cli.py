@@ -16,10 +16,11 @@ import click
 from qpasses import __version__
 from qpasses.calibration.data import RANDOM_WARNING, random_source
 from qpasses.calibration.observers import OBSERVERS
-from qpasses.errors import InputError, QpassError
+from qpasses.errors import GateError, InputError, QpassError
 from qpasses.targets.schema import builtin_names, load_target
 
 from . import graph as graph_io
+from .analyze import Goal, analyze as run_analyze, format_analysis
 from .pass_infra import PassContext
 from .pipeline import ALL_PASSES, Techniques, quantize as run_quantize
 
@@ -30,60 +31,123 @@ def cli() -> None:
     """qpass: quantize float ONNX models for a deployment target."""
 
 
+def calibration_options(command):
+    """The options every command that calibrates takes (quantize, analyze)."""
+    options = [
+        click.argument("model", type=click.Path(path_type=Path)),
+        click.option("--target", "-t", "target_name", default="onnxruntime", show_default=True,
+                     help="Shipped target name (see `qpass targets`) or path of a target .toml file."),
+        click.option("--calib", default="minmax", show_default=True, type=click.Choice(sorted(OBSERVERS)),
+                     help="Range-setting method for activations (MQBench app. C.1)."),
+        click.option("--weight-calib", default="minmax", show_default=True, type=click.Choice(sorted(OBSERVERS)),
+                     help="Range-setting method for weights."),
+        click.option("--quantile", type=float, help="Quantile for --calib/--weight-calib quantile [default: 0.9999]."),
+        click.option("--meanstd-k", type=float, help="k of mean +/- k*std for meanstd [default: 3]."),
+        click.option("--data", "-d",
+                     help="Calibration inputs: a .npy/.npz file, a directory of them, a directory of images, "
+                          "or 'random[:N]' (a smoke test, not calibration)."),
+        click.option("--preprocess", type=click.Path(path_type=Path), help="Preprocessing spec (TOML) for an image directory."),
+        click.option("--input-shape", multiple=True, metavar="NAME=1x3x224x224", help="Sizes for dynamic input dimensions."),
+        click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1)),
+        click.option("--max-samples", type=click.IntRange(min=1), help="Use at most this many calibration samples."),
+        click.option("--holdout", type=click.IntRange(min=0),
+                     help="Samples held back from --data to measure output SQNR [default: 1/8, at most 64]."),
+        click.option("--float-layer", "float_layers", multiple=True, metavar="LAYER",
+                     help="Keep this layer in float (names as `qpass analyze` lists them); repeatable."),
+        click.option("--seed", default=0, show_default=True, type=int, help="Seed for every random choice."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bars or summary."),
+        click.option("--debug", is_flag=True, help="Check the graph after every pass; show tracebacks."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _setup(opts: dict) -> tuple:
+    """Check the shared options; returns the target and the pass context."""
+    target = load_target(opts["target_name"])
+    quantile, meanstd_k, data = opts["quantile"], opts["meanstd_k"], opts["data"]
+    if quantile is not None and not 0.0 < quantile <= 1.0:
+        raise InputError(f"--quantile must be in (0, 1], got {quantile}")
+    if meanstd_k is not None and meanstd_k <= 0:
+        raise InputError(f"--meanstd-k must be positive, got {meanstd_k}")
+    options = {k: v for k, v in {"q": quantile, "k": meanstd_k}.items() if v is not None}
+    ctx = PassContext(calib_method=opts["calib"], weight_calib=opts["weight_calib"], calib_options=options,
+                      batch_size=opts["batch_size"], max_samples=opts["max_samples"], seed=opts["seed"],
+                      float_layers=tuple(opts["float_layers"]), quiet=opts["quiet"], debug=opts["debug"])
+    if data is not None and (data == "random" or data.startswith("random:")):
+        random_source(data, [], opts["seed"])  # checks the spec before the warning
+        click.echo(RANDOM_WARNING, err=True)
+    return target, ctx
+
+
+def _output_path(model: Path, output: Path | None, suffix: str) -> Path:
+    output = output or model.with_name(f"{model.stem}.{suffix}.onnx")
+    if model.exists() and output.resolve() == model.resolve():
+        raise InputError(f"output {output} is the input model; qpass never overwrites its input")
+    return output
+
+
 @cli.command()
-@click.argument("model", type=click.Path(path_type=Path))
-@click.option("--target", "-t", "target_name", default="onnxruntime", show_default=True,
-              help="Shipped target name (see `qpass targets`) or path of a target .toml file.")
-@click.option("--calib", default="minmax", show_default=True, type=click.Choice(sorted(OBSERVERS)),
-              help="Range-setting method for activations (MQBench app. C.1).")
-@click.option("--weight-calib", default="minmax", show_default=True, type=click.Choice(sorted(OBSERVERS)),
-              help="Range-setting method for weights.")
-@click.option("--quantile", type=float, help="Quantile for --calib/--weight-calib quantile [default: 0.9999].")
-@click.option("--meanstd-k", type=float, help="k of mean +/- k*std for meanstd [default: 3].")
-@click.option("--data", "-d",
-              help="Calibration inputs: a .npy/.npz file, a directory of them, a directory of images, "
-                   "or 'random[:N]' (a smoke test, not calibration).")
-@click.option("--preprocess", type=click.Path(path_type=Path), help="Preprocessing spec (TOML) for an image directory.")
+@calibration_options
 @click.option("--output", "-o", type=click.Path(path_type=Path), help="Output path [default: MODEL.<target>.int8.onnx].")
-@click.option("--input-shape", multiple=True, metavar="NAME=1x3x224x224", help="Sizes for dynamic input dimensions.")
-@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
-@click.option("--max-samples", type=click.IntRange(min=1), help="Use at most this many calibration samples.")
-@click.option("--holdout", type=click.IntRange(min=0), help="Samples held back to measure output SQNR [default: 1/8, at most 64].")
 @click.option("--cle", is_flag=True, help="Cross-layer equalization (kept only if it does not lower the output SQNR).")
 @click.option("--cle-replace-relu6", is_flag=True, help="Let --cle turn ReLU6 into ReLU to equalize across it.")
 @click.option("--bias-correction", is_flag=True, help="Empirical bias correction (kept only if it helps).")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed for every random choice.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars or summary.")
-@click.option("--debug", is_flag=True, help="Check the graph after every pass; show tracebacks.")
-def quantize(model: Path, target_name: str, calib: str, weight_calib: str, quantile: float | None,
-             meanstd_k: float | None, data: str | None, preprocess: Path | None, output: Path | None,
-             input_shape: tuple[str, ...], batch_size: int, max_samples: int | None, holdout: int | None,
-             cle: bool, cle_replace_relu6: bool, bias_correction: bool, seed: int, quiet: bool, debug: bool) -> None:
+def quantize(model: Path, output: Path | None, cle: bool, cle_replace_relu6: bool, bias_correction: bool, **opts) -> None:
     """Quantize MODEL for a target and write a Q/DQ ONNX model.
 
     \b
     Example:
       qpass quantize model.onnx --target tensorrt --calib kl --data calib.npz -o model.int8.onnx
     """
-    target = load_target(target_name)
-    output = output or model.with_name(f"{model.stem}.{target.name}.int8.onnx")
-    if model.exists() and output.resolve() == model.resolve():
-        raise InputError(f"output {output} is the input model; qpass never overwrites its input")
-    if quantile is not None and not 0.0 < quantile <= 1.0:
-        raise InputError(f"--quantile must be in (0, 1], got {quantile}")
-    if meanstd_k is not None and meanstd_k <= 0:
-        raise InputError(f"--meanstd-k must be positive, got {meanstd_k}")
-    options = {k: v for k, v in {"q": quantile, "k": meanstd_k}.items() if v is not None}
-    ctx = PassContext(calib_method=calib, weight_calib=weight_calib, calib_options=options, batch_size=batch_size, max_samples=max_samples, seed=seed, quiet=quiet, debug=debug)
-    if data is not None and (data == "random" or data.startswith("random:")):
-        random_source(data, [], seed)  # checks the spec before the warning
-        click.echo(RANDOM_WARNING, err=True)
+    target, ctx = _setup(opts)
+    output = _output_path(model, output, f"{target.name}.int8")
     techniques = Techniques(cle=cle, cle_replace_relu6=cle_replace_relu6, bias_correction=bias_correction)
-    result = run_quantize(model, target, data, ctx, graph_io.parse_input_shapes(input_shape), holdout, preprocess,
-                          techniques)
+    result = run_quantize(model, target, opts["data"], ctx, graph_io.parse_input_shapes(opts["input_shape"]),
+                          opts["holdout"], opts["preprocess"], techniques)
     graph_io.save_model(result.model, output)
-    if not quiet:
-        _print_summary(result, output, f"{calib} activations, {weight_calib} weights")
+    if not ctx.quiet:
+        _print_summary(result, output, f"{ctx.calib_method} activations, {ctx.weight_calib} weights")
+
+
+@cli.command()
+@calibration_options
+@click.option("--eval-data", help="Samples to measure on (.npy/.npz, may hold `labels`) [default: the held-back part of --data].")
+@click.option("--report", type=click.Path(path_type=Path), help="Write the analysis as JSON to this path.")
+@click.option("--fallback", is_flag=True, help="Keep the most harmful layers in float until --min-sqnr / --max-drop hold.")
+@click.option("--min-sqnr", type=float, help="Fallback goal: worst-output SQNR in dB at least this.")
+@click.option("--max-drop", type=click.FloatRange(min=0), help="Fallback goal: top-1 drop vs float at most this many points.")
+@click.option("--output", "-o", type=click.Path(path_type=Path), help="With --fallback: write the mixed-precision model here.")
+def analyze(model: Path, eval_data: str | None, report: Path | None, fallback: bool, min_sqnr: float | None,
+            max_drop: float | None, output: Path | None, **opts) -> None:
+    """Per-layer sensitivity and ranges of MODEL for a target; with --fallback, choose float layers.
+
+    \b
+    Example:
+      qpass analyze model.onnx --target snpe --data calib.npz --report analysis.json
+      qpass analyze model.onnx --target snpe --data calib.npz --fallback --min-sqnr 30 -o model.mixed.onnx
+    """
+    if fallback and min_sqnr is None and max_drop is None:
+        raise InputError("--fallback needs a goal: --min-sqnr DB and/or --max-drop POINTS")
+    if not fallback and (min_sqnr is not None or max_drop is not None or output is not None):
+        raise InputError("--min-sqnr, --max-drop and --output go with --fallback")
+    if opts["data"] is None:
+        raise InputError("qpass analyze needs calibration data (--data)")
+    target, ctx = _setup(opts)
+    goal = Goal(min_sqnr, max_drop) if fallback else None
+    if fallback:
+        output = _output_path(model, output, f"{target.name}.mixed")
+    analysis, mixed = run_analyze(model, target, opts["data"], ctx, graph_io.parse_input_shapes(opts["input_shape"]),
+                                  opts["holdout"], opts["preprocess"], eval_data, goal)
+    if report is not None:
+        graph_io.atomic_write_bytes(report, (json.dumps(analysis.to_json(), indent=2) + "\n").encode())
+    click.echo(format_analysis(analysis))
+    if fallback:
+        graph_io.save_model(mixed, output)
+        click.echo(f"wrote {output}", err=True)
+        if not analysis.goal_met:
+            raise GateError(f"fallback goal not met even with {len(analysis.fallback)} layer(s) in float")
 
 
 def _print_summary(result, output: Path, methods: str) -> None:

@@ -12,6 +12,12 @@ class QpassError(Exception):
     exit_code = 2
 
 
+class GateError(QpassError):
+    """A goal the user set (accuracy, SQNR) was not met; the outputs are still written."""
+
+    exit_code = 1
+
+
 class InputError(QpassError):
     """The model, target file, options or data given by the user are unusable."""
 

@@ -50,6 +50,7 @@ class PassContext:
     batch_size: int = 16
     max_samples: int | None = None
     seed: int = 0
+    float_layers: tuple[str, ...] = ()  # layers kept in float (mixed precision)
     quiet: bool = False
     debug: bool = False
     timings: dict[str, float] = field(default_factory=dict)

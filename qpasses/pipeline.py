@@ -25,6 +25,7 @@ from .passes.calibrate import Calibrate
 from .passes.equalize import Equalize
 from .passes.fold_batchnorm import FoldBatchNorm
 from .passes.insert_qdq import InsertQDQ
+from .plan import QuantPlan
 
 ALL_PASSES: tuple[type[Pass], ...] = (FoldBatchNorm, Equalize, Annotate, Calibrate, InsertQDQ, BiasCorrect)
 TECHNIQUES = {"cle": Equalize.name, "bias_correction": BiasCorrect.name}  # technique -> its pass, tried in order
@@ -50,14 +51,23 @@ class Decision:
     kept: bool
 
 
-def build_pipeline(target: Target, techniques: Techniques = Techniques()) -> Sequential:
+def build_pipeline(target: Target, techniques: Techniques = Techniques(), stop_after: str | None = None) -> Sequential:
+    """The pass sequence; `stop_after` ends it early (e.g. after "calibrate", for analysis)."""
     passes: list[Pass] = [FoldBatchNorm()] if target.fold_batchnorm else []
     if techniques.cle:
         passes.append(Equalize(replace_relu6=techniques.cle_replace_relu6))
     passes += [Annotate(), Calibrate(), InsertQDQ()]
     if techniques.bias_correction:
         passes.append(BiasCorrect())
-    return Sequential(passes)
+    names = [p.name for p in passes]
+    return Sequential(passes[:names.index(stop_after) + 1] if stop_after in names else passes)
+
+
+def realize(float_model: onnx.ModelProto, target: Target, plan: QuantPlan) -> onnx.ModelProto:
+    """The Q/DQ model for a calibrated plan, e.g. one with some layers kept in float."""
+    state = QuantState(graph=gs.import_onnx(float_model), target=target, plan=plan)
+    InsertQDQ()(state, PassContext(quiet=True))
+    return graph_io.infer_shapes(state.model())
 
 
 @dataclass
@@ -82,10 +92,10 @@ def holdout_size(n: int) -> int:
     return min(64, n // 8) if n >= 8 else 0
 
 
-def quantize(model_path: str | Path, target: Target, data: str | Path | None, ctx: PassContext,
-             input_shapes: dict[str, list[int]] | None = None, holdout: int | None = None,
-             preprocess: Path | None = None, techniques: Techniques = Techniques()) -> QuantizeResult:
-    """Quantize a model; each requested technique is kept only if it does not lower the SQNR."""
+def prepare(model_path: str | Path, data: str | Path | None, ctx: PassContext,
+            input_shapes: dict[str, list[int]] | None = None, holdout: int | None = None,
+            preprocess: Path | None = None) -> tuple[onnx.ModelProto, DataSource]:
+    """Load and normalize the model; split the data into calibration (`ctx.data`) and held-back samples."""
     model = graph_io.normalize(graph_io.load_model(model_path), input_shapes)
     source: DataSource | None = open_source(data, input_specs(model), preprocess, ctx.seed) if data is not None else None
     held: DataSource = ArraySource({}, rows=np.arange(0))
@@ -93,6 +103,14 @@ def quantize(model_path: str | Path, target: Target, data: str | Path | None, ct
         n_hold = holdout_size(len(source)) if holdout is None else min(holdout, len(source) - 1)
         source, held = source.split(n_hold)
     ctx.data = source
+    return model, held
+
+
+def quantize(model_path: str | Path, target: Target, data: str | Path | None, ctx: PassContext,
+             input_shapes: dict[str, list[int]] | None = None, holdout: int | None = None,
+             preprocess: Path | None = None, techniques: Techniques = Techniques()) -> QuantizeResult:
+    """Quantize a model; each requested technique is kept only if it does not lower the SQNR."""
+    model, held = prepare(model_path, data, ctx, input_shapes, holdout, preprocess)
     accepted = Techniques(cle_replace_relu6=techniques.cle_replace_relu6)
     best = _run(model, target, ctx, accepted, held)
     decisions: list[Decision] = []

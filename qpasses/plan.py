@@ -6,7 +6,8 @@ realises it in the graph, and the report reads it. Nothing in it depends on the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Iterable
 
 from qpasses.calibration.qparams import QParams
 
@@ -55,7 +56,49 @@ class QuantPlan:
     calibration_samples: int = 0  # samples the activation observers saw
     ranges: dict[str, tuple] = field(default_factory=dict)  # share anchor -> (lo, hi)
     qparams: dict[str, QParams] = field(default_factory=dict)  # share anchor or weight tensor key
+    node_outputs: dict[str, str] = field(default_factory=dict)  # node -> its first output, for reports
 
     def quantizer_of(self, tensor: str) -> str:
         """The share anchor whose qparams `tensor` uses."""
         return self.activations[tensor].share or tensor
+
+    def layer_of(self) -> dict[str, str]:
+        """node -> the layer it belongs to: the head of its supergroup instance, or itself."""
+        heads = {n: g[0] for g in self.groups for n in g}
+        return {n: heads.get(n, n) for n in self.node_outputs}
+
+    def layers(self) -> list[str]:
+        """The quantized layers in graph order: a supergroup instance is one layer."""
+        layer_of = self.layer_of()
+        return list(dict.fromkeys(layer_of[n] for n in self.quantized_nodes))
+
+    def layer_output(self, layer: str) -> str:
+        """The tensor a layer's last node produces."""
+        group = next((g for g in self.groups if g[0] == layer), [layer])
+        return self.node_outputs[group[-1]]
+
+    def keep_float(self, layers: Iterable[str], why: str) -> "QuantPlan":
+        """A copy in which the named layers (whole supergroup instances) run in float.
+
+        Their weights, biases and input Q/DQ go; a tensor they produce is still quantized where a
+        quantized consumer reads it. Calibrated qparams are kept, so no re-calibration is needed."""
+        layers = set(layers)
+        if not layers:
+            return self
+        layer_of = self.layer_of()
+        is_float = lambda node: layer_of.get(node, node) in layers  # noqa: E731
+        activations = {}
+        for name, act in self.activations.items():
+            consumers = [e for e in act.consumers if not is_float(e[0])]
+            if consumers or name in self.model_outputs:
+                activations[name] = replace(act, consumers=consumers)
+        return replace(
+            self,
+            activations=activations,
+            weights=[w for w in self.weights if not is_float(w.node)],
+            biases=[b for b in self.biases if not is_float(b.node)],
+            shares={a: kept for a, ms in self.shares.items() if (kept := [m for m in ms if m in activations])},
+            fused_nodes={n: h for n, h in self.fused_nodes.items() if not is_float(n)},
+            float_nodes={**self.float_nodes, **{n: why for n in self.node_outputs if is_float(n)}},
+            quantized_nodes=[n for n in self.quantized_nodes if not is_float(n)],
+        )

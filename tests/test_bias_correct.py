@@ -6,7 +6,7 @@ import pytest
 
 from qpasses.calibration.runner import observe
 from qpasses.pass_infra import PassContext
-from qpasses.passes.bias_correct import ChannelMean
+from qpasses.calibration.stats import ChannelMoments
 from qpasses.pipeline import Techniques, quantize
 from qpasses.targets import load_target
 
@@ -19,7 +19,7 @@ def mean_errors(result, zoo_dir) -> dict[str, np.ndarray]:
     names = [n.output[0] for n in result.float_model.graph.node if n.op_type in ("Conv", "Gemm")]
     out = {}
     for model in (result.float_model, result.model):
-        means = {name: ChannelMean() for name in names}
+        means = {name: ChannelMoments() for name in names}
         observe(model, means, source, 8, quiet=True, optimize=model is result.float_model)
         out[id(model)] = {k: m.mean() for k, m in means.items()}
     ref, got = out[id(result.float_model)], out[id(result.model)]

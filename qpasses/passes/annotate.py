@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from qpasses.errors import InputError
 from qpasses.pass_infra import Pass, PassContext, QuantState
 from qpasses.plan import ActivationQuant, BiasQuant, Edge, QuantPlan, WeightQuant
 from qpasses.targets.schema import WEIGHTED_OPS, Target
@@ -112,14 +113,25 @@ class Annotate(Pass):
 
     def run(self, state: QuantState, ctx: PassContext) -> bool:
         state.plan = build_plan(state.graph, state.target)
+        if ctx.float_layers:
+            state.plan = _keep_float(state.plan, ctx.float_layers)
         state.float_model = state.model()
         return False
+
+
+def _keep_float(plan: QuantPlan, names: tuple[str, ...]) -> QuantPlan:
+    layer_of, layers = plan.layer_of(), set(plan.layers())
+    unknown = [n for n in names if layer_of.get(n) not in layers]
+    if unknown:
+        raise InputError(f"--float-layer {unknown[0]}: no quantized layer of that name (`qpass analyze` lists them)")
+    return plan.keep_float({layer_of[n] for n in names}, "kept in float on request (--float-layer)")
 
 
 def build_plan(graph: gs.Graph, target: Target) -> QuantPlan:
     plan = QuantPlan()
     groups, inner = match_supergroups(graph, target)
     plan.groups = [[n.name for n in g] for g in groups]
+    plan.node_outputs = {n.name: n.outputs[0].name for n in graph.nodes if n.outputs}
     in_group = {n.name: g[0].name for g in groups for n in g[1:]}
     edges: dict[str, list[Edge]] = {}
 

@@ -16,31 +16,15 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from qpasses.calibration.runner import observe
+from qpasses.calibration.stats import ChannelMoments
 from qpasses.pass_infra import Pass, PassContext, QuantState
 
 BIAS_OPS = ("Conv", "ConvTranspose", "Gemm")
 MAX_SAMPLES = 256
 
 
-class ChannelMean:
-    """Streaming per-channel mean over every axis but 1 (the observer protocol's `update`)."""
-
-    def __init__(self):
-        self.total: np.ndarray | None = None
-        self.count = 0
-
-    def update(self, x: np.ndarray) -> None:
-        axes = tuple(i for i in range(x.ndim) if i != 1)
-        s = x.astype(np.float64).sum(axis=axes)
-        self.total = s if self.total is None else self.total + s
-        self.count += x.size // x.shape[1]
-
-    def mean(self) -> np.ndarray:
-        return self.total / self.count
-
-
 def channel_means(model, tensors: list[str], ctx: PassContext, quantized: bool) -> dict[str, np.ndarray]:
-    means = {name: ChannelMean() for name in tensors}
+    means = {name: ChannelMoments() for name in tensors}
     limit = min(ctx.max_samples or MAX_SAMPLES, MAX_SAMPLES)
     observe(model, means, ctx.data, ctx.batch_size, limit, ctx.quiet, desc="bias correction", optimize=not quantized)
     return {name: m.mean() for name, m in means.items()}

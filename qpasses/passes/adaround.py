@@ -1,0 +1,303 @@
+"""AdaRound: learn whether each weight rounds up or down (Nagel et al. 2020; AIMET white paper sec. 4.4).
+
+Rounding every weight to the nearest grid point minimises the error of each weight, not the error
+of the layer's output. AdaRound chooses, per weight element, floor or ceil by reconstructing the
+output of one layer at a time on calibration data. With the weight quantizer (s, z, [qmin, qmax])
+broadcast on its per-channel axis:
+
+    soft weight      W~ = s * clip(floor(W / s) + h(V), qmin - z, qmax - z)
+    rectified sigm.  h(V) = clip(sigmoid(V) * (zeta - gamma) + gamma, 0, 1),  zeta = 1.1, gamma = -0.1
+    objective        min_V  E_x || W x + b - (W~ x_q + b) ||^2  +  lambda * sum(1 - |2 h(V) - 1|^beta)
+
+where x is the layer's float input, x_q the same input fake-quantized with its planned quantizer
+(when the plan quantizes it for this layer), the norm sums over output channels and the mean runs
+over samples and spatial positions (the bias cancels). V starts where h(V) = frac(W / s);
+lambda = 0.01; the regulariser is off for the first 20% of the iterations (warm-up), then beta
+anneals linearly from 20 to 2, which drives every h(V) to 0 or 1. Adam (lr 1e-3) on V only,
+minibatches of 32 samples (whole samples for a conv). The final integer is
+
+    q = clip(floor(W / s) + [h(V) >= 0.5] + z, qmin, qmax)
+
+and the constant becomes s * (q - z), a point of the grid, so that `insert-qdq`'s round-to-nearest
+reproduces q exactly. A weight already on the grid (frac = 0) keeps its value.
+
+Layer inputs come from the float model run in ONNX Runtime, in chunks of layers whose stored
+inputs stay under a byte budget (one run per chunk). Layers are independent: each sees float
+(fake-quantized) inputs, not the outputs of earlier rounded layers. Run after `calibrate`, before
+`insert-qdq`. torch is needed (imported here only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx_graphsurgeon as gs
+from tqdm import tqdm
+
+from qpasses.calibration.qparams import QParams, quantize
+from qpasses.calibration.runner import observe
+from qpasses.errors import CalibrationError, InputError
+from qpasses.pass_infra import Pass, PassContext, QuantState
+
+if TYPE_CHECKING:
+    import torch
+
+ZETA, GAMMA = 1.1, -0.1
+BYTE_BUDGET = 512 * 2**20  # stored layer inputs per ORT run
+
+
+def _torch() -> Any:
+    try:
+        import torch
+    except ImportError:
+        raise InputError("--adaround needs torch: pip install torch") from None
+    return torch
+
+
+@dataclass(frozen=True)
+class AdaRoundConfig:
+    iterations: int = 1000
+    batch_size: int = 32
+    reg_weight: float = 0.01  # lambda
+    beta: tuple[float, float] = (20.0, 2.0)  # annealed from, to
+    warmup: float = 0.2  # fraction of the iterations without the regulariser
+    lr: float = 1e-3
+
+
+@dataclass(frozen=True)
+class LinearOp:
+    """Gemm (transA = 0) or MatMul: y = alpha * x @ W, or x @ W^T when `transposed`; x is [rows, K]."""
+
+    transposed: bool = False
+    alpha: float = 1.0
+
+    def __call__(self, x: "torch.Tensor", w: "torch.Tensor") -> "torch.Tensor":
+        y = x @ (w.T if self.transposed else w)
+        return y if self.alpha == 1.0 else self.alpha * y
+
+
+@dataclass(frozen=True)
+class ConvOp:
+    """ONNX Conv without bias (auto_pad NOTSET); `pads` as in ONNX: all begins, then all ends."""
+
+    strides: tuple[int, ...]
+    pads: tuple[int, ...]
+    dilations: tuple[int, ...]
+    group: int = 1
+
+    def __call__(self, x: "torch.Tensor", w: "torch.Tensor") -> "torch.Tensor":
+        import torch.nn.functional as F
+
+        nd = w.ndim - 2
+        if any(self.pads):
+            # F.pad lists (begin, end) pairs from the last axis backwards
+            x = F.pad(x, [p for i in reversed(range(nd)) for p in (self.pads[i], self.pads[nd + i])])
+        conv = F.conv1d if nd == 1 else F.conv2d
+        return conv(x, w, stride=self.strides, dilation=self.dilations, groups=self.group)
+
+
+LayerOp = LinearOp | ConvOp
+
+
+def _on_axis(values: np.ndarray, axis: int | None, ndim: int) -> np.ndarray:
+    """Per-channel qparams shaped to broadcast against a tensor of `ndim` axes."""
+    if axis is None or values.ndim == 0:
+        return values
+    shape = [1] * ndim
+    shape[axis] = -1
+    return values.reshape(shape)
+
+
+def dequantize(q: np.ndarray, qp: QParams) -> np.ndarray:
+    """s * (q - z) in float32: the grid point QuantizeLinear maps back to q."""
+    scale = _on_axis(qp.scale.astype(np.float32), qp.axis, q.ndim)
+    zp = _on_axis(qp.zero_point.astype(np.float32), qp.axis, q.ndim)
+    return ((q.astype(np.float32) - zp) * scale).astype(np.float32)
+
+
+def fake_quantize(x: np.ndarray, qp: QParams) -> np.ndarray:
+    return dequantize(quantize(x, qp), qp)
+
+
+def adaround_weight(w: np.ndarray, qp: QParams, op: LayerOp, x: np.ndarray, x_qp: QParams | None = None,
+                    config: AdaRoundConfig = AdaRoundConfig(), seed: int = 0) -> np.ndarray:
+    """The integers q (zero point included) AdaRound chooses for weight `w` of `op`.
+
+    `x` holds float layer inputs, samples on axis 0 ([N, C, ...] for a conv, [rows, K] for a
+    linear op); `x_qp` fake-quantizes them for the rounded layer. Deterministic for a given seed."""
+    torch = _torch()
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    scale = _on_axis(qp.scale.astype(np.float64), qp.axis, w.ndim)
+    zp = _on_axis(qp.zero_point.astype(np.float64), qp.axis, w.ndim)
+    ratio = w.astype(np.float64) / scale
+    floor = np.floor(ratio)
+    frac = ratio - floor
+    movable = frac > 0  # a weight on the grid keeps its value: floor == ceil
+    p = (frac - GAMMA) / (ZETA - GAMMA)  # h(V) = frac at the start
+
+    def t(a: np.ndarray) -> "torch.Tensor":
+        return torch.as_tensor(np.asarray(a, np.float32))
+
+    s_t, floor_t, movable_t = t(scale), t(floor), t(movable)
+    lo_t, hi_t = t(np.broadcast_to(qp.qmin - zp, w.shape)), t(np.broadcast_to(qp.qmax - zp, w.shape))
+    w_t = t(w)
+    v = torch.nn.Parameter(t(np.log(p / (1 - p))))
+    optimizer = torch.optim.Adam([v], lr=config.lr)
+
+    def h() -> "torch.Tensor":
+        return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0, 1)
+
+    warm = int(config.warmup * config.iterations)
+    start, end = config.beta
+    for it in range(config.iterations):
+        rows = rng.choice(len(x), size=min(config.batch_size, len(x)), replace=False)
+        batch = x[rows]
+        with torch.no_grad():
+            target = op(t(batch), w_t)
+        soft = s_t * torch.clamp(floor_t + h() * movable_t, lo_t, hi_t)
+        out = op(t(batch if x_qp is None else fake_quantize(batch, x_qp)), soft)
+        loss = (out - target).pow(2).sum(1).mean()
+        if it >= warm:
+            beta = end + (start - end) * (1 - (it - warm) / max(config.iterations - warm, 1))
+            loss = loss + config.reg_weight * (movable_t * (1 - (2 * h() - 1).abs().pow(beta))).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        up = (h().numpy() >= 0.5) & movable
+    return np.clip(floor + up + zp, qp.qmin, qp.qmax).astype(qp.zero_point.dtype)
+
+
+@dataclass
+class _Layer:
+    node: gs.Node
+    weight: gs.Constant
+    op: LayerOp
+    input: str  # the tensor feeding input 0
+    input_qp: QParams | None
+    qp: QParams
+
+
+class _Inputs:
+    """Keeps every batch of one tensor (the observer protocol's `update`)."""
+
+    def __init__(self) -> None:
+        self.parts: list[np.ndarray] = []
+
+    def update(self, x: np.ndarray) -> None:
+        self.parts.append(x)
+
+
+def _layer_op(node: gs.Node) -> LayerOp | str:
+    """How to run `node` in torch, or why AdaRound does not handle it."""
+    weight = node.inputs[1]
+    if node.op == "Conv":
+        if node.attrs.get("auto_pad", "NOTSET") != "NOTSET":
+            return "auto_pad is not NOTSET"
+        nd = weight.values.ndim - 2
+        if nd not in (1, 2):
+            return f"only 1-D and 2-D convolutions are handled, this one is {nd}-D"
+        return ConvOp(tuple(node.attrs.get("strides", [1] * nd)), tuple(node.attrs.get("pads", [0] * 2 * nd)),
+                      tuple(node.attrs.get("dilations", [1] * nd)), int(node.attrs.get("group", 1)))
+    if node.op == "Gemm":
+        if node.attrs.get("transA", 0):
+            return "Gemm with transA = 1"
+        return LinearOp(bool(node.attrs.get("transB", 0)), float(node.attrs.get("alpha", 1.0)))
+    if node.op == "MatMul":
+        if weight.values.ndim != 2:
+            return f"MatMul weight is {weight.values.ndim}-D, not 2-D"
+        return LinearOp()
+    return f"AdaRound does not handle {node.op}"
+
+
+def _sample_bytes(tensor: gs.Tensor) -> int:
+    """Bytes of one float32 sample of `tensor`; the whole budget when its shape is unknown."""
+    dims = list(tensor.shape or [])[1:]
+    if tensor.shape is None or not all(isinstance(d, int) and d >= 0 for d in dims):
+        return BYTE_BUDGET
+    return 4 * int(np.prod(dims))
+
+
+def _chunks(layers: list[_Layer], tensors: dict[str, gs.Tensor], samples: int) -> list[list[_Layer]]:
+    """Consecutive layers whose distinct inputs, `samples` each, fit the byte budget together."""
+    chunks: list[list[_Layer]] = [[]]
+    held: set[str] = set()
+    used = 0
+    for layer in layers:
+        size = 0 if layer.input in held else _sample_bytes(tensors[layer.input]) * samples
+        if chunks[-1] and used + size > BYTE_BUDGET:
+            chunks.append([])
+            held, used = set(), 0
+            size = _sample_bytes(tensors[layer.input]) * samples
+        chunks[-1].append(layer)
+        held.add(layer.input)
+        used += size
+    return [chunk for chunk in chunks if chunk]
+
+
+class AdaRound(Pass):
+    name = "adaround"
+    summary = "choose floor or ceil per weight by layer-wise output reconstruction (--adaround)"
+    requires = ("plan", "float_model")
+
+    def __init__(self, iterations: int = 1000, samples: int = 256, batch_size: int = 32):
+        self.config = AdaRoundConfig(iterations=iterations, batch_size=batch_size)
+        self.samples = samples
+
+    def run(self, state: QuantState, ctx: PassContext) -> bool:
+        _torch()
+        if ctx.data is None:
+            raise CalibrationError("--adaround needs calibration data (--data)")
+        layers, skipped = self._layers(state)
+        state.notes.extend(f"adaround: {node} skipped: {why}" for node, why in skipped)
+        limit = min(self.samples, ctx.max_samples or self.samples)
+        tensors = state.graph.tensors()
+        changed = False
+        with tqdm(total=len(layers), desc="adaround", unit="layer", disable=True if ctx.quiet else None, leave=False) as bar:
+            index = 0
+            for chunk in _chunks(layers, tensors, limit):
+                inputs = {layer.input: _Inputs() for layer in chunk}
+                observe(state.float_model, inputs, ctx.data, ctx.batch_size, limit, ctx.quiet, desc="adaround inputs")
+                for layer in chunk:
+                    x = np.concatenate(inputs[layer.input].parts)
+                    if isinstance(layer.op, LinearOp):
+                        x = x.reshape(-1, x.shape[-1])  # MatMul over [..., K]: every row is a sample
+                    w = layer.weight.values
+                    q = adaround_weight(w, layer.qp, layer.op, x, layer.input_qp, self.config, ctx.seed + index)
+                    layer.weight.values = dequantize(q, layer.qp)
+                    changed |= not np.array_equal(layer.weight.values, w)
+                    index += 1
+                    bar.update(1)
+        state.notes.append(f"adaround: {len(layers)} layer(s) optimised, {len(skipped)} skipped")
+        return changed
+
+    def _layers(self, state: QuantState) -> tuple[list[_Layer], list[tuple[str, str]]]:
+        plan = state.plan
+        nodes = {n.name: n for n in state.graph.nodes}
+        layers: list[_Layer] = []
+        skipped: list[tuple[str, str]] = []
+        first_user: dict[str, str] = {}
+        for wq in plan.weights:
+            node = nodes[wq.node]
+            weight, x = node.inputs[wq.input_index], node.inputs[0]
+            op = "the weight is not a float32 constant at input 1"
+            if wq.input_index == 1 and isinstance(weight, gs.Constant) and weight.values.dtype == np.float32:
+                op = _layer_op(node)
+            if isinstance(op, str):
+                why = op
+            elif not isinstance(x, gs.Variable) or x.dtype is None or np.dtype(x.dtype) != np.float32:
+                why = "input 0 is not a float32 activation"
+            elif wq.tensor in first_user:
+                why = f"the weight is shared with {first_user[wq.tensor]}, optimised for that node"
+            else:
+                act = plan.activations.get(x.name)
+                quantized = act is not None and (node.name, 0) in act.consumers
+                x_qp = plan.qparams[plan.quantizer_of(x.name)] if quantized else None
+                layers.append(_Layer(node, weight, op, x.name, x_qp, plan.qparams[wq.tensor]))
+                first_user[wq.tensor] = node.name
+                continue
+            skipped.append((node.name, why))
+        return layers, skipped

@@ -1,0 +1,92 @@
+"""`qpass analyze`: per-layer sensitivity, tensor summaries, and fallback to float until a goal holds."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import EXAMPLE
+from test_cli import assert_one_line_error, qpass
+from qpasses.analyze import Goal, analyze
+from qpasses.calibration.stats import TensorSummary
+from qpasses.calibration.data import InputSpec, open_source
+from qpasses.pass_infra import PassContext
+from qpasses.pipeline import output_sqnr
+from qpasses.targets import load_target
+
+
+@pytest.fixture(scope="module")
+def example_analysis():
+    return analyze(EXAMPLE / "model.onnx", load_target("tvm-arm"), EXAMPLE / "calib.npz", PassContext(quiet=True),
+                   eval_data=EXAMPLE / "eval.npz", goal=Goal(min_sqnr=34.0, max_drop=0.0))
+
+
+def test_fallback_keeps_the_most_harmful_layers_until_the_goal_holds(example_analysis):
+    analysis, model = example_analysis
+    assert analysis.metric == "top-1 accuracy vs labels" and analysis.evaluation_samples == 497
+    assert analysis.quantized.sqnr_db < 34.0 <= analysis.fallback_score.sqnr_db and analysis.goal_met
+    ranked = [r.layer for r in sorted(analysis.layers, key=lambda r: -r.all_but_db)]
+    assert analysis.fallback == ranked[:len(analysis.fallback)]
+    # the returned model is what the report describes: measured again, independently
+    eval_data = open_source(EXAMPLE / "eval.npz", [InputSpec("input", ("N", 1, 8, 8), np.dtype(np.float32))])
+    float_model = onnx.load(EXAMPLE / "model.onnx")
+    db = min(output_sqnr(float_model, model, eval_data, 64).values())
+    assert db == pytest.approx(analysis.fallback_score.sqnr_db, abs=1e-3)
+    for layer in analysis.fallback:  # their weights reach the conv unquantized
+        conv = next(n for n in model.graph.node if n.name == layer)
+        assert not conv.input[1].endswith(".dq")
+
+
+def test_sensitivity_of_each_layer_is_measured(example_analysis):
+    analysis, _ = example_analysis
+    assert len(analysis.layers) == 13 and len({r.layer for r in analysis.layers}) == 13
+    full = analysis.quantized.sqnr_db
+    for r in analysis.layers:
+        assert np.isfinite([r.only_db, r.all_but_db, r.output_db]).all()
+        assert r.only_db > full - 1.0  # one layer's noise alone is (about) no worse than all of it
+    first = analysis.layers[0]
+    assert first.op_type == "Conv+Relu" and first.nodes[0] == first.layer
+
+
+def test_tensor_summary_counts_clipped_values():
+    s = TensorSummary(-1.0, 1.0)
+    s.update(np.array([-2.0, -1.0, 0.0, 0.5, 3.0]))
+    s.update(np.array([[1.0]]))
+    got = s.as_dict()
+    assert got["min"] == -2.0 and got["max"] == 3.0 and got["clipped_fraction"] == pytest.approx(2 / 6)
+    assert got["mean"] == pytest.approx(np.mean([-2, -1, 0, 0.5, 3, 1]))
+    assert got["std"] == pytest.approx(np.std([-2, -1, 0, 0.5, 3, 1]))
+
+
+def test_cli_report_table_and_unreachable_goal(tmp_path):
+    report, out = tmp_path / "a.json", tmp_path / "mixed.onnx"
+    proc = qpass("analyze", EXAMPLE / "model.onnx", "--target", "snpe", "--data", EXAMPLE / "calib.npz",
+                 "--report", report, "--fallback", "--min-sqnr", "500", "-o", out, "-q")
+    assert proc.returncode == 1 and "fallback goal not met" in proc.stderr.strip().splitlines()[-1]
+    data = json.loads(report.read_text())
+    assert data["goal_met"] is False and len(data["fallback"]) == len(data["layers"])
+    assert float(data["fallback_score"]["sqnr_db"]) > 100 and out.exists()  # all float: exact up to float re-association
+    assert "only dB" in proc.stdout and "fallback: goal NOT met" in proc.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--fallback"], "--fallback needs a goal"),
+    (["--min-sqnr", "30"], "go with --fallback"),
+    (["--fallback", "--max-drop", "1", "--eval-data", "EVAL_NOLABEL"], None),
+])
+def test_cli_bad_options(tmp_path, args, message):
+    args = [str(tmp_path / "x.npz") if a == "EVAL_NOLABEL" else a for a in args]
+    if message is None:  # --max-drop works without labels too: agreement with the float model
+        np.savez(tmp_path / "x.npz", input=np.load(EXAMPLE / "eval.npz")["input"][:64])
+        proc = qpass("analyze", EXAMPLE / "model.onnx", "--data", EXAMPLE / "calib.npz", *args, "-o", tmp_path / "m.onnx", "-q")
+        assert proc.returncode == 0 and "agreement with the float model" in proc.stdout, proc.stderr
+        return
+    assert_one_line_error(qpass("analyze", EXAMPLE / "model.onnx", "--data", EXAMPLE / "calib.npz", *args), 2, message)
+
+
+def test_quantize_unknown_float_layer_is_one_line():
+    proc = qpass("quantize", EXAMPLE / "model.onnx", "--data", EXAMPLE / "calib.npz", "--float-layer", "nope", "-o", "/tmp/x.onnx")
+    assert_one_line_error(proc, 2, "--float-layer nope")
