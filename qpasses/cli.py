@@ -93,8 +93,13 @@ def _output_path(model: Path, output: Path | None, suffix: str) -> Path:
 @click.option("--output", "-o", type=click.Path(path_type=Path), help="Output path [default: MODEL.<target>.int8.onnx].")
 @click.option("--cle", is_flag=True, help="Cross-layer equalization (kept only if it does not lower the output SQNR).")
 @click.option("--cle-replace-relu6", is_flag=True, help="Let --cle turn ReLU6 into ReLU to equalize across it.")
+@click.option("--bn-recal", is_flag=True, help="BatchNorm re-calibration of folded layers (kept only if it helps).")
 @click.option("--bias-correction", is_flag=True, help="Empirical bias correction (kept only if it helps).")
-def quantize(model: Path, output: Path | None, cle: bool, cle_replace_relu6: bool, bias_correction: bool, **opts) -> None:
+@click.option("--adaround", is_flag=True, help="AdaRound weight rounding, needs torch (kept only if it helps).")
+@click.option("--adaround-iters", default=1000, show_default=True, type=click.IntRange(min=1),
+              help="AdaRound optimisation steps per layer.")
+def quantize(model: Path, output: Path | None, cle: bool, cle_replace_relu6: bool, bn_recal: bool,
+             bias_correction: bool, adaround: bool, adaround_iters: int, **opts) -> None:
     """Quantize MODEL for a target and write a Q/DQ ONNX model.
 
     \b
@@ -103,7 +108,8 @@ def quantize(model: Path, output: Path | None, cle: bool, cle_replace_relu6: boo
     """
     target, ctx = _setup(opts)
     output = _output_path(model, output, f"{target.name}.int8")
-    techniques = Techniques(cle=cle, cle_replace_relu6=cle_replace_relu6, bias_correction=bias_correction)
+    techniques = Techniques(cle=cle, cle_replace_relu6=cle_replace_relu6, bn_recal=bn_recal, bias_correction=bias_correction,
+                            adaround=adaround, adaround_iterations=adaround_iters)
     result = run_quantize(model, target, opts["data"], ctx, graph_io.parse_input_shapes(opts["input_shape"]),
                           opts["holdout"], opts["preprocess"], techniques)
     graph_io.save_model(result.model, output)

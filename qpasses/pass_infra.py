@@ -7,6 +7,7 @@ needs; a failure is re-raised as an error naming the pass).
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -33,6 +34,11 @@ class QuantState:
     float_model: onnx.ModelProto | None = None  # the float graph the plan refers to (set by annotate)
     bn_records: dict[str, dict[str, Any]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+
+    def snapshot(self) -> "QuantState":
+        """A copy later passes cannot disturb (passes replace constant values, never edit them in place)."""
+        return QuantState(self.graph.copy(), self.target, copy.deepcopy(self.plan), self.float_model,
+                          copy.deepcopy(self.bn_records), list(self.notes))
 
     def model(self) -> onnx.ModelProto:
         """The current graph as a ModelProto (for ONNX Runtime and the checker)."""

@@ -20,15 +20,20 @@ from qpasses.targets.schema import Target
 from . import graph as graph_io
 from .pass_infra import Pass, PassContext, PassResult, QuantState, Sequential
 from .passes.annotate import Annotate
+from .passes.adaround import AdaRound
 from .passes.bias_correct import BiasCorrect
+from .passes.bn_recalibrate import BNRecalibrate
 from .passes.calibrate import Calibrate
 from .passes.equalize import Equalize
 from .passes.fold_batchnorm import FoldBatchNorm
 from .passes.insert_qdq import InsertQDQ
 from .plan import QuantPlan
 
-ALL_PASSES: tuple[type[Pass], ...] = (FoldBatchNorm, Equalize, Annotate, Calibrate, InsertQDQ, BiasCorrect)
-TECHNIQUES = {"cle": Equalize.name, "bias_correction": BiasCorrect.name}  # technique -> its pass, tried in order
+ALL_PASSES: tuple[type[Pass], ...] = (FoldBatchNorm, Equalize, Annotate, Calibrate, BNRecalibrate, AdaRound,
+                                       InsertQDQ, BiasCorrect)
+# technique -> its pass, tried in this order: cheap first, AdaRound (the slow one) last, so it runs once
+TECHNIQUES = {"cle": Equalize.name, "bn_recal": BNRecalibrate.name, "bias_correction": BiasCorrect.name,
+              "adaround": AdaRound.name}
 
 
 @dataclass(frozen=True)
@@ -37,7 +42,10 @@ class Techniques:
 
     cle: bool = False
     cle_replace_relu6: bool = False
+    bn_recal: bool = False
     bias_correction: bool = False
+    adaround: bool = False
+    adaround_iterations: int = 1000
 
 
 @dataclass(frozen=True)
@@ -56,7 +64,12 @@ def build_pipeline(target: Target, techniques: Techniques = Techniques(), stop_a
     passes: list[Pass] = [FoldBatchNorm()] if target.fold_batchnorm else []
     if techniques.cle:
         passes.append(Equalize(replace_relu6=techniques.cle_replace_relu6))
-    passes += [Annotate(), Calibrate(), InsertQDQ()]
+    passes += [Annotate(), Calibrate()]
+    if techniques.bn_recal:
+        passes.append(BNRecalibrate())
+    if techniques.adaround:
+        passes.append(AdaRound(iterations=techniques.adaround_iterations))
+    passes.append(InsertQDQ())
     if techniques.bias_correction:
         passes.append(BiasCorrect())
     names = [p.name for p in passes]
@@ -111,15 +124,17 @@ def quantize(model_path: str | Path, target: Target, data: str | Path | None, ct
              preprocess: Path | None = None, techniques: Techniques = Techniques()) -> QuantizeResult:
     """Quantize a model; each requested technique is kept only if it does not lower the SQNR."""
     model, held = prepare(model_path, data, ctx, input_shapes, holdout, preprocess)
-    accepted = Techniques(cle_replace_relu6=techniques.cle_replace_relu6)
-    best = _run(model, target, ctx, accepted, held)
+    accepted = Techniques(cle_replace_relu6=techniques.cle_replace_relu6,
+                          adaround_iterations=techniques.adaround_iterations)
+    snapshots: dict[tuple[str, ...], tuple[QuantState, list[PassResult]]] = {}
+    best = _run(model, target, ctx, accepted, held, snapshots)
     decisions: list[Decision] = []
     why: list[str] = []
     for name, pass_name in TECHNIQUES.items():
         if not getattr(techniques, name):
             continue
         candidate = replace(accepted, **{name: True})
-        trial = _run(model, target, ctx, candidate, held)
+        trial = _run(model, target, ctx, candidate, held, snapshots)
         applied = any(r.name == pass_name and r.modified for r in trial.passes)
         kept = applied and (not len(held) or trial.score_db >= best.score_db)
         decisions.append(Decision(name, applied, best.score_db, trial.score_db, kept))
@@ -132,10 +147,21 @@ def quantize(model_path: str | Path, target: Target, data: str | Path | None, ct
     return best
 
 
-def _run(model: onnx.ModelProto, target: Target, ctx: PassContext, techniques: Techniques,
-         held: DataSource) -> QuantizeResult:
-    state = QuantState(graph=gs.import_onnx(model), target=target)
-    results = build_pipeline(target, techniques)(state, ctx)
+def _run(model: onnx.ModelProto, target: Target, ctx: PassContext, techniques: Techniques, held: DataSource,
+         snapshots: dict[tuple[str, ...], tuple[QuantState, list[PassResult]]]) -> QuantizeResult:
+    """Run the pipeline; a trial resumes from the state after calibration when an earlier run got there
+    with the same passes, so trying a later technique does not calibrate again."""
+    passes = build_pipeline(target, techniques).passes
+    names = tuple(p.name for p in passes)
+    start = names.index(Calibrate.name) + 1
+    if names[:start] in snapshots:
+        saved, results = snapshots[names[:start]]
+        state, results = saved.snapshot(), list(results)
+    else:
+        state = QuantState(graph=gs.import_onnx(model), target=target)
+        results = Sequential(passes[:start])(state, ctx)
+        snapshots[names[:start]] = (state.snapshot(), list(results))
+    results += Sequential(passes[start:])(state, ctx)
     quantized = graph_io.infer_shapes(state.model())
     result = QuantizeResult(quantized, state.float_model, state, results, state.plan.calibration_samples, len(held))
     if len(held):

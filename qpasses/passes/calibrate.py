@@ -22,25 +22,36 @@ class Calibrate(Pass):
     requires = ("plan", "float_model")
 
     def run(self, state: QuantState, ctx: PassContext) -> bool:
-        plan, target = state.plan, state.target
-        tensors = {t.name: t for t in state.graph.tensors().values()}
-        if plan.activations:
-            if ctx.data is None:
-                raise CalibrationError("calibration data is required (--data: .npy/.npz, a directory, images or random)")
-            observers = {name: make_observer(ctx.calib_method, **ctx.calib_options) for name in plan.activations}
-            plan.calibration_samples = observe(state.float_model, observers, ctx.data, ctx.batch_size, ctx.max_samples, ctx.quiet)
-            for anchor, members in plan.shares.items():
-                merged = make_observer(ctx.calib_method, **ctx.calib_options)
-                for name in members:
-                    merged.merge(observers[name])
-                plan.ranges[anchor] = merged.compute_range(target.activation)
-                plan.qparams[anchor] = compute_qparams(*plan.ranges[anchor], target.activation)
-        for w in plan.weights:
-            if w.tensor in plan.qparams:
-                continue
-            quantizer = target.weight_quantizer(w.op_type)
-            observer = make_observer(ctx.weight_calib, w.axis, **ctx.calib_options)
-            observer.update(tensors[w.tensor].values)
-            plan.ranges[w.tensor] = observer.compute_range(quantizer)
-            plan.qparams[w.tensor] = compute_qparams(*plan.ranges[w.tensor], quantizer, w.axis)
+        calibrate_activations(state, ctx)
+        calibrate_weights(state, ctx)
         return False
+
+
+def calibrate_activations(state: QuantState, ctx: PassContext) -> None:
+    plan, target = state.plan, state.target
+    if not plan.activations:
+        return
+    if ctx.data is None:
+        raise CalibrationError("calibration data is required (--data: .npy/.npz, a directory, images or random)")
+    observers = {name: make_observer(ctx.calib_method, **ctx.calib_options) for name in plan.activations}
+    plan.calibration_samples = observe(state.float_model, observers, ctx.data, ctx.batch_size, ctx.max_samples, ctx.quiet)
+    for anchor, members in plan.shares.items():
+        merged = make_observer(ctx.calib_method, **ctx.calib_options)
+        for name in members:
+            merged.merge(observers[name])
+        plan.ranges[anchor] = merged.compute_range(target.activation)
+        plan.qparams[anchor] = compute_qparams(*plan.ranges[anchor], target.activation)
+
+
+def calibrate_weights(state: QuantState, ctx: PassContext) -> None:
+    """Qparams for every planned weight that has none yet (a weight read by two nodes is done once)."""
+    plan, target = state.plan, state.target
+    tensors = {t.name: t for t in state.graph.tensors().values()}
+    for w in plan.weights:
+        if w.tensor in plan.qparams:
+            continue
+        quantizer = target.weight_quantizer(w.op_type)
+        observer = make_observer(ctx.weight_calib, w.axis, **ctx.calib_options)
+        observer.update(tensors[w.tensor].values)
+        plan.ranges[w.tensor] = observer.compute_range(quantizer)
+        plan.qparams[w.tensor] = compute_qparams(*plan.ranges[w.tensor], quantizer, w.axis)

@@ -1,0 +1,119 @@
+"""BatchNorm re-calibration in folded space (MQBench app. C.3).
+
+MQBench re-estimates each BN's running statistics with the quantized network and keeps its
+affine parameters. After folding, the BN is gone, but its output is the folded layer's output y,
+which the BN made have per-channel mean beta and standard deviation |gamma| (the recorded targets
+in `state.bn_records`). So with the quantization simulated, we measure y's mean m and standard
+deviation sigma per channel on the calibration data and correct the folded layer to
+
+    y' = (y - m) * |gamma| / sigma + beta:   W' = a W,  b' = a b + beta - a m,  a = |gamma| / sigma
+
+(a per output channel). Layers are corrected level by level in graph order (a level: the layers
+with the same number of recorded layers above them), one measuring run per level, so each is
+measured behind already corrected inputs; a corrected weight gets new qparams at once, and at
+the end the activation ranges are re-derived by calibrating again. Conv and Gemm only (where
+folding put the BN); a channel constant under quantization (sigma ~ 0) is left alone.
+Run after `calibrate`, before `insert-qdq`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from qpasses.calibration.runner import observe
+from qpasses.calibration.stats import ChannelMoments
+from qpasses.pass_infra import Pass, PassContext, QuantState
+
+from .calibrate import Calibrate, calibrate_weights
+from .insert_qdq import InsertQDQ
+
+MAX_SAMPLES = 256
+
+
+def quantized_model(state: QuantState):
+    """The Q/DQ model of the current float graph and plan, leaving `state` untouched."""
+    sim = QuantState(graph=state.graph.copy(), target=state.target, plan=state.plan)
+    InsertQDQ().run(sim, PassContext(quiet=True))
+    return sim.model()
+
+
+def channel_moments(model, tensors: list[str], ctx: PassContext, quantized: bool) -> dict[str, ChannelMoments]:
+    moments = {name: ChannelMoments() for name in tensors}
+    limit = min(ctx.max_samples or MAX_SAMPLES, MAX_SAMPLES)
+    observe(model, moments, ctx.data, ctx.batch_size, limit, ctx.quiet, desc="BN statistics", optimize=not quantized)
+    return moments
+
+
+def _output_axis_scale(node: gs.Node, a: np.ndarray) -> None:
+    """W' = a W along the output-channel axis, b' = a b (the bias always exists after folding)."""
+    w, b = node.inputs[1], node.inputs[2]
+    if node.op == "Conv":
+        shape = (-1,) + (1,) * (w.values.ndim - 1)
+    else:  # Gemm: B is [N, K] with transB, else [K, N]
+        shape = (-1, 1) if node.attrs.get("transB", 0) else (1, -1)
+    w.values = (w.values * a.reshape(shape)).astype(w.values.dtype)
+    b.values = (b.values * a).astype(b.values.dtype)
+
+
+def levels(graph: gs.Graph, layers: set[str]) -> dict[str, int]:
+    """node -> how many of `layers` lie on the longest path from the inputs to it, itself included."""
+    level: dict[str, int] = {}
+    for node in graph.nodes:  # topologically sorted
+        up = max((level.get(t.inputs[0].name, 0) for t in node.inputs if isinstance(t, gs.Variable) and t.inputs), default=0)
+        level[node.name] = up + (node.name in layers)
+    return level
+
+
+class BNRecalibrate(Pass):
+    name = "bn-recal"
+    summary = "re-estimate folded BatchNorm statistics with quantization simulated (--bn-recal)"
+    requires = ("plan", "float_model")
+
+    def __init__(self, min_std: float = 1e-6):
+        self.min_std = min_std
+
+    def layers(self, state: QuantState) -> dict[str, gs.Node]:
+        """Folded-BN output tensor -> its Conv/Gemm, for the layers whose statistics are on record."""
+        producers = {n.outputs[0].name: n for n in state.graph.nodes if n.outputs}
+        planned = {w.node for w in state.plan.weights}
+        found = {}
+        for tensor, record in state.bn_records.items():
+            node = producers.get(tensor)
+            if (node is not None and node.name == record["producer"] and node.op in ("Conv", "Gemm")
+                    and node.name in planned and len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant)):
+                found[tensor] = node
+        return found
+
+    def run(self, state: QuantState, ctx: PassContext) -> bool:
+        layers = self.layers(state)
+        if not layers:
+            why = "no BatchNorm statistics on record" if not state.bn_records else "no folded Conv/Gemm layer is quantized"
+            state.notes.append(f"bn re-calibration: nothing to do ({why})")
+            return False
+        level = levels(state.graph, {n.name for n in layers.values()})
+        for depth in sorted({level[n.name] for n in layers.values()}):
+            tensors = sorted(t for t, n in layers.items() if level[n.name] == depth)
+            moments = channel_moments(quantized_model(state), tensors, ctx, quantized=True)
+            for tensor in tensors:
+                self.correct(layers[tensor], state.bn_records[tensor], moments[tensor])
+                for w in state.plan.weights:
+                    if w.node == layers[tensor].name:
+                        del state.plan.qparams[w.tensor]
+            calibrate_weights(state, ctx)
+        state.float_model = state.model()
+        state.plan.ranges.clear()
+        state.plan.qparams.clear()
+        Calibrate().run(state, ctx)
+        skipped = len(state.bn_records) - len(layers)
+        state.notes.append(f"bn re-calibration: {len(layers)} layer(s) re-estimated"
+                           + (f", {skipped} recorded BN(s) not on a quantized Conv/Gemm" if skipped else ""))
+        return True
+
+    def correct(self, node: gs.Node, record: dict, moments: ChannelMoments) -> None:
+        std = np.sqrt(moments.var())
+        ok = std > self.min_std
+        a = np.where(ok, np.abs(record["gamma"]) / np.where(ok, std, 1.0), 1.0)
+        _output_axis_scale(node, a)
+        bias = node.inputs[2]
+        bias.values = (bias.values + np.where(ok, record["beta"] - a * moments.mean(), 0.0)).astype(bias.values.dtype)
