@@ -86,3 +86,33 @@ def test_relu6_pairs_are_skipped_and_reported(tmp_path):
     replaced = folded(export(build("mobilenetv2_block"), tmp_path / "m.onnx"))
     assert Equalize(replace_relu6=True)(replaced, PassContext(quiet=True)).modified
     assert not any(n.op == "Clip" for n in replaced.graph.nodes if "block" in n.name and n.name.endswith(("2/Clip", "5/Clip")))
+
+
+def test_high_bias_is_absorbed_into_the_next_layer(tmp_path):
+    """A BN with beta >> 3|gamma| before a ReLU: c = beta - 3|gamma| moves into the 1x1 conv after it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    x = np.random.default_rng(0).standard_normal((4, *INPUT_SHAPE)).astype(np.float32)
+    with torch.no_grad():  # BN statistics chosen so that on x every output lies within beta +- 2|gamma|
+        y = model[0](torch.from_numpy(x))
+        mean = y.mean(dim=(0, 2, 3))
+        model[1].running_mean.copy_(mean)
+        model[1].running_var.copy_(((y - mean[:, None, None]).abs().amax(dim=(0, 2, 3)) / 2) ** 2)
+        model[1].weight.fill_(0.5)
+        model[1].bias.copy_(torch.linspace(4.0, 6.0, 8))
+    path = export(model, tmp_path / "hb.onnx")
+    state = folded(path)
+    relu_out = next(n for n in state.graph.nodes if n.op == "Relu").outputs[0].name
+
+    def min_over_max(s: QuantState) -> np.ndarray:
+        from qpasses.calibration.runner import with_outputs
+        y = session(with_outputs(s.model(), [relu_out]), optimize=False).run([relu_out], {"input": x})[0]
+        return y.min(axis=(0, 2, 3)) / y.max(axis=(0, 2, 3))
+
+    ratio_before, y_before = min_over_max(state), run(state, x)
+    Equalize()(state, PassContext(quiet=True))
+    # CLE scales a channel's min and max alike; only the absorption moves the ratio: c = beta - 1.5
+    # leaves outputs within 1.5 +- 1: min/max falls from 0.61..0.74 to 0.21..0.29 (measured)
+    assert np.all(min_over_max(state) < 0.5 * ratio_before)
+    np.testing.assert_allclose(run(state, x), y_before, rtol=1e-4, atol=1e-4 * np.abs(y_before).max())
+    assert any("absorbed high biases in 1" in n for n in state.notes)

@@ -7,6 +7,15 @@
     because act(x / s) = act(x) / s for s > 0 (positive homogeneity). Conv2 may be depthwise
     (its channel i is W2[i]); Conv1 may be grouped or depthwise (its channel i is W1[i]).
 
+High-bias absorption (same paper, sec. 4.1.2) follows, for pairs joined by a ReLU whose first
+conv has BatchNorm statistics on record: its output is ~ N(beta_i, gamma_i^2) per channel, so
+c_i = max(0, beta_i - 3 |gamma_i|) is (almost) always passed through the ReLU unchanged and can
+move into the next layer:
+    b1[i] -= c_i,   b2[o] += sum_{i, taps} W2[o, i, ...] c_i   (depthwise: b2[i] += c_i sum W2[i])
+which shrinks the first output's range without changing the function, except where conv2 pads
+with zeros (its border taps then see -c_i too) or the 3-sigma bound fails; the pipeline's
+keep-the-better check guards those cases.
+
 ReLU6 (Clip 0..6) is not positive-homogeneous: such a pair is skipped and reported, unless the
 pass is built with `replace_relu6=True`, which turns the Clip into a Relu first (the user's call:
 it changes the float model wherever activations exceed 6). Pairs are equalized repeatedly until
@@ -84,6 +93,26 @@ def equalize_pair(conv1: gs.Node, conv2: gs.Node) -> np.ndarray:
     return s
 
 
+def absorb_high_bias(conv1: gs.Node, conv2: gs.Node, record: dict | None) -> bool:
+    """Move c = max(0, beta - 3|gamma|) from conv1's bias into conv2's (see the module docstring)."""
+    if record is None or len(conv1.inputs) < 3 or not isinstance(conv1.inputs[2], gs.Constant):
+        return False
+    c = np.maximum(0.0, record["beta"] - 3.0 * np.abs(record["gamma"]))
+    if not np.any(c > 0):
+        return False
+    w2 = conv2.inputs[1].values.astype(np.float64)
+    depthwise = int(conv2.attrs.get("group", 1)) > 1
+    shift = c * w2.reshape(w2.shape[0], -1).sum(axis=1) if depthwise else np.einsum("oi...,i->o...", w2, c).reshape(w2.shape[0], -1).sum(axis=1)
+    b1 = conv1.inputs[2]
+    b1.values = (b1.values - c).astype(b1.values.dtype)
+    if len(conv2.inputs) > 2 and isinstance(conv2.inputs[2], gs.Constant):
+        conv2.inputs[2].values = (conv2.inputs[2].values + shift).astype(conv2.inputs[2].values.dtype)
+    else:
+        conv2.inputs[2:] = [gs.Constant(f"{conv2.name}.bias", shift.astype(conv2.inputs[1].values.dtype))]
+    record["beta"] = record["beta"] - c
+    return True
+
+
 class Equalize(Pass):
     name = "equalize"
     summary = "cross-layer equalization of conv -> (relu) -> conv weight ranges (--cle)"
@@ -96,7 +125,7 @@ class Equalize(Pass):
     def run(self, state: QuantState, ctx: PassContext) -> bool:
         graph = state.graph
         pairs, skipped = find_pairs(graph)
-        usable = []
+        usable, relu_pairs = [], []
         for conv1, conv2, act in pairs:
             if act is not None and act.op == "Clip":
                 if not self.replace_relu6:
@@ -106,6 +135,8 @@ class Equalize(Pass):
                 act.op, act.inputs = "Relu", act.inputs[:1]
                 state.notes.append(f"cle: {act.name} ReLU6 replaced by ReLU")
             usable.append((conv1, conv2))
+            if act is not None and act.op == "Relu":
+                relu_pairs.append((conv1, conv2))
         for _ in range(self.iterations):
             scales = [equalize_pair(c1, c2) for c1, c2 in usable]
             for (conv1, _), s in zip(usable, scales):
@@ -114,6 +145,7 @@ class Equalize(Pass):
                     record["beta"], record["gamma"] = record["beta"] / s, record["gamma"] / s
             if all(np.max(np.abs(np.log(s))) < self.tolerance for s in scales):
                 break
+        absorbed = sum(absorb_high_bias(c1, c2, state.bn_records.get(c1.outputs[0].name)) for c1, c2 in relu_pairs)
         state.notes.extend(f"cle: skipped {why}" for why in skipped)
-        state.notes.append(f"cle: equalized {len(usable)} conv pair(s)")
+        state.notes.append(f"cle: equalized {len(usable)} conv pair(s), absorbed high biases in {absorbed}")
         return bool(usable)
