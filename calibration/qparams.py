@@ -73,3 +73,14 @@ def _broadcast(qp: QParams, ndim: int) -> tuple[np.ndarray, np.ndarray]:
     shape = [1] * ndim
     shape[qp.axis] = -1
     return qp.scale.reshape(shape), qp.zero_point.astype(np.float32).reshape(shape)
+
+
+def dequantize(q: np.ndarray, qp: QParams) -> np.ndarray:
+    """scale * (q - zero_point) in float32, as ONNX DequantizeLinear computes it."""
+    scale, zp = _broadcast(qp, q.ndim)
+    return ((q.astype(np.float32) - zp) * scale).astype(np.float32)
+
+
+def fake_quantize(x: np.ndarray, qp: QParams) -> np.ndarray:
+    """The value a Q/DQ pair passes on: the nearest grid point, saturated."""
+    return dequantize(quantize(x, qp), qp)

@@ -94,12 +94,14 @@ def _output_path(model: Path, output: Path | None, suffix: str) -> Path:
 @click.option("--cle", is_flag=True, help="Cross-layer equalization (kept only if it does not lower the output SQNR).")
 @click.option("--cle-replace-relu6", is_flag=True, help="Let --cle turn ReLU6 into ReLU to equalize across it.")
 @click.option("--bn-recal", is_flag=True, help="BatchNorm re-calibration of folded layers (kept only if it helps).")
-@click.option("--bias-correction", is_flag=True, help="Empirical bias correction (kept only if it helps).")
+@click.option("--bias-correction", type=click.Choice(["empirical", "analytic"]), is_flag=False, flag_value="empirical",
+              help="Bias correction: empirical on calibration data, or analytic from BN statistics where on record "
+                   "(kept only if it helps) [flag alone: empirical].")
 @click.option("--adaround", is_flag=True, help="AdaRound weight rounding, needs torch (kept only if it helps).")
 @click.option("--adaround-iters", default=1000, show_default=True, type=click.IntRange(min=1),
               help="AdaRound optimisation steps per layer.")
 def quantize(model: Path, output: Path | None, cle: bool, cle_replace_relu6: bool, bn_recal: bool,
-             bias_correction: bool, adaround: bool, adaround_iters: int, **opts) -> None:
+             bias_correction: str | None, adaround: bool, adaround_iters: int, **opts) -> None:
     """Quantize MODEL for a target and write a Q/DQ ONNX model.
 
     \b

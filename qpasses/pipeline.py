@@ -43,7 +43,7 @@ class Techniques:
     cle: bool = False
     cle_replace_relu6: bool = False
     bn_recal: bool = False
-    bias_correction: bool = False
+    bias_correction: str | None = None  # "empirical" | "analytic"
     adaround: bool = False
     adaround_iterations: int = 1000
 
@@ -71,7 +71,7 @@ def build_pipeline(target: Target, techniques: Techniques = Techniques(), stop_a
         passes.append(AdaRound(iterations=techniques.adaround_iterations))
     passes.append(InsertQDQ())
     if techniques.bias_correction:
-        passes.append(BiasCorrect())
+        passes.append(BiasCorrect(techniques.bias_correction))
     names = [p.name for p in passes]
     return Sequential(passes[:names.index(stop_after) + 1] if stop_after in names else passes)
 
@@ -133,7 +133,7 @@ def quantize(model_path: str | Path, target: Target, data: str | Path | None, ct
     for name, pass_name in TECHNIQUES.items():
         if not getattr(techniques, name):
             continue
-        candidate = replace(accepted, **{name: True})
+        candidate = replace(accepted, **{name: getattr(techniques, name)})
         trial = _run(model, target, ctx, candidate, held, snapshots)
         applied = any(r.name == pass_name and r.modified for r in trial.passes)
         kept = applied and (not len(held) or trial.score_db >= best.score_db)

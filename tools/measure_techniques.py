@@ -34,8 +34,8 @@ from models import build, export  # noqa: E402
 SETTINGS = {
     "none": Techniques(),
     "cle": Techniques(cle=True, cle_replace_relu6=True),
-    "bias": Techniques(bias_correction=True),
-    "cle+bias": Techniques(cle=True, cle_replace_relu6=True, bias_correction=True),
+    "bias": Techniques(bias_correction="empirical"),
+    "cle+bias": Techniques(cle=True, cle_replace_relu6=True, bias_correction="empirical"),
 }
 
 

@@ -7,14 +7,25 @@ to the bias of channel c (a float bias directly; an int32 bias in steps of its s
 a node without bias gets one). Means are taken over the batch and spatial axes, in ONNX Runtime,
 for the float model and the current Q/DQ model (simulated op by op: the target's engine, not
 ORT's int8 kernels, is what the correction is for); two rounds let later layers see the earlier
-corrections. Run after `insert-qdq`.
+corrections.
+
+Analytic mode (Nagel et al. 2019, sec. 4.2) needs no data for a layer whose input x comes from a
+folded BatchNorm (statistics on record), directly or through a ReLU: x_i ~ N(beta_i, gamma_i^2), so
+    E[x_i] = beta_i,  or after ReLU  E[x_i] = |gamma_i| phi(beta_i / |gamma_i|) + beta_i Phi(beta_i / |gamma_i|)
+and the shift the weight error eps = W_q - W causes is E[y_q - y]_o = sum_{i, taps} eps[o, i, ...] E[x_i]
+(padding ignored), subtracted from the bias. It corrects the weight error only; the other layers
+are corrected empirically, as AIMET does. Run after `insert-qdq`.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
+from qpasses.calibration.qparams import QParams, dequantize, fake_quantize
 from qpasses.calibration.runner import observe
 from qpasses.calibration.stats import ChannelMoments
 from qpasses.pass_infra import Pass, PassContext, QuantState
@@ -32,26 +43,106 @@ def channel_means(model, tensors: list[str], ctx: PassContext, quantized: bool) 
 
 class BiasCorrect(Pass):
     name = "bias-correct"
-    summary = "empirical bias correction of conv/gemm outputs on calibration data (--bias-correction)"
+    summary = "bias correction of conv/gemm outputs, empirical or analytic from BN statistics (--bias-correction)"
     requires = ("plan", "float_model")
 
-    def __init__(self, rounds: int = 2):
+    def __init__(self, mode: str = "empirical", rounds: int = 2):
+        self.mode = mode
         self.rounds = rounds
 
     def run(self, state: QuantState, ctx: PassContext) -> bool:
         nodes = {n.name: n for n in state.graph.nodes}
-        targets = [nodes[w.node] for w in state.plan.weights if w.op_type in BIAS_OPS and w.node in nodes]
-        outputs = [n.outputs[0].name for n in targets]
-        if not targets or ctx.data is None:
-            state.notes.append("bias correction: nothing to correct" if targets else "bias correction: no conv/gemm")
+        targets = {w.node: nodes[w.node] for w in state.plan.weights if w.op_type in BIAS_OPS and w.node in nodes}
+        if not targets:
+            state.notes.append("bias correction: no conv/gemm is quantized")
             return False
-        reference = channel_means(state.float_model, outputs, ctx, quantized=False)
-        for _ in range(self.rounds):
-            current = channel_means(state.model(), outputs, ctx, quantized=True)
-            for node, name in zip(targets, outputs):
-                _add_to_bias(node, reference[name] - current[name])
-        state.notes.append(f"bias correction: corrected {len(targets)} layer(s)")
-        return True
+        analytic = analytic_shifts(state) if self.mode == "analytic" else {}
+        for name, shift in analytic.items():
+            _add_to_bias(targets.pop(name), -shift)
+        if targets and ctx.data is None:
+            state.notes.append(f"bias correction: {len(targets)} layer(s) left uncorrected: no calibration data")
+            targets = {}
+        if targets:
+            outputs = [n.outputs[0].name for n in targets.values()]
+            reference = channel_means(state.float_model, outputs, ctx, quantized=False)
+            for _ in range(self.rounds):
+                current = channel_means(state.model(), outputs, ctx, quantized=True)
+                for node, name in zip(targets.values(), outputs):
+                    _add_to_bias(node, reference[name] - current[name])
+        state.notes.append(f"bias correction: {len(analytic)} layer(s) analytic, {len(targets)} empirical")
+        return bool(analytic or targets)
+
+
+def expected_relu(mu: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    """E[max(0, x)] for x ~ N(mu, sigma^2), per channel."""
+    z = mu / np.maximum(sigma, 1e-12)
+    pdf = np.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+    cdf = 0.5 * (1 + np.array([math.erf(v / math.sqrt(2)) for v in np.ravel(z)]).reshape(z.shape))
+    return sigma * pdf + mu * cdf
+
+
+def expected_input(model: onnx.ModelProto, node: onnx.NodeProto, records: dict[str, dict]) -> np.ndarray | None:
+    """E[x] per channel of the node's input from the BatchNorm statistics on record, when known."""
+    x = node.input[0]
+    if x in records:
+        return records[x]["beta"]
+    producer = next((n for n in model.graph.node if x in n.output), None)
+    if producer is not None and producer.op_type == "Relu" and producer.input[0] in records:
+        record = records[producer.input[0]]
+        return expected_relu(record["beta"], np.abs(record["gamma"]))
+    return None
+
+
+def weight_shift(node: onnx.NodeProto, error: np.ndarray, mean_x: np.ndarray) -> np.ndarray | None:
+    """sum_{i, taps} eps[o, i, ...] E[x_i] for a Conv or Gemm; None when the shapes do not pair."""
+    if node.op_type == "Conv":
+        groups = next((a.i for a in node.attribute if a.name == "group"), 1)
+        out_ch, in_per_group = error.shape[:2]
+        if mean_x.size != groups * in_per_group:
+            return None
+        per_out = mean_x.reshape(groups, in_per_group)[np.arange(out_ch) // (out_ch // groups)]
+        return (error.reshape(out_ch, in_per_group, -1).sum(axis=2) * per_out).sum(axis=1)
+    if node.op_type == "Gemm":
+        attrs = {a.name: a for a in node.attribute}
+        if "transA" in attrs and attrs["transA"].i:
+            return None
+        alpha = attrs["alpha"].f if "alpha" in attrs else 1.0
+        b = error.T if "transB" in attrs and attrs["transB"].i else error  # [K, N]
+        return alpha * (mean_x @ b) if b.shape[0] == mean_x.size else None
+    return None
+
+
+def effective_weight(node: gs.Node) -> np.ndarray:
+    """The weight a Q/DQ graph computes with: DQ of an integer constant, or Q -> DQ of a float one."""
+    w = node.inputs[1]
+    if isinstance(w, gs.Constant):
+        return w.values
+    dq = w.inputs[0]
+    q, scale, zp = dq.inputs[:3]
+    info = np.iinfo(zp.values.dtype)
+    qp = QParams(scale.values, zp.values, int(info.min), int(info.max), dq.attrs.get("axis"))
+    return dequantize(q.values, qp) if isinstance(q, gs.Constant) else fake_quantize(q.inputs[0].inputs[0].values, qp)
+
+
+def analytic_shifts(state: QuantState) -> dict[str, np.ndarray]:
+    """Node -> the mean output shift its weight quantization causes, where the input statistics are known."""
+    model = state.float_model
+    float_nodes = {n.name: n for n in model.graph.node}
+    weights = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    graph_nodes = {n.name: n for n in state.graph.nodes}
+    shifts = {}
+    for w in state.plan.weights:
+        node = float_nodes.get(w.node)
+        if w.op_type not in ("Conv", "Gemm") or node is None or w.tensor not in weights or w.node not in graph_nodes:
+            continue
+        mean_x = expected_input(model, node, state.bn_records)
+        if mean_x is None:
+            continue
+        error = effective_weight(graph_nodes[w.node]).astype(np.float64) - weights[w.tensor]
+        shift = weight_shift(node, error, mean_x)
+        if shift is not None:
+            shifts[w.node] = shift
+    return shifts
 
 
 def _add_to_bias(node: gs.Node, delta: np.ndarray) -> None:
