@@ -144,8 +144,8 @@ def test_listing_commands():
     show = qpass("targets", "show", "tensorrt")
     assert show.returncode == 0 and "narrow range" in show.stdout and "Conv + Add" in show.stdout
     passes = qpass("passes")
-    assert [line.split()[0] for line in passes.stdout.splitlines()] == ["fold-batchnorm", "equalize", "annotate", "calibrate", "insert-qdq",
-                                                                   "bias-correct"]
+    assert [line.split()[0] for line in passes.stdout.splitlines()] == [
+        "fold-batchnorm", "equalize", "annotate", "calibrate", "bn-recal", "adaround", "insert-qdq", "bias-correct"]
     version = qpass("--version")
     assert version.returncode == 0 and "qpass" in version.stdout
 
