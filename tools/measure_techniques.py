@@ -34,9 +34,20 @@ from models import build, export  # noqa: E402
 SETTINGS = {
     "none": Techniques(),
     "cle": Techniques(cle=True, cle_replace_relu6=True),
-    "bias": Techniques(bias_correction="empirical"),
-    "cle+bias": Techniques(cle=True, cle_replace_relu6=True, bias_correction="empirical"),
+    "bn-recal": Techniques(bn_recal=True),
+    "bias (empirical)": Techniques(bias_correction="empirical"),
+    "bias (analytic)": Techniques(bias_correction="analytic"),
+    "adaround": Techniques(adaround=True),
+    "all": Techniques(cle=True, cle_replace_relu6=True, bn_recal=True, bias_correction="empirical", adaround=True),
 }
+# A user target (one file, no code): academic with 4-bit weights, where rounding choices matter.
+W4_TARGET = """extends = "academic"
+name = "academic-w4"
+summary = "academic with 4-bit per-tensor weights"
+
+[weight]
+bits = 4
+"""
 
 
 def digits_16() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -73,22 +84,24 @@ def top1(model: onnx.ModelProto, eval_path: Path, optimize: bool) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--targets", nargs="*", default=["tvm-arm", "snpe", "academic", "tensorrt", "fbgemm"])
+    parser.add_argument("--targets", nargs="*", default=["tvm-arm", "snpe", "academic", "tensorrt", "academic-w4"])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/qpass-techniques"))
     args = parser.parse_args()
     models = prepare(args.workdir)
+    (args.workdir / "academic-w4.toml").write_text(W4_TARGET)
+    targets = {t: load_target(args.workdir / f"{t}.toml" if t == "academic-w4" else t) for t in args.targets}
     print("| model | target | float | " + " | ".join(SETTINGS) + " |")
     print("|---|---|---|" + "---|" * len(SETTINGS))
     for label, (path, calib, evaluation) in models.items():
         float_acc = top1(onnx.load(path), evaluation, True)
-        for target in args.targets:
+        for name, target in targets.items():
             cells = []
             for techniques in SETTINGS.values():
-                result = quantize(path, load_target(target), calib, PassContext(quiet=True), techniques=techniques)
+                result = quantize(path, target, calib, PassContext(quiet=True), techniques=techniques)
                 kept = [d.technique for d in result.decisions if d.kept]
                 mark = "" if len(kept) == sum(d.applied for d in result.decisions) else " (kept: " + (", ".join(kept) or "none") + ")"
                 cells.append(f"{top1(result.model, evaluation, False):.1f} / {result.score_db:.1f}{mark}")
-            print(f"| {label} | {target} | {float_acc:.1f} | " + " | ".join(cells) + " |", flush=True)
+            print(f"| {label} | {name} | {float_acc:.1f} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":
