@@ -36,7 +36,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from tqdm import tqdm
 
-from qpasses.calibration.qparams import QParams, quantize
+from qpasses.calibration.qparams import QParams, dequantize, fake_quantize
 from qpasses.calibration.runner import observe
 from qpasses.errors import CalibrationError, InputError
 from qpasses.pass_infra import Pass, PassContext, QuantState
@@ -110,17 +110,6 @@ def _on_axis(values: np.ndarray, axis: int | None, ndim: int) -> np.ndarray:
     return values.reshape(shape)
 
 
-def dequantize(q: np.ndarray, qp: QParams) -> np.ndarray:
-    """s * (q - z) in float32: the grid point QuantizeLinear maps back to q."""
-    scale = _on_axis(qp.scale.astype(np.float32), qp.axis, q.ndim)
-    zp = _on_axis(qp.zero_point.astype(np.float32), qp.axis, q.ndim)
-    return ((q.astype(np.float32) - zp) * scale).astype(np.float32)
-
-
-def fake_quantize(x: np.ndarray, qp: QParams) -> np.ndarray:
-    return dequantize(quantize(x, qp), qp)
-
-
 def adaround_weight(w: np.ndarray, qp: QParams, op: LayerOp, x: np.ndarray, x_qp: QParams | None = None,
                     config: AdaRoundConfig = AdaRoundConfig(), seed: int = 0) -> np.ndarray:
     """The integers q (zero point included) AdaRound chooses for weight `w` of `op`.
@@ -128,7 +117,6 @@ def adaround_weight(w: np.ndarray, qp: QParams, op: LayerOp, x: np.ndarray, x_qp
     `x` holds float layer inputs, samples on axis 0 ([N, C, ...] for a conv, [rows, K] for a
     linear op); `x_qp` fake-quantizes them for the rounded layer. Deterministic for a given seed."""
     torch = _torch()
-    torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     scale = _on_axis(qp.scale.astype(np.float64), qp.axis, w.ndim)
     zp = _on_axis(qp.zero_point.astype(np.float64), qp.axis, w.ndim)
@@ -157,12 +145,13 @@ def adaround_weight(w: np.ndarray, qp: QParams, op: LayerOp, x: np.ndarray, x_qp
         batch = x[rows]
         with torch.no_grad():
             target = op(t(batch), w_t)
-        soft = s_t * torch.clamp(floor_t + h() * movable_t, lo_t, hi_t)
+        up = h()
+        soft = s_t * torch.clamp(floor_t + up * movable_t, lo_t, hi_t)
         out = op(t(batch if x_qp is None else fake_quantize(batch, x_qp)), soft)
         loss = (out - target).pow(2).sum(1).mean()
         if it >= warm:
             beta = end + (start - end) * (1 - (it - warm) / max(config.iterations - warm, 1))
-            loss = loss + config.reg_weight * (movable_t * (1 - (2 * h() - 1).abs().pow(beta))).sum()
+            loss = loss + config.reg_weight * (movable_t * (1 - (2 * up - 1).abs().pow(beta))).sum()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
