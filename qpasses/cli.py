@@ -233,9 +233,11 @@ def main(argv: list[str] | None = None) -> int:
         cli.main(args=argv, prog_name="qpass", standalone_mode=False)
     except click.exceptions.Exit as exc:
         return exc.exit_code
-    except click.ClickException as exc:
-        exc.show()
-        return 2
+    except click.ClickException as exc:  # usage errors too: one line, with where to find help
+        command = exc.ctx.command_path if getattr(exc, "ctx", None) is not None else "qpass"
+        hint = f" (see '{command} --help')" if isinstance(exc, click.UsageError) else ""
+        click.echo(f"qpass: error: {exc.format_message()}{hint}", err=True)
+        return exc.exit_code
     except click.Abort:
         click.echo("qpass: aborted", err=True)
         return 130
