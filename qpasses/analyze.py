@@ -63,6 +63,7 @@ class TensorReport:
     tensor: str
     quantizer: str  # the share anchor whose qparams it uses
     range: tuple[float, float]  # calibrated
+    grid: tuple[float, float]  # what the quantizer represents (wider with power-of-two scales)
     scale: float
     zero_point: int
     seen: dict[str, float]  # min, max, mean, std, clipped_fraction on the evaluation samples
@@ -188,18 +189,20 @@ def _meets(score: Score, float_top1: float | None, goal: Goal) -> bool:
 
 
 def _tensor_reports(plan: QuantPlan, float_model: onnx.ModelProto, held: DataSource, ctx: PassContext) -> list[TensorReport]:
-    summaries = {}
+    grids, summaries = {}, {}
     for name, act in plan.activations.items():
         qp = plan.qparams[act.share]
         scale, zp = float(qp.scale), int(qp.zero_point)
-        summaries[name] = TensorSummary((qp.qmin - zp) * scale, (qp.qmax - zp) * scale)
+        grids[name] = ((qp.qmin - zp) * scale, (qp.qmax - zp) * scale)
+        # a value saturates when it rounds past qmin/qmax, i.e. lies more than half a step outside
+        summaries[name] = TensorSummary(grids[name][0] - scale / 2, grids[name][1] + scale / 2)
     observe(float_model, summaries, held, ctx.batch_size, quiet=True, desc="tensor summary")
     reports = []
     for name, act in plan.activations.items():
         qp = plan.qparams[act.share]
         lo, hi = plan.ranges[act.share]
-        reports.append(TensorReport(name, act.share, (float(lo), float(hi)), float(qp.scale), int(qp.zero_point),
-                                    summaries[name].as_dict()))
+        reports.append(TensorReport(name, act.share, (float(lo), float(hi)), grids[name], float(qp.scale),
+                                    int(qp.zero_point), summaries[name].as_dict()))
     return reports
 
 
@@ -228,9 +231,10 @@ def format_analysis(a: Analysis, tensors_shown: int = 10) -> str:
     for r in a.layers:
         lines.append(f"{r.layer[:32]:32s} {r.op_type[:18]:18s} {r.only_db:8.1f} {r.all_but_db:10.1f} {r.output_db:9.1f}")
     clipped = sorted(a.tensors, key=lambda t: -t.seen["clipped_fraction"])[:tensors_shown]
-    lines += ["", f"{'tensor (most clipped first)':32s} {'calibrated range':>22s} {'seen range':>22s} {'clipped':>8s}"]
+    lines += ["", f"{'tensor (most clipped first)':32s} {'calibrated range':>22s} {'quantizer grid':>22s} "
+                  f"{'seen range':>22s} {'clipped':>8s}"]
     for t in clipped:
-        lines.append(f"{t.tensor[:32]:32s} {t.range[0]:10.4g}..{t.range[1]:<10.4g} "
+        lines.append(f"{t.tensor[:32]:32s} {t.range[0]:10.4g}..{t.range[1]:<10.4g} {t.grid[0]:10.4g}..{t.grid[1]:<10.4g} "
                      f"{t.seen['min']:10.4g}..{t.seen['max']:<10.4g} {100 * t.seen['clipped_fraction']:7.2g}%")
     if a.goal is not None:
         lines.append("")

@@ -49,6 +49,9 @@ def test_sensitivity_of_each_layer_is_measured(example_analysis):
         assert r.only_db > full - 1.0  # one layer's noise alone is (about) no worse than all of it
     first = analysis.layers[0]
     assert first.op_type == "Conv+Relu" and first.nodes[0] == first.layer
+    for t in analysis.tensors:  # the grid's edges themselves do not clip; beyond them something does
+        inside = t.grid[0] <= t.seen["min"] and t.seen["max"] <= t.grid[1]
+        assert (t.seen["clipped_fraction"] == 0) == inside, t
 
 
 def test_tensor_summary_counts_clipped_values():
@@ -90,3 +93,11 @@ def test_cli_bad_options(tmp_path, args, message):
 def test_quantize_unknown_float_layer_is_one_line():
     proc = qpass("quantize", EXAMPLE / "model.onnx", "--data", EXAMPLE / "calib.npz", "--float-layer", "nope", "-o", "/tmp/x.onnx")
     assert_one_line_error(proc, 2, "--float-layer nope")
+
+
+def test_a_value_on_the_grid_edge_is_not_clipped():
+    """academic: the input's range is [-1, 1] = its grid; values at 1.0 round to qmax, they do not clip."""
+    analysis, _ = analyze(EXAMPLE / "model.onnx", load_target("academic"), EXAMPLE / "calib.npz", PassContext(quiet=True))
+    first = analysis.tensors[0]
+    assert first.tensor == "input" and first.seen["max"] == pytest.approx(first.grid[1], rel=1e-6)
+    assert first.seen["clipped_fraction"] == 0
