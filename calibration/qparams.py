@@ -67,12 +67,17 @@ def quantize(x: np.ndarray, qp: QParams) -> np.ndarray:
     return np.asarray(np.clip(q, qp.qmin, qp.qmax)).astype(qp.zero_point.dtype)
 
 
-def _broadcast(qp: QParams, ndim: int) -> tuple[np.ndarray, np.ndarray]:
-    if qp.axis is None or qp.scale.ndim == 0:
-        return qp.scale, qp.zero_point.astype(np.float32)
+def on_axis(values: np.ndarray, axis: int | None, ndim: int) -> np.ndarray:
+    """Per-channel values shaped to broadcast along `axis` of a tensor with `ndim` axes."""
+    if axis is None or values.ndim == 0:
+        return values
     shape = [1] * ndim
-    shape[qp.axis] = -1
-    return qp.scale.reshape(shape), qp.zero_point.astype(np.float32).reshape(shape)
+    shape[axis] = -1
+    return values.reshape(shape)
+
+
+def _broadcast(qp: QParams, ndim: int) -> tuple[np.ndarray, np.ndarray]:
+    return on_axis(qp.scale, qp.axis, ndim), on_axis(qp.zero_point.astype(np.float32), qp.axis, ndim)
 
 
 def dequantize(q: np.ndarray, qp: QParams) -> np.ndarray:

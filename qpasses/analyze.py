@@ -31,7 +31,8 @@ from qpasses.errors import InputError
 from qpasses.targets.schema import Target
 
 from .pass_infra import PassContext, QuantState
-from .pipeline import build_pipeline, prepare, realize, sqnr
+from .passes.insert_qdq import realize
+from .pipeline import build_pipeline, prepare, sqnr, sqnr_db
 from .plan import QuantPlan
 
 
@@ -125,8 +126,7 @@ def tensor_sqnr(reference: onnx.ModelProto, candidate: onnx.ModelProto, names: l
             r = r.astype(np.float64)
             signal[i] += float(np.sum(r * r))
             noise[i] += float(np.sum((r - g) ** 2))
-    return {n: (float("inf") if e == 0 else 10 * np.log10(s / e) if s > 0 else float("-inf"))
-            for n, s, e in zip(names, signal, noise)}
+    return {n: sqnr_db(float(s), float(e)) for n, s, e in zip(names, signal, noise)}
 
 
 def analyze(model_path: str | Path, target: Target, data: str | Path, ctx: PassContext,

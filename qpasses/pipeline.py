@@ -27,7 +27,6 @@ from .passes.calibrate import Calibrate
 from .passes.equalize import Equalize
 from .passes.fold_batchnorm import FoldBatchNorm
 from .passes.insert_qdq import InsertQDQ
-from .plan import QuantPlan
 
 ALL_PASSES: tuple[type[Pass], ...] = (FoldBatchNorm, Equalize, Annotate, Calibrate, BNRecalibrate, AdaRound,
                                        InsertQDQ, BiasCorrect)
@@ -74,13 +73,6 @@ def build_pipeline(target: Target, techniques: Techniques = Techniques(), stop_a
         passes.append(BiasCorrect(techniques.bias_correction))
     names = [p.name for p in passes]
     return Sequential(passes[:names.index(stop_after) + 1] if stop_after in names else passes)
-
-
-def realize(float_model: onnx.ModelProto, target: Target, plan: QuantPlan) -> onnx.ModelProto:
-    """The Q/DQ model for a calibrated plan, e.g. one with some layers kept in float."""
-    state = QuantState(graph=gs.import_onnx(float_model), target=target, plan=plan)
-    InsertQDQ()(state, PassContext(quiet=True))
-    return graph_io.infer_shapes(state.model())
 
 
 @dataclass
@@ -178,8 +170,12 @@ def output_sqnr(reference: onnx.ModelProto, candidate: onnx.ModelProto, data: Da
 
 
 def sqnr(reference: np.ndarray, candidate: np.ndarray) -> float:
-    signal = float(np.sum(reference.astype(np.float64) ** 2))
-    noise = float(np.sum((reference.astype(np.float64) - candidate) ** 2))
+    reference = reference.astype(np.float64)
+    return sqnr_db(float(np.sum(reference ** 2)), float(np.sum((reference - candidate) ** 2)))
+
+
+def sqnr_db(signal: float, noise: float) -> float:
+    """10 log10(signal / noise): inf for no noise, -inf for no signal."""
     if noise == 0.0:
         return float("inf")
-    return 10.0 * np.log10(signal / noise) if signal > 0 else float("-inf")
+    return 10.0 * float(np.log10(signal / noise)) if signal > 0 else float("-inf")

@@ -11,7 +11,9 @@ from torch import nn
 
 from qpasses.calibration.data import InputSpec, open_source
 from qpasses.pass_infra import PassContext, QuantState
-from qpasses.passes.bn_recalibrate import BNRecalibrate, channel_moments, quantized_model
+from qpasses.passes.bias_correct import channel_moments
+from qpasses.passes.bn_recalibrate import BNRecalibrate
+from qpasses.passes.insert_qdq import realize
 from qpasses.pipeline import Techniques, build_pipeline, quantize
 from qpasses.targets import load_target
 
@@ -19,7 +21,7 @@ from qpasses.targets import load_target
 def statistics_error(state: QuantState, ctx: PassContext) -> tuple[float, float]:
     """Worst |mean - beta| / |gamma| and worst |std / |gamma| - 1| over the recorded channels."""
     names = sorted(state.bn_records)
-    moments = channel_moments(quantized_model(state), names, ctx, quantized=True)
+    moments = channel_moments(realize(state.model(), state.target, state.plan), names, ctx, quantized=True)
     mean_err = std_err = 0.0
     for name in names:
         gamma, beta = np.abs(state.bn_records[name]["gamma"]), state.bn_records[name]["beta"]

@@ -11,7 +11,8 @@ from conftest import TARGETS
 from qpasses.calibration.data import InputSpec, open_source
 from qpasses.calibration.runner import run_outputs
 from qpasses.pass_infra import PassContext, QuantState
-from qpasses.pipeline import build_pipeline, realize
+from qpasses.passes.insert_qdq import realize
+from qpasses.pipeline import build_pipeline
 from qpasses.targets import load_target
 
 

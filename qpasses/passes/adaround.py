@@ -36,7 +36,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from tqdm import tqdm
 
-from qpasses.calibration.qparams import QParams, dequantize, fake_quantize
+from qpasses.calibration.qparams import QParams, dequantize, fake_quantize, on_axis
 from qpasses.calibration.runner import observe
 from qpasses.errors import CalibrationError, InputError
 from qpasses.pass_infra import Pass, PassContext, QuantState
@@ -101,15 +101,6 @@ class ConvOp:
 LayerOp = LinearOp | ConvOp
 
 
-def _on_axis(values: np.ndarray, axis: int | None, ndim: int) -> np.ndarray:
-    """Per-channel qparams shaped to broadcast against a tensor of `ndim` axes."""
-    if axis is None or values.ndim == 0:
-        return values
-    shape = [1] * ndim
-    shape[axis] = -1
-    return values.reshape(shape)
-
-
 def adaround_weight(w: np.ndarray, qp: QParams, op: LayerOp, x: np.ndarray, x_qp: QParams | None = None,
                     config: AdaRoundConfig = AdaRoundConfig(), seed: int = 0) -> np.ndarray:
     """The integers q (zero point included) AdaRound chooses for weight `w` of `op`.
@@ -118,8 +109,8 @@ def adaround_weight(w: np.ndarray, qp: QParams, op: LayerOp, x: np.ndarray, x_qp
     linear op); `x_qp` fake-quantizes them for the rounded layer. Deterministic for a given seed."""
     torch = _torch()
     rng = np.random.default_rng(seed)
-    scale = _on_axis(qp.scale.astype(np.float64), qp.axis, w.ndim)
-    zp = _on_axis(qp.zero_point.astype(np.float64), qp.axis, w.ndim)
+    scale = on_axis(qp.scale.astype(np.float64), qp.axis, w.ndim)
+    zp = on_axis(qp.zero_point.astype(np.float64), qp.axis, w.ndim)
     ratio = w.astype(np.float64) / scale
     floor = np.floor(ratio)
     frac = ratio - floor

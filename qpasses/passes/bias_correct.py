@@ -34,11 +34,18 @@ BIAS_OPS = ("Conv", "ConvTranspose", "Gemm")
 MAX_SAMPLES = 256
 
 
-def channel_means(model, tensors: list[str], ctx: PassContext, quantized: bool) -> dict[str, np.ndarray]:
-    means = {name: ChannelMoments() for name in tensors}
+def channel_moments(model: onnx.ModelProto, tensors: list[str], ctx: PassContext, quantized: bool,
+                    desc: str = "bias correction") -> dict[str, ChannelMoments]:
+    """Per-channel moments of the named tensors on (at most MAX_SAMPLES of) the calibration data;
+    a Q/DQ model (`quantized`) is simulated op by op."""
+    moments = {name: ChannelMoments() for name in tensors}
     limit = min(ctx.max_samples or MAX_SAMPLES, MAX_SAMPLES)
-    observe(model, means, ctx.data, ctx.batch_size, limit, ctx.quiet, desc="bias correction", optimize=not quantized)
-    return {name: m.mean() for name, m in means.items()}
+    observe(model, moments, ctx.data, ctx.batch_size, limit, ctx.quiet, desc=desc, optimize=not quantized)
+    return moments
+
+
+def channel_means(model: onnx.ModelProto, tensors: list[str], ctx: PassContext, quantized: bool) -> dict[str, np.ndarray]:
+    return {name: m.mean() for name, m in channel_moments(model, tensors, ctx, quantized).items()}
 
 
 class BiasCorrect(Pass):

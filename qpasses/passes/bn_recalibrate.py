@@ -21,29 +21,12 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qpasses.calibration.runner import observe
 from qpasses.calibration.stats import ChannelMoments
 from qpasses.pass_infra import Pass, PassContext, QuantState
 
 from .calibrate import Calibrate, calibrate_weights
-from .insert_qdq import InsertQDQ
-
-MAX_SAMPLES = 256
-
-
-def quantized_model(state: QuantState):
-    """The Q/DQ model of the current float graph and plan, leaving `state` untouched."""
-    sim = QuantState(graph=state.graph.copy(), target=state.target, plan=state.plan)
-    InsertQDQ().run(sim, PassContext(quiet=True))
-    return sim.model()
-
-
-def channel_moments(model, tensors: list[str], ctx: PassContext, quantized: bool) -> dict[str, ChannelMoments]:
-    moments = {name: ChannelMoments() for name in tensors}
-    limit = min(ctx.max_samples or MAX_SAMPLES, MAX_SAMPLES)
-    observe(model, moments, ctx.data, ctx.batch_size, limit, ctx.quiet, desc="BN statistics", optimize=not quantized)
-    return moments
-
+from .bias_correct import channel_moments
+from .insert_qdq import realize
 
 def _output_axis_scale(node: gs.Node, a: np.ndarray) -> None:
     """W' = a W along the output-channel axis, b' = a b (the bias always exists after folding)."""
@@ -94,7 +77,8 @@ class BNRecalibrate(Pass):
         level = levels(state.graph, {n.name for n in layers.values()})
         for depth in sorted({level[n.name] for n in layers.values()}):
             tensors = sorted(t for t, n in layers.items() if level[n.name] == depth)
-            moments = channel_moments(quantized_model(state), tensors, ctx, quantized=True)
+            simulated = realize(state.model(), state.target, state.plan)
+            moments = channel_moments(simulated, tensors, ctx, quantized=True, desc="BN statistics")
             for tensor in tensors:
                 self.correct(layers[tensor], state.bn_records[tensor], moments[tensor])
                 for w in state.plan.weights:

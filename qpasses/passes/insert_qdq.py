@@ -14,10 +14,14 @@ Run after `calibrate`.
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
-from qpasses.calibration.qparams import QParams, quantize
+from qpasses import graph as graph_io
+from qpasses.calibration.qparams import QParams, on_axis, quantize
 from qpasses.pass_infra import Pass, PassContext, QuantState
+from qpasses.plan import QuantPlan
+from qpasses.targets.schema import Target
 
 INT32 = np.iinfo(np.int32)
 
@@ -83,12 +87,16 @@ class InsertQDQ(Pass):
         return True
 
 
+def realize(float_model: onnx.ModelProto, target: Target, plan: QuantPlan) -> onnx.ModelProto:
+    """The Q/DQ model of a float model and a calibrated plan (e.g. one with layers kept in float)."""
+    state = QuantState(graph=gs.import_onnx(float_model), target=target, plan=plan)
+    InsertQDQ().run(state, PassContext(quiet=True))
+    return graph_io.infer_shapes(state.model())
+
+
 def _clip(w: np.ndarray, qp: QParams) -> np.ndarray:
-    scale, zp = qp.scale.astype(np.float64), qp.zero_point.astype(np.float64)
-    if qp.axis is not None and scale.ndim == 1:
-        shape = [1] * w.ndim
-        shape[qp.axis] = -1
-        scale, zp = scale.reshape(shape), zp.reshape(shape)
+    scale = on_axis(qp.scale.astype(np.float64), qp.axis, w.ndim)
+    zp = on_axis(qp.zero_point.astype(np.float64), qp.axis, w.ndim)
     return np.clip(w, (qp.qmin - zp) * scale, (qp.qmax - zp) * scale).astype(w.dtype)
 
 
