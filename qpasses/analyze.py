@@ -34,6 +34,7 @@ from .pass_infra import PassContext, QuantState
 from .passes.insert_qdq import realize
 from .pipeline import build_pipeline, prepare, sqnr, sqnr_db
 from .plan import QuantPlan
+from .report import json_safe
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ class Analysis:
     goal_met: bool | None = None
 
     def to_json(self) -> dict:
-        return _finite(asdict(self))
+        return json_safe(asdict(self))
 
 
 class Evaluator:
@@ -204,19 +205,6 @@ def _tensor_reports(plan: QuantPlan, float_model: onnx.ModelProto, held: DataSou
         reports.append(TensorReport(name, act.share, (float(lo), float(hi)), grids[name], float(qp.scale),
                                     int(qp.zero_point), summaries[name].as_dict()))
     return reports
-
-
-def _finite(value):
-    """JSON has no inf/nan: write them as strings a reader can still parse with float()."""
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not np.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
 def format_analysis(a: Analysis, tensors_shown: int = 10) -> str:

@@ -23,6 +23,7 @@ from . import graph as graph_io
 from .analyze import Goal, analyze as run_analyze, format_analysis
 from .pass_infra import PassContext
 from .pipeline import ALL_PASSES, Techniques, quantize as run_quantize
+from .report import dumps, quantize_report
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -100,8 +101,10 @@ def _output_path(model: Path, output: Path | None, suffix: str) -> Path:
 @click.option("--adaround", is_flag=True, help="AdaRound weight rounding, needs torch (kept only if it helps).")
 @click.option("--adaround-iters", default=1000, show_default=True, type=click.IntRange(min=1),
               help="AdaRound optimisation steps per layer.")
+@click.option("--report", type=click.Path(path_type=Path),
+              help="Write the JSON record of the run here (schema: qpasses/report.py).")
 def quantize(model: Path, output: Path | None, cle: bool, cle_replace_relu6: bool, bn_recal: bool,
-             bias_correction: str | None, adaround: bool, adaround_iters: int, **opts) -> None:
+             bias_correction: str | None, adaround: bool, adaround_iters: int, report: Path | None, **opts) -> None:
     """Quantize MODEL for a target and write a Q/DQ ONNX model.
 
     \b
@@ -115,6 +118,8 @@ def quantize(model: Path, output: Path | None, cle: bool, cle_replace_relu6: boo
     result = run_quantize(model, target, opts["data"], ctx, graph_io.parse_input_shapes(opts["input_shape"]),
                           opts["holdout"], opts["preprocess"], techniques)
     graph_io.save_model(result.model, output)
+    if report is not None:
+        graph_io.atomic_write_bytes(report, dumps(quantize_report(result, ctx, techniques, model, output)))
     if not ctx.quiet:
         _print_summary(result, output, f"{ctx.calib_method} activations, {ctx.weight_calib} weights")
 
@@ -149,7 +154,7 @@ def analyze(model: Path, eval_data: str | None, report: Path | None, fallback: b
     analysis, mixed = run_analyze(model, target, opts["data"], ctx, graph_io.parse_input_shapes(opts["input_shape"]),
                                   opts["holdout"], opts["preprocess"], eval_data, goal)
     if report is not None:
-        graph_io.atomic_write_bytes(report, (json.dumps(analysis.to_json(), indent=2) + "\n").encode())
+        graph_io.atomic_write_bytes(report, dumps(analysis.to_json()))
     click.echo(format_analysis(analysis))
     if fallback:
         graph_io.save_model(mixed, output)

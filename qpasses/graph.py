@@ -8,6 +8,7 @@ for every tensor. Saving is atomic and byte-deterministic.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -94,22 +95,34 @@ def opset_of(model: onnx.ModelProto) -> int:
 def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
     """Write `model` atomically (temp file + rename) with deterministic bytes."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if model.ByteSize() >= _EXTERNAL_DATA_LIMIT:
-        _save_with_external_data(model, path)
+        with _writing(path):
+            _save_with_external_data(model, path)
         return
     atomic_write_bytes(path, model.SerializeToString(deterministic=True))
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write through a temp file in the same directory and rename it, so no reader sees half a file."""
+    with _writing(path):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+@contextlib.contextmanager
+def _writing(path: Path):
+    """Create the parent directory; an OS error becomes a one-line input error."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield
+    except OSError as exc:
+        raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def _save_with_external_data(model: onnx.ModelProto, path: Path) -> None:

@@ -1,0 +1,110 @@
+"""The JSON record of one `qpass quantize` run (`--report`), for CI pipelines and audits.
+
+Schema "qpass.quantize" version 1 (a reader checks `schema` and `version`; fields are only ever
+added within a version):
+
+    schema, version             "qpass.quantize", 1
+    versions                    qpass, onnx, onnxruntime, numpy
+    input, output               {path, sha256} of the float model read and the Q/DQ model written
+    target                      the resolved rules of the target (its file after `extends`)
+    calibration                 methods, options, seed, samples used, samples held back
+    techniques                  requested, and one decision per technique tried:
+                                {technique, applied, before_db, after_db, kept}
+    nodes                       quantized, fused (node -> supergroup head), float (node -> why)
+    tensors.activations         tensor -> {quantizer, range, scale, zero_point, dtype, consumers}
+    tensors.weights             tensor -> {node, axis, range, scale, zero_point, dtype}, per-channel
+                                values as lists
+    fidelity                    SQNR in dB per output on the held-back samples, and the worst
+    notes                       what the passes said (skipped layers, techniques that did not apply)
+    timings                     seconds per pass (the one field that differs between equal runs)
+
+Non-finite floats are written as the strings "inf", "-inf", "nan" (JSON has no such numbers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime
+
+from qpasses import __version__
+from qpasses.calibration.qparams import QParams
+
+from .pass_infra import PassContext
+from .pipeline import QuantizeResult, Techniques
+
+SCHEMA, VERSION = "qpass.quantize", 1
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def json_safe(value: Any) -> Any:
+    """Plain JSON values: numpy scalars and arrays to Python, non-finite floats to strings."""
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def dumps(report: dict) -> bytes:
+    return (json.dumps(json_safe(report), indent=2) + "\n").encode()
+
+
+def _quantizer(qp: QParams, value_range: tuple) -> dict:
+    return {"range": [np.asarray(r).tolist() for r in value_range], "scale": qp.scale.tolist(),
+            "zero_point": qp.zero_point.tolist(), "dtype": str(qp.zero_point.dtype), "qmin": qp.qmin, "qmax": qp.qmax}
+
+
+def quantize_report(result: QuantizeResult, ctx: PassContext, requested: Techniques, model: Path,
+                    output: Path) -> dict:
+    """The record of a run whose model `result.model` was written to `output`."""
+    plan, state = result.state.plan, result.state
+    activations = {}
+    for name, act in plan.activations.items():
+        anchor = plan.quantizer_of(name)
+        activations[name] = {"quantizer": anchor, **_quantizer(plan.qparams[anchor], plan.ranges[anchor]),
+                             "consumers": [list(edge) for edge in act.consumers]}
+    weights = {}
+    for w in plan.weights:
+        weights.setdefault(w.tensor, {"node": w.node, "axis": w.axis,
+                                      **_quantizer(plan.qparams[w.tensor], plan.ranges[w.tensor])})
+    target = dataclasses.asdict(state.target)
+    target.pop("raw")
+    return {
+        "schema": SCHEMA,
+        "version": VERSION,
+        "versions": {"qpass": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+                     "numpy": np.__version__},
+        "input": {"path": str(model), "sha256": sha256(model)},
+        "output": {"path": str(output), "sha256": sha256(output)},
+        "target": target,
+        "calibration": {"activations": ctx.calib_method, "weights": ctx.weight_calib, "options": ctx.calib_options,
+                        "seed": ctx.seed, "batch_size": ctx.batch_size, "samples": result.calib_samples,
+                        "held_back": result.holdout_samples},
+        "techniques": {"requested": dataclasses.asdict(requested),
+                       "decisions": [dataclasses.asdict(d) for d in result.decisions]},
+        "nodes": {"quantized": plan.quantized_nodes, "fused": plan.fused_nodes, "float": plan.float_nodes},
+        "tensors": {"activations": activations, "weights": weights},
+        "fidelity": {"sqnr_db": result.sqnr_db, "worst_sqnr_db": result.score_db if result.sqnr_db else None},
+        "notes": state.notes,
+        "timings": {name: round(seconds, 3) for name, seconds in ctx.timings.items()},
+    }
