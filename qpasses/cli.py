@@ -24,6 +24,7 @@ from .analyze import Goal, analyze as run_analyze, format_analysis
 from .pass_infra import PassContext
 from .pipeline import ALL_PASSES, Techniques, quantize as run_quantize
 from .report import dumps, quantize_report
+from qpasses.targets.check import check_model, format_check
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -117,11 +118,16 @@ def quantize(model: Path, output: Path | None, cle: bool, cle_replace_relu6: boo
                             adaround=adaround, adaround_iterations=adaround_iters)
     result = run_quantize(model, target, opts["data"], ctx, graph_io.parse_input_shapes(opts["input_shape"]),
                           opts["holdout"], opts["preprocess"], techniques)
+    conformance = check_model(result.model, target)
     graph_io.save_model(result.model, output)
     if report is not None:
-        graph_io.atomic_write_bytes(report, dumps(quantize_report(result, ctx, techniques, model, output)))
+        graph_io.atomic_write_bytes(report, dumps(quantize_report(result, ctx, techniques, model, output, conformance)))
     if not ctx.quiet:
         _print_summary(result, output, f"{ctx.calib_method} activations, {ctx.weight_calib} weights")
+    if not conformance.ok:
+        for violation in conformance.violations:
+            click.echo(f"check: {violation}", err=True)
+        raise GateError(f"the output breaks {len(conformance.violations)} rule(s) of {target.name} (`qpass check` lists them)")
 
 
 @cli.command()
@@ -161,6 +167,27 @@ def analyze(model: Path, eval_data: str | None, report: Path | None, fallback: b
         click.echo(f"wrote {output}", err=True)
         if not analysis.goal_met:
             raise GateError(f"fallback goal not met even with {len(analysis.fallback)} layer(s) in float")
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--target", "-t", "target_name", required=True, help="Shipped target name or path of a target .toml file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def check(model: Path, target_name: str, as_json: bool) -> None:
+    """Check that a Q/DQ MODEL follows a target's rules, without an engine; exit 1 on a violation.
+
+    \b
+    Placement (missing Q/DQ, Q/DQ that breaks a fusion or feeds a float op), quantizer form (zero
+    points, signedness, weight integer range, per-channel axis, scales, powers of two), shared
+    concat/pooling scales and int32 bias scales, each with the node's name.
+    Example:
+      qpass check model.int8.onnx --target tensorrt
+    """
+    target = load_target(target_name)
+    result = check_model(graph_io.load_model(model), target)
+    click.echo(json.dumps(result.to_json(), indent=2) if as_json else format_check(result))
+    if not result.ok:
+        raise GateError(f"{len(result.violations)} violation(s) of {target.name}")
 
 
 def _print_summary(result, output: Path, methods: str) -> None:

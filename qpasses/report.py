@@ -14,6 +14,7 @@ added within a version):
     tensors.activations         tensor -> {quantizer, range, scale, zero_point, dtype, consumers}
     tensors.weights             tensor -> {node, axis, range, scale, zero_point, dtype}, per-channel
                                 values as lists
+    conformance                 `qpass check` of the output: violations, layers left in float
     fidelity                    SQNR in dB per output on the held-back samples, and the worst
     notes                       what the passes said (skipped layers, techniques that did not apply)
     timings                     seconds per pass (the one field that differs between equal runs)
@@ -35,6 +36,8 @@ import onnxruntime
 
 from qpasses import __version__
 from qpasses.calibration.qparams import QParams
+
+from qpasses.targets.check import CheckResult
 
 from .pass_infra import PassContext
 from .pipeline import QuantizeResult, Techniques
@@ -75,7 +78,7 @@ def _quantizer(qp: QParams, value_range: tuple) -> dict:
 
 
 def quantize_report(result: QuantizeResult, ctx: PassContext, requested: Techniques, model: Path,
-                    output: Path) -> dict:
+                    output: Path, conformance: CheckResult) -> dict:
     """The record of a run whose model `result.model` was written to `output`."""
     plan, state = result.state.plan, result.state
     activations = {}
@@ -104,6 +107,7 @@ def quantize_report(result: QuantizeResult, ctx: PassContext, requested: Techniq
                        "decisions": [dataclasses.asdict(d) for d in result.decisions]},
         "nodes": {"quantized": plan.quantized_nodes, "fused": plan.fused_nodes, "float": plan.float_nodes},
         "tensors": {"activations": activations, "weights": weights},
+        "conformance": conformance.to_json(),
         "fidelity": {"sqnr_db": result.sqnr_db, "worst_sqnr_db": result.score_db if result.sqnr_db else None},
         "notes": state.notes,
         "timings": {name: round(seconds, 3) for name, seconds in ctx.timings.items()},

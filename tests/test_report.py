@@ -58,6 +58,7 @@ def test_the_report_describes_the_written_model(runs):
     for d in decisions.values():
         assert d["kept"] == (d["applied"] and d["after_db"] >= d["before_db"])
     assert report["techniques"]["requested"]["bias_correction"] == "empirical"
+    assert report["conformance"]["violations"] == [] and report["conformance"]["target"] == "tvm-arm"
     fidelity = report["fidelity"]
     assert fidelity["worst_sqnr_db"] == min(fidelity["sqnr_db"].values()) > 20
     assert report["calibration"]["samples"] > 0 and report["calibration"]["held_back"] > 0
