@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
 import click
@@ -23,8 +24,10 @@ from . import graph as graph_io
 from .analyze import Goal, analyze as run_analyze, format_analysis
 from .pass_infra import PassContext
 from .pipeline import ALL_PASSES, Techniques, quantize as run_quantize
-from .report import dumps, quantize_report
+from .bench import BenchResult, format_bench, measure
+from .report import dumps, quantize_report, sha256
 from qpasses.targets.check import check_model, format_check
+from qpasses.targets.lower import ENGINES, SUFFIX, engine, expect_kind
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -188,6 +191,83 @@ def check(model: Path, target_name: str, as_json: bool) -> None:
     click.echo(json.dumps(result.to_json(), indent=2) if as_json else format_check(result))
     if not result.ok:
         raise GateError(f"{len(result.violations)} violation(s) of {target.name}")
+
+
+@cli.command("compile")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--engine", "-e", "engine_name", type=click.Choice(ENGINES), required=True)
+@click.option("--output", "-o", type=click.Path(path_type=Path), help="Artifact path [default: MODEL.ort.onnx / MODEL.plan].")
+@click.option("--opt-level", type=click.Choice(["basic", "extended", "all"]), default="extended", show_default=True,
+              help="onnxruntime: graph optimisations applied offline ('all' adds layouts that suit only this CPU type).")
+@click.option("--report", type=click.Path(path_type=Path), help="Write the compile report as JSON here.")
+@click.option("--quiet", "-q", is_flag=True, help="No summary.")
+def compile_command(model: Path, engine_name: str, output: Path | None, opt_level: str, report: Path | None,
+                    quiet: bool) -> None:
+    """Turn a Q/DQ MODEL into an engine artifact and say what runs in integer.
+
+    \b
+    Example:
+      qpass compile model.int8.onnx --engine onnxruntime -o model.ort.onnx --report compile.json
+    """
+    expect_kind(model, "onnxruntime")  # every engine compiles from ONNX
+    output = output or model.with_name(model.name.removesuffix(".onnx") + SUFFIX[engine_name])
+    if output.resolve() == model.resolve():
+        raise InputError(f"output {output} is the input model; qpass never overwrites its input")
+    result = engine(engine_name).compile_model(model, output, opt_level=opt_level)
+    if report is not None:
+        graph_io.atomic_write_bytes(report, dumps(result.to_json()))
+    if not quiet:
+        integer = ", ".join(f"{op} x{n}" for op, n in result.integer_nodes.items()) or "none"
+        click.echo(f"integer kernels: {integer}", err=True)
+        if result.float_nodes:
+            click.echo(f"float nodes: {len(result.float_nodes)}: "
+                       + ", ".join(f"{n['name']} ({n['op']})" for n in result.float_nodes), err=True)
+        for warning in result.warnings:
+            click.echo(f"warning: {warning}", err=True)
+        click.echo(f"wrote {output}", err=True)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--engine", "-e", "engine_name", type=click.Choice(ENGINES), required=True)
+@click.option("--compare", type=click.Path(path_type=Path),
+              help="A second artifact (e.g. the float model) measured in the same session, interleaved, for a ratio.")
+@click.option("--warmup", default=10, show_default=True, type=click.IntRange(min=0))
+@click.option("--runs", default=100, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--threads", default=0, show_default=True, type=click.IntRange(min=0),
+              help="onnxruntime: intra-op threads (0: ORT's default, one per physical core).")
+@click.option("--input-shape", multiple=True, metavar="NAME=1x3x224x224", help="Sizes for dynamic input dimensions.")
+@click.option("--report", type=click.Path(path_type=Path), help="Write the measurements as JSON here.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random inputs.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def bench(model: Path, engine_name: str, compare: Path | None, warmup: int, runs: int, batch_size: int, threads: int,
+          input_shape: tuple[str, ...], report: Path | None, seed: int, quiet: bool) -> None:
+    """Measure the latency of a quantized MODEL (an artifact of --engine) on this device.
+
+    \b
+    Example:
+      qpass bench model.ort.onnx --engine onnxruntime --compare model.onnx --threads 1 --report bench.json
+    """
+    shapes = graph_io.parse_input_shapes(input_shape)
+    paths = {"model": model, **({"compare": compare} if compare else {})}
+    for path in paths.values():
+        expect_kind(path, engine_name)
+    module = engine(engine_name)
+    runners = {label: module.Runner(path, threads=threads, batch=batch_size, input_shapes=shapes, seed=seed)
+               for label, path in paths.items()}
+    if not runners["model"].quantized:
+        raise InputError(f"{model} has no quantized ops: a float model (pass it with --compare next to the int8 one)")
+    latency = measure(runners, warmup, runs, quiet)
+    result = BenchResult(engine_name, runners["model"].device,
+                         {"batch": batch_size, "threads": threads or "default", "warmup": warmup, "runs": runs})
+    for label, path in paths.items():
+        result.models[label] = {"path": str(path), "sha256": sha256(path), "latency": asdict(latency[label])}
+    if compare:
+        result.speedup = latency["compare"].median_ms / latency["model"].median_ms
+    if report is not None:
+        graph_io.atomic_write_bytes(report, dumps(result.to_json()))
+    click.echo(format_bench(result))
 
 
 def _print_summary(result, output: Path, methods: str) -> None:

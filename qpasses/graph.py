@@ -96,7 +96,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
     """Write `model` atomically (temp file + rename) with deterministic bytes."""
     path = Path(path)
     if model.ByteSize() >= _EXTERNAL_DATA_LIMIT:
-        with _writing(path):
+        with writing(path):
             _save_with_external_data(model, path)
         return
     atomic_write_bytes(path, model.SerializeToString(deterministic=True))
@@ -104,7 +104,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write through a temp file in the same directory and rename it, so no reader sees half a file."""
-    with _writing(path):
+    with writing(path):
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
@@ -116,7 +116,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 @contextlib.contextmanager
-def _writing(path: Path):
+def writing(path: Path):
     """Create the parent directory; an OS error becomes a one-line input error."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

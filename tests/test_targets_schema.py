@@ -18,7 +18,16 @@ MQBENCH_TABLE_1 = {  # target: (weight granularity, symmetric, pow2 scale)
 
 
 def test_shipped_targets():
-    assert set(builtin_names()) == set(MQBENCH_TABLE_1) | {"onnxruntime"}
+    assert set(builtin_names()) == set(MQBENCH_TABLE_1) | {"onnxruntime", "onnxruntime-vnni"}
+
+
+def test_onnxruntime_weights_fit_int16_pair_sums_unless_vnni():
+    """u8 activations x s8 weights, two products summed in int16 (AVX2's vpmaddubsw): 7-bit weights
+    keep 2 * 255 * 64 below 2**15; the VNNI variant keeps all 8 bits."""
+    lo, hi = load_target("onnxruntime").weight.qrange(True)
+    assert 2 * 255 * max(-lo, hi) < 2**15
+    vnni = load_target("onnxruntime-vnni")
+    assert vnni.weight.qrange(True) == (-128, 127) and vnni.ops == load_target("onnxruntime").ops
 
 
 @pytest.mark.parametrize("name", sorted(MQBENCH_TABLE_1))
@@ -44,8 +53,8 @@ def write(tmp_path, text):
 
 
 def test_user_target_extends_a_shipped_one(tmp_path):
-    t = load_target(write(tmp_path, 'extends = "onnxruntime"\nname = "ort-reduce-range"\n[weight]\nbits = 7\n'))
-    assert t.name == "ort-reduce-range" and t.weight.bits == 7 and t.weight.qrange(True) == (-64, 63)
+    t = load_target(write(tmp_path, 'extends = "onnxruntime"\nname = "ort-4bit"\n[weight]\nbits = 4\n'))
+    assert t.name == "ort-4bit" and t.weight.bits == 4 and t.weight.qrange(True) == (-8, 7)
     assert t.ops == load_target("onnxruntime").ops
 
 

@@ -1,0 +1,184 @@
+"""ONNX Runtime (CPU) as an engine: an offline-optimised model, what runs in integer, and latency.
+
+`compile` applies ORT's graph optimisations once and saves the result, so a deployment loads a
+fixed graph: the Q/DQ pairs fused into integer kernels (QLinearConv, QGemm, ...) at level
+"extended" or "basic", plus hardware-specific layouts (NCHWc) at "all", which then only suits
+CPUs like this one. The saved model carries `qpass.compiled` metadata, and `bench` runs such a
+model with optimisations off, as it was compiled; any other model at level "all".
+
+What stayed float is read from the optimised graph: an integer kernel, or a node whose data
+inputs are all int8/uint8 (MaxPool, Reshape behind a QuantizeLinear), runs in integer; any other
+node except Q/DQ runs in float and is listed.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from qpasses import graph as graph_io
+from qpasses.bench import cpu_description, has_vnni
+from qpasses.calibration.runner import input_specs
+from qpasses.errors import EngineError, InputError
+
+LEVELS = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+          "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+          "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+INTEGER_OPS = {"QLinearConv", "ConvInteger", "MatMulInteger", "QLinearMatMul", "QGemm", "QLinearAdd", "QLinearMul",
+               "QLinearConcat", "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearLeakyRelu", "QLinearSigmoid",
+               "QLinearSoftmax", "QLinearReduceMean", "QLinearConvTranspose", "DynamicQuantizeMatMul",
+               "MatMulIntegerToFloat", "QAttention"}
+QDQ_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
+# integer kernels whose activation x weight products AVX2 sums in int16 pairs: (x zero point, weight) inputs
+U8S8_KERNELS = {"QLinearConv": (2, 3), "QLinearMatMul": (2, 3), "QGemm": (2, 3)}
+METADATA_KEY = "qpass.compiled"
+
+
+@dataclass
+class CompileReport:
+    engine: str
+    input: str
+    output: str
+    opt_level: str
+    onnxruntime: str
+    device: str
+    integer_nodes: dict[str, int] = field(default_factory=dict)  # op type -> count
+    float_nodes: list[dict] = field(default_factory=list)  # {name, op}
+    qdq_nodes: dict[str, int] = field(default_factory=dict)  # Q/DQ ORT left in place
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"schema": "qpass.compile", "version": 1, **asdict(self)}
+
+
+def _options(level: ort.GraphOptimizationLevel, threads: int = 0) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = level
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return options
+
+
+def _session(model: onnx.ModelProto | str, options: ort.SessionOptions) -> ort.InferenceSession:
+    source = model if isinstance(model, str) else model.SerializeToString()
+    try:
+        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise EngineError(f"ONNX Runtime cannot load the model: {str(exc).splitlines()[0]}") from None
+
+
+def is_quantized(model: onnx.ModelProto) -> bool:
+    return any(n.op_type in QDQ_OPS | INTEGER_OPS for n in model.graph.node)
+
+
+def compile_model(model_path: Path, output: Path, opt_level: str = "extended") -> CompileReport:
+    """Optimise `model_path` offline into `output` (atomically) and report what runs in integer."""
+    model = graph_io.load_model(model_path)
+    with graph_io.writing(output):  # ORT writes the optimised model itself: to a temp file beside the output
+        fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".onnx")
+        os.close(fd)
+    try:
+        options = _options(LEVELS[opt_level])
+        options.optimized_model_filepath = tmp
+        _session(model, options)
+        optimized = onnx.load(tmp)
+        onnx.helper.set_model_props(optimized, {**{p.key: p.value for p in optimized.metadata_props},
+                                                METADATA_KEY: f"onnxruntime {ort.__version__}, {opt_level}"})
+        graph_io.save_model(optimized, output)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    report = CompileReport("onnxruntime", str(model_path), str(output), opt_level, ort.__version__, cpu_description())
+    _describe(optimized, report)
+    if not is_quantized(model):
+        report.warnings.append("the model has no Q/DQ: it runs entirely in float")
+    return report
+
+
+def _describe(model: onnx.ModelProto, report: CompileReport) -> None:
+    """Fill the integer/float/QDQ node lists of the optimised graph."""
+    inits = {i.name: i for i in model.graph.initializer}
+    int8 = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8}
+    integer = {name for name, init in inits.items() if init.data_type in int8}
+    saturating = []
+    for node in model.graph.node:
+        data = [i for i in node.input if i and i not in inits]
+        if node.op_type in QDQ_OPS:
+            report.qdq_nodes[node.op_type] = report.qdq_nodes.get(node.op_type, 0) + 1
+            if node.op_type == "QuantizeLinear":
+                integer.update(node.output)
+        elif node.op_type in INTEGER_OPS or (data and all(i in integer for i in data)):
+            report.integer_nodes[node.op_type] = report.integer_nodes.get(node.op_type, 0) + 1
+            if node.op_type.startswith("QLinear") or node.op_type not in INTEGER_OPS:
+                integer.update(node.output)
+            if node.op_type in U8S8_KERNELS and _saturates(node, inits):
+                saturating.append(node.name)
+        else:
+            report.float_nodes.append({"name": node.name, "op": node.op_type})
+    report.integer_nodes = dict(sorted(report.integer_nodes.items()))
+    if saturating and not has_vnni():
+        report.warnings.append(
+            f"{len(saturating)} integer kernel(s) multiply uint8 activations by weights beyond 7 bits, and this CPU "
+            f"has no VNNI: their int16 pair sums saturate (first: {saturating[0]}); quantize with --target onnxruntime "
+            "(7-bit weights)")
+
+
+def _saturates(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> bool:
+    x_zp, w = (node.input[i] if len(node.input) > i else "" for i in U8S8_KERNELS[node.op_type])
+    if x_zp not in inits or w not in inits or inits[x_zp].data_type != onnx.TensorProto.UINT8:
+        return False
+    weights = onnx.numpy_helper.to_array(inits[w])
+    return weights.dtype == np.int8 and weights.size > 0 and int(np.abs(weights.astype(np.int16)).max()) > 64
+
+
+class Runner:
+    """One ORT session on fixed random inputs; a call times one run (wall clock, ms)."""
+
+    def __init__(self, path: Path, threads: int = 0, batch: int = 1, input_shapes: dict[str, list[int]] | None = None,
+                 seed: int = 0):
+        model = graph_io.load_model(path)
+        compiled = any(p.key == METADATA_KEY for p in model.metadata_props)
+        level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL if compiled else LEVELS["all"]
+        self.session = _session(str(path), _options(level, threads))
+        self.feeds = random_feeds(model, batch, input_shapes or {}, seed)
+        self.device = cpu_description()
+        self.quantized = is_quantized(model)
+
+    def __call__(self) -> float:
+        start = time.perf_counter()
+        try:
+            self.session.run(None, self.feeds)
+        except Exception as exc:
+            raise EngineError(f"ONNX Runtime failed: {str(exc).splitlines()[0]}") from None
+        return 1000.0 * (time.perf_counter() - start)
+
+
+def random_feeds(model: onnx.ModelProto, batch: int, input_shapes: dict[str, list[int]], seed: int) -> dict[str, np.ndarray]:
+    """Seeded inputs of the model's shapes: a dynamic batch becomes `batch`, other dynamic dims need sizes."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for spec in input_specs(model):
+        shape = list(input_shapes.get(spec.name, spec.shape))
+        if shape and not isinstance(shape[0], int) or (shape and shape[0] <= 0):
+            shape[0] = batch
+        elif shape and shape[0] != batch and spec.name not in input_shapes:
+            raise InputError(f"input {spec.name} has a fixed batch of {shape[0]}; --batch-size {batch} does not fit")
+        if not all(isinstance(d, int) and d > 0 for d in shape):
+            raise InputError(f"input {spec.name} has dynamic dimensions {spec.shape}: give --input-shape {spec.name}=...")
+        values = rng.standard_normal(shape) if np.issubdtype(spec.dtype, np.floating) else np.zeros(shape)
+        feeds[spec.name] = values.astype(spec.dtype)
+    return feeds
+
+
+def op_counts(report: CompileReport) -> str:
+    counts = Counter(n["op"] for n in report.float_nodes)
+    return ", ".join(f"{op} x{c}" for op, c in sorted(counts.items()))

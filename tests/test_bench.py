@@ -1,0 +1,36 @@
+"""Latency statistics and the interleaved measuring loop shared by every engine."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qpasses.bench import Latency, measure
+
+
+def test_statistics_against_numpy():
+    samples = list(np.random.default_rng(0).gamma(2.0, 1.5, size=1000))
+    lat = Latency.of(samples)
+    assert lat.median_ms == pytest.approx(np.median(samples))
+    assert lat.p90_ms == pytest.approx(np.quantile(samples, 0.9)) and lat.p99_ms == pytest.approx(np.quantile(samples, 0.99))
+    assert lat.min_ms == min(samples) and lat.runs == 1000
+    assert lat.std_ms == pytest.approx(np.std(samples))
+
+
+def test_models_are_warmed_up_then_timed_in_turn():
+    """Interleaving: drift during the session falls on both models alike."""
+    calls: list[str] = []
+
+    class Recorder:
+        device = "test"
+
+        def __init__(self, label: str, ms: float):
+            self.label, self.ms = label, ms
+
+        def __call__(self) -> float:
+            calls.append(self.label)
+            return self.ms
+
+    result = measure({"model": Recorder("a", 1.0), "compare": Recorder("b", 3.0)}, warmup=2, runs=3, quiet=True)
+    assert calls == ["a", "a", "b", "b"] + ["a", "b"] * 3
+    assert result["model"].median_ms == 1.0 and result["compare"].runs == 3
