@@ -1,0 +1,80 @@
+"""The TensorRT engine. Building and timing need `tensorrt`, `cuda-python` and an NVIDIA GPU: those
+tests run where they exist and skip elsewhere with the reason; without TensorRT the commands
+must say so in one line."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import EXAMPLE
+from qpasses.calibration.runner import session
+from qpasses.pass_infra import PassContext
+from qpasses.pipeline import quantize, sqnr
+from qpasses.targets import load_target
+from qpasses.targets.lower import file_kind
+from test_cli import assert_one_line_error, qpass
+
+HAVE_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+
+
+def have_gpu() -> bool:
+    from qpasses.targets.lower.tensorrt import gpu_name
+
+    try:
+        return bool(gpu_name())
+    except Exception:
+        return False
+
+
+needs_gpu = pytest.mark.skipif(not (HAVE_TENSORRT and have_gpu()), reason="needs TensorRT and an NVIDIA GPU: TensorRT's "
+                               "wheels download from a host this machine cannot reach, and it has no GPU")
+
+
+@pytest.fixture
+def qdq(tmp_path):
+    model = quantize(EXAMPLE / "model.onnx", load_target("tensorrt"), EXAMPLE / "calib.npz", PassContext(quiet=True)).model
+    onnx.save(model, tmp_path / "m.onnx")
+    return tmp_path / "m.onnx"
+
+
+@pytest.mark.skipif(HAVE_TENSORRT, reason="TensorRT is installed: the build tests below run instead")
+def test_without_tensorrt_compile_and_bench_say_so(qdq, tmp_path):
+    proc = qpass("compile", qdq, "--engine", "tensorrt", "-o", tmp_path / "m.plan")
+    assert_one_line_error(proc, 3, "needs TensorRT")
+    assert not (tmp_path / "m.plan").exists()
+    (tmp_path / "fake.plan").write_bytes(b"ftrt" + bytes(60))
+    assert_one_line_error(qpass("bench", tmp_path / "fake.plan", "--engine", "tensorrt"), 3, "needs TensorRT")
+
+
+@needs_gpu
+def test_engine_matches_the_qdq_reference_and_runs_int8(qdq, tmp_path):
+    from qpasses.targets.lower.tensorrt import Runner, compile_model
+
+    report = compile_model(qdq, tmp_path / "m.plan", input_shapes={"input": [8, 3, 16, 16]},
+                           timing_cache=tmp_path / "timing.cache")
+    assert file_kind(tmp_path / "m.plan") == "tensorrt" and (tmp_path / "timing.cache").exists()
+    assert sum(report.integer_nodes.values()) >= 7  # the convs and the gemm
+    runner = Runner(tmp_path / "m.plan", batch=8)
+    assert runner() > 0
+    reference = session(onnx.load(qdq), optimize=False).run(None, runner.feeds)[0]
+    # TensorRT fuses and may run float layers in FP16: a looser bound than integer-exact
+    assert sqnr(reference, runner.results()[0]) > 25
+
+
+@needs_gpu
+def test_bench_reports_the_gpu(qdq, tmp_path):
+    assert qpass("compile", qdq, "--engine", "tensorrt", "-o", tmp_path / "m.plan",
+                 "--input-shape", "input=1x3x16x16").returncode == 0
+    proc = qpass("bench", tmp_path / "m.plan", "--engine", "tensorrt", "--runs", "20", "--report", tmp_path / "b.json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert result["device"] and result["models"]["model"]["latency"]["median_ms"] > 0
+
+
+def test_an_onnx_file_is_not_an_engine(qdq):
+    assert_one_line_error(qpass("bench", qdq, "--engine", "tensorrt"), 2, "an ONNX model, not what --engine tensorrt runs")
