@@ -18,16 +18,16 @@ from qpasses import __version__
 from qpasses.calibration.data import RANDOM_WARNING, random_source
 from qpasses.calibration.observers import OBSERVERS
 from qpasses.errors import GateError, InputError, QpassError
+from qpasses.targets.check import check_model, format_check
+from qpasses.targets.lower import ENGINES, SUFFIX, engine, expect_kind
 from qpasses.targets.schema import builtin_names, load_target
 
 from . import graph as graph_io
 from .analyze import Goal, analyze as run_analyze, format_analysis
+from .bench import BenchResult, format_bench, measure
 from .pass_infra import PassContext
 from .pipeline import ALL_PASSES, Techniques, quantize as run_quantize
-from .bench import BenchResult, format_bench, measure
 from .report import dumps, quantize_report, sha256
-from qpasses.targets.check import check_model, format_check
-from qpasses.targets.lower import ENGINES, SUFFIX, engine, expect_kind
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
