@@ -64,7 +64,6 @@ class CheckResult:
 class _QDQ:
     """One DequantizeLinear feeding an edge: its parameters and, for constants, the integers."""
 
-    node: str  # the DequantizeLinear
     source: str  # the float tensor that was quantized (the Q input), or the stored constant
     scale: np.ndarray
     zero_point: np.ndarray
@@ -108,7 +107,7 @@ def _read_qdq(graph: gs.Graph) -> _Read:
         else:
             problems.append(Violation("extra-qdq", dq.name, "a DequantizeLinear without a QuantizeLinear or constant input"))
             continue
-        info = _QDQ(dq.name, source.name, scale, zp, axis, ints)
+        info = _QDQ(source.name, scale, zp, axis, ints)
         replacement = float_value if isinstance(float_value, gs.Tensor) else gs.Constant(f"{source.name}.float", float_value)
         for consumer in list(out.outputs):
             for idx, tensor in enumerate(consumer.inputs):

@@ -19,8 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import torch
-from torch import nn
 
 from qpasses.bench import cpu_description, measure
 from qpasses.pass_infra import PassContext
@@ -30,37 +28,10 @@ from qpasses.targets.lower.onnxruntime import Runner
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tools"))
 
+from bench_calibration import build_model  # noqa: E402  (the same ResNet-18 at 224x224)
 from models import INPUT_SHAPE, ZOO, build, export  # noqa: E402
-
-
-def resnet18() -> nn.Module:
-    """ResNet-18 (He et al. 2016) layout: 7x7 stem, 4 stages of two basic blocks, 64-512 channels."""
-    def block(cin: int, cout: int, stride: int) -> nn.Module:
-        class Basic(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.body = nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
-                                          nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout))
-                self.skip = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-                             if stride != 1 or cin != cout else nn.Identity())
-
-            def forward(self, x):
-                return torch.relu(self.body(x) + self.skip(x))
-        return Basic()
-
-    layers = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1)]
-    for cin, cout, stride in [(64, 64, 1), (64, 64, 1), (64, 128, 2), (128, 128, 1), (128, 256, 2), (256, 256, 1),
-                              (256, 512, 2), (512, 512, 1)]:
-        layers.append(block(cin, cout, stride))
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 1000)]
-    return nn.Sequential(*layers).eval()
-
-
-def export_resnet18(path: Path) -> None:
-    torch.manual_seed(0)
-    torch.onnx.export(resnet18(), torch.zeros(1, 3, 224, 224), str(path), input_names=["input"], output_names=["logits"],
-                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=13, dynamo=False)
 
 
 def ort_quantize_static(model: Path, calib: np.ndarray, output: Path) -> None:
@@ -90,7 +61,7 @@ def prepare(workdir: Path, names: list[str]) -> dict[str, dict[str, Path]]:
         elif name == "resnet18-224":
             source = workdir / "resnet18.onnx"
             if not source.exists():
-                export_resnet18(source)
+                build_model(source)
             calib = rng.standard_normal((32, 3, 224, 224)).astype(np.float32)
         else:
             source = workdir / f"{name}.onnx"

@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -168,7 +167,8 @@ def random_feeds(model: onnx.ModelProto, batch: int, input_shapes: dict[str, lis
     feeds = {}
     for spec in input_specs(model):
         shape = list(input_shapes.get(spec.name, spec.shape))
-        if shape and not isinstance(shape[0], int) or (shape and shape[0] <= 0):
+        dynamic_batch = bool(shape) and not (isinstance(shape[0], int) and shape[0] > 0)
+        if dynamic_batch:
             shape[0] = batch
         elif shape and shape[0] != batch and spec.name not in input_shapes:
             raise InputError(f"input {spec.name} has a fixed batch of {shape[0]}; --batch-size {batch} does not fit")
@@ -177,8 +177,3 @@ def random_feeds(model: onnx.ModelProto, batch: int, input_shapes: dict[str, lis
         values = rng.standard_normal(shape) if np.issubdtype(spec.dtype, np.floating) else np.zeros(shape)
         feeds[spec.name] = values.astype(spec.dtype)
     return feeds
-
-
-def op_counts(report: CompileReport) -> str:
-    counts = Counter(n["op"] for n in report.float_nodes)
-    return ", ".join(f"{op} x{c}" for op, c in sorted(counts.items()))
