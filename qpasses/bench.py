@@ -75,17 +75,20 @@ def measure(runners: dict[str, Runner], warmup: int, runs: int, quiet: bool = Fa
 
 @functools.cache
 def _cpu() -> tuple[str, frozenset[str]]:
-    """The CPU's model name and feature flags (from /proc/cpuinfo on Linux; best effort elsewhere)."""
-    name, flags = "", frozenset()
+    """The CPU's model name and feature flags (from /proc/cpuinfo on Linux; best effort elsewhere).
+
+    The x86 family and model numbers are added because virtual machines often report a bare name
+    ("AMD EPYC") that hides the core generation, which decides int8 throughput."""
+    fields: dict[str, str] = {}
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
         for line in cpuinfo.read_text().splitlines():
             key, _, value = (part.strip() for part in line.partition(":"))
-            if key == "model name" and not name:
-                name = value
-            elif key in ("flags", "Features") and not flags:
-                flags = frozenset(value.split())
-    return name or platform.processor() or platform.machine(), flags
+            fields.setdefault(key, value)
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return name, frozenset(fields.get("flags", fields.get("Features", "")).split())
 
 
 def cpu_description() -> str:

@@ -7,8 +7,13 @@ AVX2), ORT's `quantize_static` after its recommended `quant_pre_process`, QDQ fo
 reduce_range (ORT's advice for CPUs without VNNI). All three are measured in one session per
 setting, interleaved run by run (`qpasses.bench.measure`), loaded with ORT's full optimisations.
 
+It first measures the ceiling the CPU sets: one 1024^3 matrix product with constant weights in
+fp32 (MatMul) and in int8 (MatMulInteger u8·s8, u8·u8, s8·s8), the GEMM kernels under Conv and
+QLinearConv. No int8 model can beat float by more than the int8/fp32 throughput ratio printed there.
+
 Usage: python tools/bench_latency.py [--models ...] [--runs 50] [--workdir /tmp/qpass-latency]
-Prints a Markdown table of median latencies and the ratios float/qpass and ort-int8/qpass.
+Prints a Markdown table of kernel throughput, then one of median latencies and the ratios
+float/qpass and ort-int8/qpass.
 """
 
 from __future__ import annotations
@@ -51,6 +56,39 @@ def ort_quantize_static(model: Path, calib: np.ndarray, output: Path) -> None:
                     reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
 
 
+GEMM_KERNELS = {"fp32": ("MatMul", np.float32, np.float32), "u8·s8": ("MatMulInteger", np.uint8, np.int8),
+                "u8·u8": ("MatMulInteger", np.uint8, np.uint8), "s8·s8": ("MatMulInteger", np.int8, np.int8)}
+
+
+def gemm_model(op: str, a_type: type, b_type: type, size: int, path: Path) -> Path:
+    """A (size x size) @ B (size x size) with B a constant, as weights are in a conv or gemm layer."""
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    b = rng.integers(-64, 64, (size, size)) if b_type is not np.float32 else rng.standard_normal((size, size))
+    out = np.float32 if op == "MatMul" else np.int32
+    graph = helper.make_graph(
+        [helper.make_node(op, ["a", "b"], ["y"])], "gemm",
+        [helper.make_tensor_value_info("a", helper.np_dtype_to_tensor_dtype(np.dtype(a_type)), [size, size])],
+        [helper.make_tensor_value_info("y", helper.np_dtype_to_tensor_dtype(np.dtype(out)), [size, size])],
+        [numpy_helper.from_array(np.abs(b).astype(b_type) if b_type is np.uint8 else b.astype(b_type), "b")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), path)
+    return path
+
+
+def kernel_ceiling(workdir: Path, runs: int, size: int = 1024) -> None:
+    """Print GOP/s of ORT's fp32 and int8 GEMM kernels, measured interleaved in one session per thread count."""
+    print("| threads | " + " | ".join(f"{k} GOP/s" for k in GEMM_KERNELS) + " | u8·s8 / fp32 |")
+    print("|---|" + "---|" * (len(GEMM_KERNELS) + 1))
+    paths = {k: gemm_model(*spec, size, workdir / f"gemm-{i}.onnx") for i, (k, spec) in enumerate(GEMM_KERNELS.items())}
+    for threads in (1, 2):
+        lat = measure({k: Runner(p, threads=threads, input_shapes={"a": [size, size]}) for k, p in paths.items()}, warmup=2, runs=max(5, runs // 5), quiet=True)
+        gops = {k: 2 * size ** 3 / (v.median_ms * 1e6) for k, v in lat.items()}
+        print(f"| {threads} | " + " | ".join(f"{g:.1f}" for g in gops.values()) + f" | {gops['u8·s8'] / gops['fp32']:.2f} |",
+              flush=True)
+    print()
+
+
 def prepare(workdir: Path, names: list[str]) -> dict[str, dict[str, Path]]:
     workdir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -86,8 +124,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/qpass-latency"))
     args = parser.parse_args()
-    models = prepare(args.workdir, args.models)
+    args.workdir.mkdir(parents=True, exist_ok=True)
     print(f"CPU: {cpu_description()}; ONNX Runtime CPU, median of {args.runs} interleaved runs\n")
+    kernel_ceiling(args.workdir, args.runs)
+    models = prepare(args.workdir, args.models)
     print("| model | batch | threads | float ms | qpass int8 ms | ort int8 ms | float / qpass | ort / qpass |")
     print("|---|---|---|---|---|---|---|---|")
     for name, paths in models.items():
