@@ -62,6 +62,14 @@ class OpRule:
 
 
 @dataclass(frozen=True)
+class TvmDevice:
+    """The `[tvm]` table: the LLVM target TVM compiles for, and the C compiler that links the library."""
+
+    llvm: dict[str, Any]  # e.g. {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
+    cross_compiler: str = ""  # e.g. "aarch64-linux-gnu-gcc"; empty: the host's compiler
+
+
+@dataclass(frozen=True)
 class Target:
     name: str
     summary: str
@@ -76,6 +84,7 @@ class Target:
     ops: dict[str, OpRule]
     supergroups: tuple[tuple[str, ...], ...]
     float_ops: tuple[str, ...]
+    tvm: TvmDevice | None = None  # where `qpass compile --engine tvm` builds for, if the target runs on TVM
     source: str = ""
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -128,10 +137,13 @@ def _read(path: Path, seen: set[Path]) -> dict[str, Any]:
     return _merge(_read(base_path, seen), data)
 
 
+WHOLE_TABLES = ("llvm",)  # an LLVM target is replaced, not merged: an x86 target keeps no ARM triple
+
+
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in WHOLE_TABLES:
             out[key] = _merge(out[key], value)
         else:
             out[key] = value
@@ -215,6 +227,15 @@ def _op_rule(f: _Fields) -> OpRule:
     return rule
 
 
+def _tvm_device(f: _Fields) -> TvmDevice:
+    llvm = f.take("llvm", dict)
+    if llvm.get("kind") != "llvm":
+        raise f.fail("llvm", 'expected an LLVM target table with kind = "llvm"')
+    device = TvmDevice(llvm=dict(llvm), cross_compiler=f.take("cross_compiler", str, ""))
+    f.done()
+    return device
+
+
 def _from_dict(data: dict[str, Any], source: str) -> Target:
     f = _Fields(data, "", source)
     name = f.take("name", str)
@@ -241,6 +262,7 @@ def _from_dict(data: dict[str, Any], source: str) -> Target:
         ops=ops,
         supergroups=tuple(tuple(g) for g in supergroups),
         float_ops=tuple(float_ops),
+        tvm=_tvm_device(f.table("tvm")) if "tvm" in f.data else None,
         source=source,
         raw=dict(data),
     )

@@ -145,7 +145,7 @@ def test_listing_commands():
     targets = qpass("targets")
     assert targets.returncode == 0
     assert [line.split()[0] for line in targets.stdout.splitlines()] == sorted(
-        ["academic", "acl", "fbgemm", "onnxruntime", "onnxruntime-vnni", "snpe", "tensorrt", "tvm-arm"])
+        ["academic", "acl", "fbgemm", "onnxruntime", "onnxruntime-vnni", "snpe", "tensorrt", "tvm-arm", "tvm-x86"])
     show = qpass("targets", "show", "tensorrt")
     assert show.returncode == 0 and "narrow range" in show.stdout and "Conv + Add" in show.stdout
     passes = qpass("passes")

@@ -18,7 +18,24 @@ MQBENCH_TABLE_1 = {  # target: (weight granularity, symmetric, pow2 scale)
 
 
 def test_shipped_targets():
-    assert set(builtin_names()) == set(MQBENCH_TABLE_1) | {"onnxruntime", "onnxruntime-vnni"}
+    assert set(builtin_names()) == set(MQBENCH_TABLE_1) | {"onnxruntime", "onnxruntime-vnni", "tvm-x86"}
+
+
+def test_tvm_devices_are_data():
+    """The TVM engine's device comes from the target file; an extending file replaces the LLVM table whole."""
+    arm, x86 = load_target("tvm-arm").tvm, load_target("tvm-x86").tvm
+    assert arm.llvm == {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
+    assert arm.cross_compiler == "aarch64-linux-gnu-gcc"
+    assert x86.llvm == {"kind": "llvm", "mcpu": "x86-64-v3"} and x86.cross_compiler == ""
+    assert load_target("tensorrt").tvm is None
+    assert load_target("tvm-x86").ops == load_target("tvm-arm").ops
+
+
+def test_tvm_table_needs_an_llvm_target(tmp_path):
+    bad = tmp_path / "t.toml"
+    bad.write_text('extends = "tvm-arm"\nname = "t"\n[tvm]\nllvm = { kind = "cuda" }\n')
+    with pytest.raises(InputError, match=r"tvm\.llvm: expected an LLVM target"):
+        load_target(str(bad))
 
 
 def test_onnxruntime_weights_fit_int16_pair_sums_unless_vnni():

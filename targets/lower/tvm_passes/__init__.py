@@ -15,22 +15,25 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
+from .canonicalize_clip import CanonicalizeClip
 from .fold_qdq import FoldQuantizeDequantize
 from .lower_add import LowerQuantizedAdd
 from .lower_concat import LowerQuantizedConcat
 from .lower_conv import LowerQuantizedConv
 from .lower_pool import LowerQuantizedPool
 
-__all__ = ["FoldQuantizeDequantize", "LowerQuantizedAdd", "LowerQuantizedConcat", "LowerQuantizedConv",
+__all__ = ["CanonicalizeClip", "FoldQuantizeDequantize", "LowerQuantizedAdd", "LowerQuantizedConcat", "LowerQuantizedConv",
            "LowerQuantizedPool", "integer_lowering", "float_ops"]
 
-FLOAT_COMPUTE = ("relax.nn.conv2d", "relax.matmul", "relax.add", "relax.nn.max_pool2d", "relax.nn.avg_pool2d",
-                 "relax.mean", "relax.concat", "relax.multiply", "relax.nn.relu", "relax.clip", "relax.sigmoid")
+FLOAT_COMPUTE = ("relax.nn.conv2d", "relax.nn.conv2d_transpose", "relax.matmul", "relax.add", "relax.multiply",
+                 "relax.nn.max_pool2d", "relax.nn.avg_pool2d", "relax.mean", "relax.concat", "relax.nn.relu",
+                 "relax.clip", "relax.sigmoid", "relax.call_tir")
 
 
 def integer_lowering() -> tvm.transform.Pass:
     """Every qpass rewrite, then clean-up: what a Q/DQ module goes through before legalization."""
     return tvm.transform.Sequential([
+        CanonicalizeClip(),
         LowerQuantizedConv(),
         LowerQuantizedAdd(),
         LowerQuantizedPool(),

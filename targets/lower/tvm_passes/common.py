@@ -74,6 +74,12 @@ def constant(expr: relax.Expr, var2val: dict) -> np.ndarray | None:
             return ((data.astype(np.int64) - zero_point).astype(np.float32) * scale).astype(np.float32)
         lo, hi = QRANGE[params.dtype]
         return np.clip(np.round(data.astype(np.float32) / scale) + zero_point, lo, hi).astype(params.dtype)
+    if name == "relax.isnan":
+        data = constant(expr.args[0], var2val)
+        return None if data is None else np.isnan(data)
+    if name == "relax.where":
+        parts = [constant(a, var2val) for a in expr.args]
+        return None if any(p is None for p in parts) else np.where(*parts)
     if name == "relax.reshape":
         data = constant(expr.args[0], var2val)
         return None if data is None else data.reshape([int(d) for d in expr.ty.shape])
@@ -112,6 +118,25 @@ def scalar(expr: relax.Expr) -> float:
     while hasattr(expr, "value") and not isinstance(expr, (int, float)):
         expr = expr.value
     return float(expr)
+
+
+def activation_bounds(y: QParams, relu: bool, clip: relax.Call | None) -> tuple[int, int]:
+    """The output's integer range narrowed by a relu or clip before the quantize.
+
+    q = round(v / s) + z is monotonic in v, so clipping v to [a, b] before quantizing equals
+    clamping q to [round(a / s) + z, round(b / s) + z] after.
+    """
+    lo, hi = QRANGE[y.dtype]
+    sy, zy = float(y.scale[0]), int(y.zero_point[0])
+    if relu:
+        lo = max(lo, zy)
+    if clip is not None:
+        a, b = scalar(clip.args[1]), scalar(clip.args[2])
+        if np.isfinite(a):
+            lo = max(lo, zy + int(np.round(a / sy)))
+        if np.isfinite(b):
+            hi = min(hi, zy + int(np.round(b / sy)))
+    return lo, hi
 
 
 def rewrite_functions(mod: tvm.IRModule, rewrite) -> tvm.IRModule:

@@ -13,7 +13,7 @@ import tvm
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
-from .common import QRANGE, bound, qparams, rewrite_functions, scalar
+from .common import activation_bounds, bound, qparams, rewrite_functions
 from .requantize import requantize
 
 
@@ -45,12 +45,7 @@ class LowerQuantizedAdd:
                 sy, zy = float(y.scale[0]), int(y.zero_point[0])
                 terms = [(integer_term(m[v], int(q.zero_point[0])), np.array([float(q.scale[0]) / sy]))
                          for v, q in ((a, pa), (b, pb))]
-                lo, hi = QRANGE[y.dtype]
-                if relu in m:
-                    lo = max(lo, zy)
-                elif clip in m:
-                    lo = max(lo, zy + int(np.round(scalar(m[clip].args[1]) / sy)))
-                    hi = min(hi, zy + int(np.round(scalar(m[clip].args[2]) / sy)))
+                lo, hi = activation_bounds(y, relu in m, m.get(clip))
                 return requantize(terms, zy, lo, hi, y.dtype, [])
 
             return rewrite_call(quantize, rewriter, func)

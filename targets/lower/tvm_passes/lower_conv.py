@@ -16,7 +16,7 @@ import tvm
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
-from .common import QRANGE, QParams, bound, constant, integer_weight, op_name, qparams, rewrite_functions, scalar
+from .common import activation_bounds, bound, constant, integer_weight, op_name, qparams, rewrite_functions
 from .requantize import requantize
 
 
@@ -124,7 +124,7 @@ class _Rewriter:
             zr = int(r_params.zero_point[0])
             terms.append((relax.op.subtract(r32, relax.const(zr, "int32")) if zr else r32,
                           np.array([float(r_params.scale[0]) / sy])))
-        lo, hi = _bounds(m, p, y)
+        lo, hi = activation_bounds(y, p.relu in m, m.get(p.clip))
         return requantize(terms, zy, lo, hi, y.dtype, channel_shape)
 
     def _bias_integers(self, extra, values, acc_scale, channel_shape) -> np.ndarray | None:
@@ -141,19 +141,6 @@ class _Rewriter:
                     and np.allclose(params.scale.astype(np.float64), acc_scale, rtol=1e-6)):
                 return np.broadcast_to(stored.reshape(-1), (channels,)).astype(np.int32)
         return np.round(np.broadcast_to(values.reshape(-1), (channels,)).astype(np.float64) / acc_scale).astype(np.int32)
-
-
-def _bounds(m: dict, p: _Patterns, y: QParams) -> tuple[int, int]:
-    """Output integer range, narrowed by relu/clip: q = round(v / s) + z is monotonic in v."""
-    lo, hi = QRANGE[y.dtype]
-    sy, zy = float(y.scale[0]), int(y.zero_point[0])
-    if p.relu in m:
-        lo = max(lo, zy)
-    elif p.clip in m:
-        clip = m[p.clip]
-        lo = max(lo, zy + int(np.round(scalar(clip.args[1]) / sy)))
-        hi = min(hi, zy + int(np.round(scalar(clip.args[2]) / sy)))
-    return lo, hi
 
 
 @tvm.transform.module_pass(opt_level=0, name="qpass.LowerQuantizedConv")
