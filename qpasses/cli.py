@@ -196,24 +196,31 @@ def check(model: Path, target_name: str, as_json: bool) -> None:
 @cli.command("compile")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--engine", "-e", "engine_name", type=click.Choice(ENGINES), required=True)
-@click.option("--output", "-o", type=click.Path(path_type=Path), help="Artifact path [default: MODEL.ort.onnx / MODEL.plan].")
+@click.option("--output", "-o", type=click.Path(path_type=Path),
+              help="Artifact path [default: MODEL.ort.onnx / MODEL.plan / MODEL.so].")
+@click.option("--target", "-t", "target_name", default="tvm-x86", show_default=True,
+              help="tvm: the target file whose [tvm] table names the device (tvm-x86, tvm-arm, or a path).")
+@click.option("--mcpu", help="tvm: LLVM CPU, overriding the target file's (e.g. cortex-a76).")
+@click.option("--mattr", metavar="+dotprod,+i8mm", help="tvm: LLVM CPU features, overriding the target file's.")
 @click.option("--opt-level", type=click.Choice(["basic", "extended", "all"]), default="extended", show_default=True,
               help="onnxruntime: graph optimisations applied offline ('all' adds layouts that suit only this CPU type).")
 @click.option("--input-shape", multiple=True, metavar="NAME=1x3x224x224",
-              help="tensorrt: the optimisation profile's shape for an input with dynamic dimensions.")
+              help="tensorrt: the optimisation profile's shape; tvm: the static shape (a dynamic batch is 1).")
 @click.option("--workspace-mib", default=1024, show_default=True, type=click.IntRange(min=1), help="tensorrt: workspace.")
 @click.option("--fp16/--no-fp16", default=True, show_default=True, help="tensorrt: let layers left float use FP16.")
 @click.option("--timing-cache", type=click.Path(path_type=Path), help="tensorrt: timing cache file, read and updated.")
 @click.option("--report", type=click.Path(path_type=Path), help="Write the compile report as JSON here.")
 @click.option("--quiet", "-q", is_flag=True, help="No summary.")
-def compile_command(model: Path, engine_name: str, output: Path | None, opt_level: str, input_shape: tuple[str, ...],
-                    workspace_mib: int, fp16: bool, timing_cache: Path | None, report: Path | None, quiet: bool) -> None:
+def compile_command(model: Path, engine_name: str, output: Path | None, target_name: str, mcpu: str | None,
+                    mattr: str | None, opt_level: str, input_shape: tuple[str, ...], workspace_mib: int, fp16: bool,
+                    timing_cache: Path | None, report: Path | None, quiet: bool) -> None:
     """Turn a Q/DQ MODEL into an engine artifact and say what runs in integer.
 
     \b
     Example:
       qpass compile model.int8.onnx --engine onnxruntime -o model.ort.onnx --report compile.json
       qpass compile model.int8.onnx --engine tensorrt -o model.plan --input-shape input=8x3x224x224
+      qpass compile model.int8.onnx --engine tvm --target tvm-arm --mattr +neon,+dotprod -o model.so
     """
     expect_kind(model, "onnxruntime")  # every engine compiles from ONNX
     output = output or model.with_name(model.name.removesuffix(".onnx") + SUFFIX[engine_name])
@@ -221,7 +228,9 @@ def compile_command(model: Path, engine_name: str, output: Path | None, opt_leve
         raise InputError(f"output {output} is the input model; qpass never overwrites its input")
     options = {"onnxruntime": {"opt_level": opt_level},
                "tensorrt": {"input_shapes": graph_io.parse_input_shapes(input_shape), "workspace_mib": workspace_mib,
-                            "fp16": fp16, "timing_cache": timing_cache}}[engine_name]
+                            "fp16": fp16, "timing_cache": timing_cache},
+               "tvm": {"target": target_name, "input_shapes": graph_io.parse_input_shapes(input_shape), "mcpu": mcpu,
+                       "mattr": mattr}}[engine_name]
     result = engine(engine_name).compile_model(model, output, **options)
     if report is not None:
         graph_io.atomic_write_bytes(report, dumps(result.to_json()))
@@ -233,7 +242,7 @@ def compile_command(model: Path, engine_name: str, output: Path | None, opt_leve
                        + ", ".join(f"{n['name']} ({n['op']})" for n in result.float_nodes), err=True)
         for warning in result.warnings:
             click.echo(f"warning: {warning}", err=True)
-        click.echo(f"wrote {output}", err=True)
+        click.echo(f"wrote {output}" + (f" and {output.name}.json (its inputs)" if engine_name == "tvm" else ""), err=True)
 
 
 @cli.command()

@@ -1,7 +1,7 @@
 """Engines: from a qpass Q/DQ model to something that runs, and its latency (`qpass compile`, `qpass bench`).
 
 One module per engine, imported only when used (TensorRT and TVM are optional):
-`onnxruntime` (CPU), `tensorrt` (NVIDIA GPU). Each offers `compile_model(model, output, ...)`
+`onnxruntime` (CPU), `tensorrt` (NVIDIA GPU), `tvm` (x86 and ARM CPUs, a shared library). Each offers `compile_model(model, output, ...)`
 returning a report with `to_json()`, and a `Runner(artifact, ...)` that `qpasses.bench` times.
 """
 
@@ -13,8 +13,9 @@ from types import ModuleType
 
 from qpasses.errors import InputError
 
-ENGINES = ("onnxruntime", "tensorrt")
-SUFFIX = {"onnxruntime": ".ort.onnx", "tensorrt": ".plan"}
+ENGINES = ("onnxruntime", "tensorrt", "tvm")
+SUFFIX = {"onnxruntime": ".ort.onnx", "tensorrt": ".plan", "tvm": ".so"}
+KIND = {"onnxruntime": "onnx", "tensorrt": "tensorrt", "tvm": "elf"}  # what each engine's artifact looks like
 
 
 def engine(name: str) -> ModuleType:
@@ -38,8 +39,7 @@ def file_kind(path: Path) -> str:
 def expect_kind(path: Path, engine_name: str) -> None:
     """A one-line error when the artifact was made for another engine."""
     kind = file_kind(path)
-    wanted = "tensorrt" if engine_name == "tensorrt" else "onnx"
-    if kind == wanted:
+    if kind == KIND[engine_name]:
         return
     names = {"elf": "a shared library (a TVM module?)", "tensorrt": "a serialized TensorRT engine", "onnx": "an ONNX model"}
     hint = {"tensorrt": "--engine tensorrt", "onnx": "--engine onnxruntime, or build an engine with `qpass compile`",

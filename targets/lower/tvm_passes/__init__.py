@@ -25,6 +25,7 @@ from .lower_pool import LowerQuantizedPool
 __all__ = ["CanonicalizeClip", "FoldQuantizeDequantize", "LowerQuantizedAdd", "LowerQuantizedConcat", "LowerQuantizedConv",
            "LowerQuantizedPool", "integer_lowering", "float_ops"]
 
+KERNELS = ("relax.nn.conv2d", "relax.matmul")
 FLOAT_COMPUTE = ("relax.nn.conv2d", "relax.nn.conv2d_transpose", "relax.matmul", "relax.add", "relax.multiply",
                  "relax.nn.max_pool2d", "relax.nn.avg_pool2d", "relax.mean", "relax.concat", "relax.nn.relu",
                  "relax.clip", "relax.sigmoid", "relax.call_tir")
@@ -44,16 +45,20 @@ def integer_lowering() -> tvm.transform.Pass:
     ], name="qpass.IntegerLowering")
 
 
-def float_ops(mod: tvm.IRModule) -> dict[str, int]:
-    """Compute ops still running in float32 after lowering, by op name (the compile report's list)."""
-    counts: dict[str, int] = {}
+def float_ops(mod: tvm.IRModule, with_kernels: bool = False) -> list[tuple[str, str, relax.Call, str]]:
+    """(variable, op, call, output dtype) of every compute op, for the compile report.
+
+    By default only those still producing float32; `with_kernels` adds every conv/matmul, so the
+    report can count the integer ones too.
+    """
+    found = []
     for func in mod.functions.values():
         if not isinstance(func, relax.Function):
             continue
         for block in func.body.blocks:
             for binding in block.bindings:
-                value = binding.value
-                if (isinstance(value, relax.Call) and getattr(value.op, "name", "") in FLOAT_COMPUTE
-                        and getattr(binding.var.ty, "dtype", "") == "float32"):
-                    counts[value.op.name] = counts.get(value.op.name, 0) + 1
-    return counts
+                call, dtype = binding.value, str(getattr(binding.var.ty, "dtype", ""))
+                op = getattr(getattr(call, "op", None), "name", "")
+                if op in FLOAT_COMPUTE and (dtype == "float32" or with_kernels and op in KERNELS):
+                    found.append((binding.var.name, op, call, dtype))
+    return found

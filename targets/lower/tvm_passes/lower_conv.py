@@ -110,9 +110,9 @@ class _Rewriter:
         if bias is not None:
             acc = relax.op.add(acc, relax.const(bias.reshape(channel_shape)))
 
-        if not self.quantized_output:
-            scale = acc_scale.astype(np.float32).reshape(channel_shape)
-            return relax.op.multiply(relax.op.astype(acc, "float32"), relax.const(scale))
+        if not self.quantized_output:  # the int32 accumulator is dequantized at scale s_x * s_w
+            return relax.op.dequantize(acc, relax.const(acc_scale.astype(np.float32)), relax.const(0, "int32"),
+                                       axis=channel_axis)
 
         y = qparams(m[p.quantize], self.var2val)
         if y is None or not y.per_tensor:

@@ -1,0 +1,218 @@
+"""TVM (Relax) as an engine: a Q/DQ ONNX model becomes a shared library with integer kernels.
+
+`compile_model` imports the model with TVM's ONNX frontend, runs qpass's integer lowering
+(`tvm_passes`), builds for the target file's `[tvm]` device (LLVM target, and a cross compiler
+for boards) and writes the library with a sidecar `<library>.json` that records the inputs
+(names, shapes, dtypes) and the compile report: a library alone does not say what it expects.
+
+`Runner` loads a library here and times `main` with TVM's time_evaluator, one run per call,
+so `qpasses.bench.measure` can interleave it with another artifact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from qpasses import graph as graph_io
+from qpasses.bench import cpu_description
+from qpasses.calibration.runner import input_specs
+from qpasses.errors import EngineError, InputError
+from qpasses.targets import load_target
+
+try:
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+except ImportError:  # pragma: no cover - apache-tvm is a dependency; say so in one line if it is missing
+    raise EngineError("TVM is not installed: pip install apache-tvm==0.27.0.post1") from None
+
+from .tvm_passes import KERNELS, float_ops, integer_lowering
+
+ELF_MACHINES = {0x3E: "x86_64", 0xB7: "aarch64", 0x28: "arm"}
+
+
+@dataclass
+class CompileReport:
+    engine: str
+    input: str
+    output: str
+    target: str
+    llvm: dict
+    tvm: str
+    machine: str  # the architecture the library runs on
+    inputs: list[dict] = field(default_factory=list)  # {name, shape, dtype}
+    integer_nodes: dict[str, int] = field(default_factory=dict)  # "conv2d int8 x int8 -> int32": count
+    float_nodes: list[dict] = field(default_factory=list)  # {name: Relax variable, op}: compute left in float32
+    build_seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"schema": "qpass.compile", "version": 1, **asdict(self)}
+
+
+def compile_model(model_path: Path, output: Path, target: str = "tvm-x86", input_shapes: dict | None = None,
+                  mcpu: str | None = None, mattr: str | None = None) -> CompileReport:
+    """Build `model_path` for the target file's TVM device into `output` (atomically) plus `output`.json."""
+    device = load_target(target).tvm
+    if device is None:
+        raise InputError(f"target {target} has no [tvm] device table: use tvm-x86 or tvm-arm, or add one to the file")
+    llvm = dict(device.llvm)
+    if mcpu:
+        llvm["mcpu"] = mcpu
+    if mattr:
+        llvm["mattr"] = [a.strip() for a in mattr.split(",") if a.strip()]
+    model = graph_io.load_model(model_path)
+    inputs = _static_inputs(model, input_shapes or {})
+    mod = _import(model, inputs)
+    lowered = integer_lowering()(mod)
+    report = CompileReport("tvm", str(model_path), str(output), target, llvm, tvm.__version__,
+                           _machine(llvm), inputs=inputs)
+    _describe(lowered, report)
+    start = time.perf_counter()
+    try:
+        executable = tvm.compile(lowered, target=tvm.target.Target(llvm))
+    except Exception as exc:
+        raise EngineError(f"TVM build failed: {str(exc).strip().splitlines()[-1]}") from None
+    report.build_seconds = round(time.perf_counter() - start, 3)
+    _export(executable, output, device.cross_compiler)
+    graph_io.atomic_write_bytes(sidecar(output), json.dumps(report.to_json(), indent=2, sort_keys=True).encode())
+    return report
+
+
+def sidecar(library: Path) -> Path:
+    return library.with_name(library.name + ".json")
+
+
+def _static_inputs(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> list[dict]:
+    """Every input with a fixed shape: a dynamic batch becomes 1, other dynamic dims need --input-shape."""
+    inputs = []
+    for spec in input_specs(model):
+        shape = list(shapes.get(spec.name, spec.shape))
+        if shape and not (isinstance(shape[0], int) and shape[0] > 0):
+            shape[0] = 1
+        if not all(isinstance(d, int) and d > 0 for d in shape):
+            raise InputError(f"input {spec.name} has dynamic dimensions {spec.shape}: give --input-shape {spec.name}=...")
+        inputs.append({"name": spec.name, "shape": shape, "dtype": str(spec.dtype)})
+    return inputs
+
+
+def _import(model: onnx.ModelProto, inputs: list[dict]) -> tvm.IRModule:
+    try:
+        return from_onnx(model, shape_dict={i["name"]: i["shape"] for i in inputs},
+                         dtype_dict={i["name"]: i["dtype"] for i in inputs}, keep_params_in_input=False)
+    except Exception as exc:
+        message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise EngineError(f"TVM's ONNX frontend cannot import the model: {message}") from None
+
+
+def _describe(mod: tvm.IRModule, report: CompileReport) -> None:
+    """Count conv/matmul kernels by operand dtypes, and list the compute the lowering left in float."""
+    integer: dict[str, int] = {}
+    for name, op, call, dtype in float_ops(mod, with_kernels=True):
+        if op in KERNELS and not str(call.args[0].ty.dtype).startswith("float"):
+            x, w = (str(a.ty.dtype) for a in call.args[:2])
+            key = f"{op.removeprefix('relax.').removeprefix('nn.')} {x} x {w} -> {dtype}"
+            integer[key] = integer.get(key, 0) + 1
+        elif dtype.startswith("float"):
+            report.float_nodes.append({"name": name, "op": op.removeprefix("relax.")})
+    report.integer_nodes = dict(sorted(integer.items()))
+    kernels = [n for n in report.float_nodes if "relax." + n["op"] in KERNELS]
+    if kernels:
+        report.warnings.append(f"{len(kernels)} conv/matmul kernel(s) stay float32 "
+                               "(no Q/DQ around them, or a form the lowering does not handle)")
+
+
+def _machine(llvm: dict) -> str:
+    triple = llvm.get("mtriple", "")
+    return triple.split("-")[0] if triple else platform.machine()
+
+
+def _export(executable, output: Path, cross_compiler: str) -> None:
+    """Link the library beside `output` under a temporary name, then rename it into place."""
+    from tvm.support import cc
+
+    with graph_io.writing(output):
+        fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".so")
+        os.close(fd)
+    try:
+        fcompile = cc.cross_compiler(cross_compiler) if cross_compiler else None
+        executable.export_library(tmp, fcompile=fcompile)
+        os.replace(tmp, output)
+    except Exception as exc:
+        hint = f" (is {cross_compiler} installed? Debian: gcc-aarch64-linux-gnu)" if cross_compiler else ""
+        raise EngineError(f"linking {output.name} failed: {str(exc).strip().splitlines()[-1]}{hint}") from None
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def elf_machine(path: Path) -> str:
+    """The architecture an ELF shared library was built for (e_machine)."""
+    with open(path, "rb") as f:
+        head = f.read(20)
+    code = int.from_bytes(head[18:20], "little")
+    return ELF_MACHINES.get(code, f"machine {code:#x}")
+
+
+def read_sidecar(library: Path) -> dict:
+    path = sidecar(library)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise InputError(f"{path} is missing or unreadable: it records the library's inputs; "
+                         "keep it beside the library (qpass compile writes both)") from None
+
+
+class Runner:
+    """A compiled library loaded on this CPU; a call times one run of `main` (TVM's time_evaluator, ms)."""
+
+    def __init__(self, path: Path, threads: int = 0, batch: int = 1, input_shapes: dict | None = None, seed: int = 0):
+        info = read_sidecar(path)
+        built_for, here = elf_machine(path), platform.machine()
+        if built_for != here:
+            raise EngineError(f"{path} is built for {built_for}; this machine is {here} (run it on a board with --rpc)")
+        self.quantized = bool(info.get("integer_nodes"))
+        self.device = cpu_description()
+        self.feeds = feeds(info["inputs"], batch, seed)
+        if threads:
+            os.environ["TVM_NUM_THREADS"] = str(threads)  # read when the runtime's thread pool starts
+        dev = tvm.cpu()
+        try:
+            self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(path)), dev)
+        except Exception as exc:
+            raise EngineError(f"TVM cannot load {path}: {str(exc).strip().splitlines()[-1]}") from None
+        self.args = [tvm.runtime.tensor(v, dev) for v in self.feeds.values()]
+        self.evaluate = self.vm.time_evaluator("main", dev, number=1, repeat=1)
+
+    def __call__(self) -> float:
+        try:
+            return 1000.0 * float(self.evaluate(*self.args).mean)
+        except Exception as exc:
+            raise EngineError(f"TVM run failed: {str(exc).strip().splitlines()[-1]}") from None
+
+    def outputs(self) -> list[np.ndarray]:
+        result = self.vm["main"](*self.args)
+        return [result.numpy()] if isinstance(result, tvm.runtime.Tensor) else [item.numpy() for item in result]
+
+
+def feeds(inputs: list[dict], batch: int, seed: int) -> dict[str, np.ndarray]:
+    """Seeded inputs of the compiled shapes (the library is static: `--batch-size` must match)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for spec in inputs:
+        shape = spec["shape"]
+        if batch != 1 and shape and shape[0] != batch:
+            raise InputError(f"the library was compiled for {spec['name']} of shape {shape}; "
+                             f"compile with --input-shape {spec['name']}={batch}x... for batch {batch}")
+        dtype = np.dtype(spec["dtype"])
+        values = rng.standard_normal(shape) if np.issubdtype(dtype, np.floating) else np.zeros(shape)
+        out[spec["name"]] = values.astype(dtype)
+    return out
