@@ -15,7 +15,7 @@ QRANGE = {"int8": (-128, 127), "uint8": (0, 255), "int16": (-32768, 32767), "int
 class QParams:
     """Scale and zero point of one quantize/dequantize call (scalar, or per channel along `axis`)."""
 
-    scale: np.ndarray  # float32
+    scale: np.ndarray  # float64 holding the model's float32 values: multipliers are formed in float64
     zero_point: np.ndarray  # int64
     dtype: str  # the integer side's dtype
     axis: int
@@ -46,7 +46,7 @@ def qparams(call: relax.Call, var2val: dict) -> QParams | None:
     if scale is None or zero_point is None:
         return None
     int_dtype = call.attrs.out_dtype if op_name(call) == "relax.quantize" else str(call.args[0].ty.dtype)
-    return QParams(scale.astype(np.float32).reshape(-1), zero_point.astype(np.int64).reshape(-1), str(int_dtype),
+    return QParams(scale.astype(np.float32).astype(np.float64).reshape(-1), zero_point.astype(np.int64).reshape(-1), str(int_dtype),
                    int(call.attrs.axis))
 
 
@@ -69,7 +69,7 @@ def constant(expr: relax.Expr, var2val: dict) -> np.ndarray | None:
         shape = [1] * data.ndim
         if not params.per_tensor:
             shape[params.axis % data.ndim] = -1
-        scale, zero_point = params.scale.reshape(shape), params.zero_point.reshape(shape)
+        scale, zero_point = params.scale.astype(np.float32).reshape(shape), params.zero_point.reshape(shape)
         if name == "relax.dequantize":
             return ((data.astype(np.int64) - zero_point).astype(np.float32) * scale).astype(np.float32)
         lo, hi = QRANGE[params.dtype]
