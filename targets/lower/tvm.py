@@ -71,9 +71,8 @@ def compile_model(model_path: Path, output: Path, target: str = "tvm-x86", input
     if mattr:
         llvm["mattr"] = [a.strip() for a in mattr.split(",") if a.strip()]
     model = graph_io.load_model(model_path)
-    inputs = _static_inputs(model, input_shapes or {})
-    mod = _import(model, inputs)
-    lowered = integer_lowering()(mod)
+    inputs = static_inputs(model, input_shapes or {})
+    lowered = lower(model, inputs)
     report = CompileReport("tvm", str(model_path), str(output), target, llvm, tvm.__version__,
                            _machine(llvm), inputs=inputs)
     _describe(lowered, report)
@@ -92,7 +91,7 @@ def sidecar(library: Path) -> Path:
     return library.with_name(library.name + ".json")
 
 
-def _static_inputs(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> list[dict]:
+def static_inputs(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> list[dict]:
     """Every input with a fixed shape: a dynamic batch becomes 1, other dynamic dims need --input-shape."""
     inputs = []
     for spec in input_specs(model):
@@ -105,13 +104,15 @@ def _static_inputs(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> list
     return inputs
 
 
-def _import(model: onnx.ModelProto, inputs: list[dict]) -> tvm.IRModule:
+def lower(model: onnx.ModelProto, inputs: list[dict]) -> tvm.IRModule:
+    """The Relax module `compile_model` builds: the imported model after qpass's integer lowering."""
     try:
-        return from_onnx(model, shape_dict={i["name"]: i["shape"] for i in inputs},
-                         dtype_dict={i["name"]: i["dtype"] for i in inputs}, keep_params_in_input=False)
+        mod = from_onnx(model, shape_dict={i["name"]: i["shape"] for i in inputs},
+                        dtype_dict={i["name"]: i["dtype"] for i in inputs}, keep_params_in_input=False)
     except Exception as exc:
         message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise EngineError(f"TVM's ONNX frontend cannot import the model: {message}") from None
+    return integer_lowering()(mod)
 
 
 def _describe(mod: tvm.IRModule, report: CompileReport) -> None:

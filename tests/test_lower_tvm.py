@@ -1,0 +1,108 @@
+"""The TVM engine: a qpass Q/DQ model compiles into a library whose convs run on integers and
+whose outputs match ONNX Runtime running the Q/DQ graph; the ARM build is an aarch64 library;
+`compile`/`bench` from the CLI, and their one-line errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import EXAMPLE, ZOO_NAMES
+from qpasses.calibration.runner import session
+from qpasses.errors import EngineError
+from qpasses.targets.lower.tvm import Runner, compile_model, elf_machine, lower, static_inputs
+from test_cli import assert_one_line_error, qpass
+from test_lower_onnxruntime import int8_model
+
+tvm = pytest.importorskip("tvm", reason="apache-tvm is a test dependency; pip install -e '.[test]'")
+from tvm import relax  # noqa: E402
+
+
+def reference(qdq_path, feeds):
+    """ONNX Runtime, optimisations off: the Q/DQ graph op by op."""
+    return session(onnx.load(qdq_path), optimize=False).run(None, feeds)
+
+
+@pytest.mark.parametrize("name,target", [("example", "tvm-x86"), ("example", "tvm-arm"), ("example", "onnxruntime")]
+                         + [(m, "tvm-x86") for m in ZOO_NAMES])
+def test_library_matches_the_qdq_reference(tmp_path, zoo_dir, name, target):
+    source, data = (EXAMPLE / "model.onnx", None) if name == "example" else (zoo_dir / f"{name}.onnx", zoo_dir / "calib.npy")
+    qdq = int8_model(tmp_path, source, target=target, data=data)
+    report = compile_model(qdq, tmp_path / "m.so", target="tvm-x86")
+    assert report.integer_nodes, report
+    runner = Runner(tmp_path / "m.so")
+    got, want = runner.outputs(), reference(qdq, runner.feeds)
+    for g, w in zip(got, want):
+        # integer kernels compute exactly what the Q/DQ graph computes; only the float output
+        # dequantize and ORT's float32 re-association differ
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * max(1.0, float(np.abs(w).max())))
+
+
+def test_report_lists_what_stays_float(tmp_path, zoo_dir):
+    """conv_transpose: the lowering has no ConvTranspose rule yet; the report says so instead of hiding it."""
+    qdq = int8_model(tmp_path, zoo_dir / "conv_transpose.onnx", target="tvm-x86", data=zoo_dir / "calib.npy")
+    report = compile_model(qdq, tmp_path / "m.so")
+    assert "nn.conv2d_transpose" in {n["op"] for n in report.float_nodes}
+    assert any(k.startswith("conv2d int8 x int8 -> int32") for k in report.integer_nodes)
+
+
+def test_built_conv_kernels_take_integer_inputs(tmp_path):
+    """Legalized to TIR, every conv2d kernel of the module compile_model builds reads int8 buffers."""
+    qdq = int8_model(tmp_path, EXAMPLE / "model.onnx", target="tvm-x86")
+    model = onnx.load(qdq)
+    tir = relax.transform.LegalizeOps()(lower(model, static_inputs(model, {})))
+    convs = {gv.name_hint: f for gv, f in tir.functions_items() if "conv2d" in gv.name_hint}
+    assert len(convs) >= 4  # one kernel per distinct conv shape
+    for name, func in convs.items():
+        dtypes = [str(p.dtype) for p in func.params[:2]]
+        assert dtypes == ["int8", "int8"], (name, dtypes)
+
+
+def test_arm_build_is_an_aarch64_library_that_does_not_run_here(tmp_path):
+    if shutil.which("aarch64-linux-gnu-gcc") is None:
+        pytest.fail("aarch64-linux-gnu-gcc is missing: .ci/run installs Debian's gcc-aarch64-linux-gnu")
+    qdq = int8_model(tmp_path, EXAMPLE / "model.onnx", target="tvm-arm")
+    report = compile_model(qdq, tmp_path / "arm.so", target="tvm-arm", mattr="+neon,+dotprod")
+    assert elf_machine(tmp_path / "arm.so") == "aarch64" and report.machine == "aarch64"
+    assert report.llvm["mattr"] == ["+neon", "+dotprod"]
+    with pytest.raises(EngineError, match="built for aarch64; this machine is x86_64"):
+        Runner(tmp_path / "arm.so")
+
+
+def test_compile_is_deterministic(tmp_path):
+    qdq = int8_model(tmp_path, EXAMPLE / "model.onnx", target="tvm-x86")
+    compile_model(qdq, tmp_path / "a.so")
+    compile_model(qdq, tmp_path / "b.so")
+    assert (tmp_path / "a.so").read_bytes() == (tmp_path / "b.so").read_bytes()
+
+
+def test_cli_compile_and_bench_against_float(tmp_path):
+    qdq = int8_model(tmp_path, EXAMPLE / "model.onnx", target="tvm-x86")
+    result = qpass("compile", str(qdq), "--engine", "tvm", "-o", str(tmp_path / "q.so"), "--report", str(tmp_path / "c.json"))
+    assert result.returncode == 0, result.stderr
+    assert "integer kernels: conv2d int8 x int8 -> int32 x6, matmul int8 x int8 -> int32 x1" in result.stderr
+    compiled = json.loads((tmp_path / "c.json").read_text())
+    assert compiled["engine"] == "tvm" and compiled["inputs"] == [{"name": "input", "shape": [1, 1, 8, 8], "dtype": "float32"}]
+    assert qpass("compile", str(EXAMPLE / "model.onnx"), "--engine", "tvm", "-o", str(tmp_path / "f.so"), "-q").returncode == 0
+    result = qpass("bench", str(tmp_path / "q.so"), "--engine", "tvm", "--compare", str(tmp_path / "f.so"),
+                   "--warmup", "2", "--runs", "5", "-q", "--report", str(tmp_path / "b.json"))
+    assert result.returncode == 0, result.stderr
+    bench = json.loads((tmp_path / "b.json").read_text())
+    assert bench["engine"] == "tvm" and bench["speedup"] > 0 and bench["models"]["model"]["latency"]["median_ms"] > 0
+
+
+def test_cli_errors(tmp_path):
+    qdq = int8_model(tmp_path, EXAMPLE / "model.onnx", target="tvm-x86")
+    assert_one_line_error(qpass("compile", str(qdq), "--engine", "tvm", "--target", "tensorrt", "-o", str(tmp_path / "x.so")),
+                          2, "target tensorrt has no [tvm] device table")
+    assert qpass("compile", str(qdq), "--engine", "tvm", "-o", str(tmp_path / "q.so"), "-q").returncode == 0
+    shutil.copy(tmp_path / "q.so", tmp_path / "alone.so")
+    assert_one_line_error(qpass("bench", str(tmp_path / "alone.so"), "--engine", "tvm"), 2, "alone.so.json is missing")
+    assert_one_line_error(qpass("bench", str(tmp_path / "q.so"), "--engine", "onnxruntime"), 2, "use --engine tvm")
+    assert_one_line_error(qpass("bench", str(qdq), "--engine", "tvm"), 2, "not what --engine tvm runs")
+    assert_one_line_error(qpass("bench", str(tmp_path / "q.so"), "--engine", "tvm", "--batch-size", "4"), 2,
+                          "compiled for input of shape [1, 1, 8, 8]")
