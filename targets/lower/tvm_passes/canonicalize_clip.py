@@ -13,7 +13,7 @@ import tvm
 from tvm import relax
 from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
-from .common import bound, constant, op_name, rewrite_functions, scalar
+from .common import bound, constant, rewrite_functions, scalar
 
 KERNELS = {"maximum": 0, "minimum": 1}  # which clip bound each imported kernel sets
 

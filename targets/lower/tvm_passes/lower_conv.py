@@ -48,7 +48,8 @@ class _Patterns:
         self.root = self.quantize
 
 
-def _int_operand(value: relax.Expr, zero_point: int, dtype: str, wide: bool) -> relax.Expr:
+def _int_operand(value: relax.Expr, zero_point: int, wide: bool) -> relax.Expr:
+    """The activation as the conv reads it: as stored, or widened to int16 and centred on its zero point."""
     if not wide:
         return value
     value = relax.op.astype(value, "int16")
@@ -81,7 +82,7 @@ class _Rewriter:
             return original
         wide = bool(zx or zw[0] or x_params.dtype != "int8" or w_params.dtype != "int8")
         w_int = (w_values.astype(np.int32) - int(zw[0])).astype("int16" if wide else "int8")
-        x_int = _int_operand(m[p.x], zx, x_params.dtype, wide)
+        x_int = _int_operand(m[p.x], zx, wide)
         if is_conv:
             a = core.attrs
             acc = relax.op.nn.conv2d(x_int, relax.const(w_int), strides=a.strides, padding=a.padding,
