@@ -17,7 +17,11 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+import onnx
 from tqdm import tqdm
+
+from qpasses.calibration.runner import input_specs
+from qpasses.errors import InputError
 
 SCHEMA, VERSION = "qpass.bench", 1
 
@@ -115,3 +119,28 @@ def format_bench(result: BenchResult) -> str:
     if result.speedup is not None:
         lines.append(f"speedup (compare median / model median): {result.speedup:.2f}x")
     return "\n".join(lines)
+
+
+def static_shapes(model: onnx.ModelProto, given: dict[str, list[int]], batch: int | None = None
+                  ) -> dict[str, tuple[list[int], np.dtype]]:
+    """Each input's concrete shape and dtype: sizes from `given` (--input-shape), a dynamic batch
+    becomes `batch` (1 if None), other dynamic dims are an error; with a `batch`, a fixed batch
+    must equal it."""
+    shapes = {}
+    for spec in input_specs(model):
+        shape = list(given.get(spec.name, spec.shape))
+        if shape and not (isinstance(shape[0], int) and shape[0] > 0):
+            shape[0] = batch or 1
+        elif shape and batch is not None and shape[0] != batch and spec.name not in given:
+            raise InputError(f"input {spec.name} has a fixed batch of {shape[0]}; --batch-size {batch} does not fit")
+        if not all(isinstance(d, int) and d > 0 for d in shape):
+            raise InputError(f"input {spec.name} has dynamic dimensions {spec.shape}: give --input-shape {spec.name}=...")
+        shapes[spec.name] = (shape, spec.dtype)
+    return shapes
+
+
+def seeded_inputs(shapes: dict[str, tuple[list[int], np.dtype]], seed: int) -> dict[str, np.ndarray]:
+    """Reproducible inputs for timing: standard normal floats, zero integers (speed does not depend on them)."""
+    rng = np.random.default_rng(seed)
+    return {name: (rng.standard_normal(shape) if np.issubdtype(dtype, np.floating) else np.zeros(shape)).astype(dtype)
+            for name, (shape, dtype) in shapes.items()}

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 
-from qpasses.bench import Latency, measure
+from qpasses.bench import Latency, measure, seeded_inputs, static_shapes
+from qpasses.errors import InputError
 
 
 def test_statistics_against_numpy():
@@ -34,3 +36,15 @@ def test_models_are_warmed_up_then_timed_in_turn():
     result = measure({"model": Recorder("a", 1.0), "compare": Recorder("b", 3.0)}, warmup=2, runs=3, quiet=True)
     assert calls == ["a", "a", "b", "b"] + ["a", "b"] * 3
     assert result["model"].median_ms == 1.0 and result["compare"].runs == 3
+
+
+def random_feeds(model, batch, given, seed):
+    return seeded_inputs(static_shapes(model, given, batch), seed)
+
+
+def test_random_feeds_need_sizes_for_dynamic_dimensions(zoo_dir):
+    model = onnx.load(zoo_dir / "resnet_basic.onnx")
+    assert random_feeds(model, 8, {}, 0)["input"].shape[0] == 8  # the dynamic batch
+    model.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "height"
+    with pytest.raises(InputError, match="--input-shape"):
+        random_feeds(model, 1, {}, 0)

@@ -12,11 +12,10 @@ import pytest
 from conftest import EXAMPLE, ZOO_NAMES
 from qpasses.bench import has_vnni
 from qpasses.calibration.runner import session
-from qpasses.errors import InputError
 from qpasses.pass_infra import PassContext
 from qpasses.pipeline import quantize, sqnr
 from qpasses.targets import load_target
-from qpasses.targets.lower.onnxruntime import Runner, compile_model, random_feeds
+from qpasses.targets.lower.onnxruntime import Runner, compile_model
 from test_cli import assert_one_line_error, qpass
 
 WEIGHTED = {"Conv", "Gemm", "MatMul", "ConvTranspose"}
@@ -74,14 +73,6 @@ def test_compile_is_deterministic_and_marks_the_artifact(tmp_path):
 def test_a_float_model_compiles_with_a_warning(tmp_path):
     report = compile_model(EXAMPLE / "model.onnx", tmp_path / "f.onnx")
     assert not report.integer_nodes and report.warnings == ["the model has no Q/DQ: it runs entirely in float"]
-
-
-def test_random_feeds_need_sizes_for_dynamic_dimensions(zoo_dir):
-    model = onnx.load(zoo_dir / "resnet_basic.onnx")
-    assert random_feeds(model, 8, {}, 0)["input"].shape[0] == 8  # the dynamic batch
-    model.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "height"
-    with pytest.raises(InputError, match="--input-shape"):
-        random_feeds(model, 1, {}, 0)
 
 
 def test_compile_and_bench_from_the_command_line(tmp_path):

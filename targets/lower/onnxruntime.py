@@ -24,9 +24,8 @@ import onnx
 import onnxruntime as ort
 
 from qpasses import graph as graph_io
-from qpasses.bench import cpu_description, has_vnni
-from qpasses.calibration.runner import input_specs
-from qpasses.errors import EngineError, InputError
+from qpasses.bench import cpu_description, has_vnni, seeded_inputs, static_shapes
+from qpasses.errors import EngineError
 
 LEVELS = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
           "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
@@ -148,7 +147,7 @@ class Runner:
         compiled = any(p.key == METADATA_KEY for p in model.metadata_props)
         level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL if compiled else LEVELS["all"]
         self.session = _session(str(path), _options(level, threads))
-        self.feeds = random_feeds(model, batch, input_shapes or {}, seed)
+        self.feeds = seeded_inputs(static_shapes(model, input_shapes or {}, batch), seed)
         self.device = cpu_description()
         self.quantized = is_quantized(model)
 
@@ -159,21 +158,3 @@ class Runner:
         except Exception as exc:
             raise EngineError(f"ONNX Runtime failed: {str(exc).splitlines()[0]}") from None
         return 1000.0 * (time.perf_counter() - start)
-
-
-def random_feeds(model: onnx.ModelProto, batch: int, input_shapes: dict[str, list[int]], seed: int) -> dict[str, np.ndarray]:
-    """Seeded inputs of the model's shapes: a dynamic batch becomes `batch`, other dynamic dims need sizes."""
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for spec in input_specs(model):
-        shape = list(input_shapes.get(spec.name, spec.shape))
-        dynamic_batch = bool(shape) and not (isinstance(shape[0], int) and shape[0] > 0)
-        if dynamic_batch:
-            shape[0] = batch
-        elif shape and shape[0] != batch and spec.name not in input_shapes:
-            raise InputError(f"input {spec.name} has a fixed batch of {shape[0]}; --batch-size {batch} does not fit")
-        if not all(isinstance(d, int) and d > 0 for d in shape):
-            raise InputError(f"input {spec.name} has dynamic dimensions {spec.shape}: give --input-shape {spec.name}=...")
-        values = rng.standard_normal(shape) if np.issubdtype(spec.dtype, np.floating) else np.zeros(shape)
-        feeds[spec.name] = values.astype(spec.dtype)
-    return feeds

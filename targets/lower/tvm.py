@@ -23,8 +23,7 @@ import numpy as np
 import onnx
 
 from qpasses import graph as graph_io
-from qpasses.bench import cpu_description
-from qpasses.calibration.runner import input_specs
+from qpasses.bench import cpu_description, seeded_inputs, static_shapes
 from qpasses.errors import EngineError, InputError
 from qpasses.targets import load_target
 
@@ -92,16 +91,9 @@ def sidecar(library: Path) -> Path:
 
 
 def static_inputs(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> list[dict]:
-    """Every input with a fixed shape: a dynamic batch becomes 1, other dynamic dims need --input-shape."""
-    inputs = []
-    for spec in input_specs(model):
-        shape = list(shapes.get(spec.name, spec.shape))
-        if shape and not (isinstance(shape[0], int) and shape[0] > 0):
-            shape[0] = 1
-        if not all(isinstance(d, int) and d > 0 for d in shape):
-            raise InputError(f"input {spec.name} has dynamic dimensions {spec.shape}: give --input-shape {spec.name}=...")
-        inputs.append({"name": spec.name, "shape": shape, "dtype": str(spec.dtype)})
-    return inputs
+    """The library's fixed inputs: a dynamic batch becomes 1, other dynamic dims need --input-shape."""
+    return [{"name": name, "shape": shape, "dtype": str(dtype)}
+            for name, (shape, dtype) in static_shapes(model, shapes).items()]
 
 
 def lower(model: onnx.ModelProto, inputs: list[dict]) -> tvm.IRModule:
@@ -206,14 +198,8 @@ class Runner:
 
 def feeds(inputs: list[dict], batch: int, seed: int) -> dict[str, np.ndarray]:
     """Seeded inputs of the compiled shapes (the library is static: `--batch-size` must match)."""
-    rng = np.random.default_rng(seed)
-    out = {}
     for spec in inputs:
-        shape = spec["shape"]
-        if batch != 1 and shape and shape[0] != batch:
-            raise InputError(f"the library was compiled for {spec['name']} of shape {shape}; "
+        if batch != 1 and spec["shape"] and spec["shape"][0] != batch:
+            raise InputError(f"the library was compiled for {spec['name']} of shape {spec['shape']}; "
                              f"compile with --input-shape {spec['name']}={batch}x... for batch {batch}")
-        dtype = np.dtype(spec["dtype"])
-        values = rng.standard_normal(shape) if np.issubdtype(dtype, np.floating) else np.zeros(shape)
-        out[spec["name"]] = values.astype(dtype)
-    return out
+    return seeded_inputs({s["name"]: (s["shape"], np.dtype(s["dtype"])) for s in inputs}, seed)

@@ -12,8 +12,7 @@ from tvm import relax
 from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
 from .common import QRANGE, bound, op_name, qparams, rewrite_functions
-from .lower_add import integer_term
-from .requantize import requantize
+from .requantize import integer_term, requantize
 
 LAYOUT_OPS = ("relax.reshape", "relax.permute_dims", "relax.squeeze", "relax.expand_dims", "relax.flatten")
 

@@ -14,13 +14,7 @@ from tvm import relax
 from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
 from .common import activation_bounds, bound, qparams, rewrite_functions
-from .requantize import requantize
-
-
-def integer_term(value: relax.Expr, zero_point: int) -> relax.Expr:
-    """An integer input widened to int32 with its zero point taken off."""
-    value = relax.op.astype(value, "int32")
-    return relax.op.subtract(value, relax.const(zero_point, "int32")) if zero_point else value
+from .requantize import integer_term, requantize
 
 
 @tvm.transform.module_pass(opt_level=0, name="qpass.LowerQuantizedAdd")

@@ -33,6 +33,12 @@ def fixed_point(multipliers: list[np.ndarray]) -> tuple[list[np.ndarray], np.nda
     return [np.round(m.astype(np.float64) * np.exp2(shift)).astype(np.int64) for m in multipliers], shift
 
 
+def integer_term(value: relax.Expr, zero_point: int) -> relax.Expr:
+    """An integer input widened to int32 with its zero point taken off."""
+    value = relax.op.astype(value, "int32")
+    return relax.op.subtract(value, relax.const(zero_point, "int32")) if zero_point else value
+
+
 def requantize(terms: list[tuple[relax.Expr, np.ndarray]], zero_point: int, lo: int, hi: int, out_dtype: str,
                channel_shape: list[int]) -> relax.Expr:
     """The Relax expression for clamp(round(sum_i v_i * M_i) + zero_point, lo, hi) as `out_dtype`.
