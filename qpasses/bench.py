@@ -21,7 +21,7 @@ import onnx
 from tqdm import tqdm
 
 from qpasses.calibration.runner import input_specs
-from qpasses.errors import InputError
+from qpasses.errors import EngineError, InputError
 
 SCHEMA, VERSION = "qpass.bench", 1
 
@@ -58,22 +58,34 @@ class BenchResult:
     settings: dict  # batch, threads, warmup, runs, and engine-specific ones
     models: dict[str, dict] = field(default_factory=dict)  # label -> {path, latency}
     speedup: float | None = None  # compare median / model median
+    error: str | None = None  # why the measurement stopped early; `models` then holds the runs made before
 
     def to_json(self) -> dict:
         return {"schema": SCHEMA, "version": VERSION, **asdict(self)}
 
 
+class IncompleteRun(EngineError):
+    """A runner failed part-way (a board dropped off): `latency` holds the runs measured before."""
+
+    def __init__(self, message: str, latency: dict[str, Latency]):
+        super().__init__(message)
+        self.latency = latency
+
+
 def measure(runners: dict[str, Runner], warmup: int, runs: int, quiet: bool = False) -> dict[str, Latency]:
     """Warm every runner up, then time them interleaved, `runs` times each."""
     samples: dict[str, list[float]] = {label: [] for label in runners}
-    for run in runners.values():
-        for _ in range(warmup):
-            run()
     with tqdm(total=runs * len(runners), desc="bench", unit="run", disable=True if quiet else None, leave=False) as bar:
-        for _ in range(runs):
-            for label, run in runners.items():
-                samples[label].append(run())
-                bar.update(1)
+        try:
+            for run in runners.values():
+                for _ in range(warmup):
+                    run()
+            for _ in range(runs):
+                for label, run in runners.items():
+                    samples[label].append(run())
+                    bar.update(1)
+        except EngineError as exc:
+            raise IncompleteRun(str(exc), {label: Latency.of(s) for label, s in samples.items() if s}) from None
     return {label: Latency.of(s) for label, s in samples.items()}
 
 
@@ -118,6 +130,8 @@ def format_bench(result: BenchResult) -> str:
                      + f"   {entry['path']}")
     if result.speedup is not None:
         lines.append(f"speedup (compare median / model median): {result.speedup:.2f}x")
+    if result.error:
+        lines.append(f"incomplete: {result.error}")
     return "\n".join(lines)
 
 

@@ -7,6 +7,7 @@ Every user-facing failure is one line on stderr and a documented exit code (see 
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from collections import Counter
 from dataclasses import asdict
@@ -17,14 +18,14 @@ import click
 from qpasses import __version__
 from qpasses.calibration.data import RANDOM_WARNING, random_source
 from qpasses.calibration.observers import OBSERVERS
-from qpasses.errors import GateError, InputError, QpassError
+from qpasses.errors import EngineError, GateError, InputError, QpassError
 from qpasses.targets.check import check_model, format_check
 from qpasses.targets.lower import ENGINES, SUFFIX, engine, expect_kind
 from qpasses.targets.schema import builtin_names, load_target
 
 from . import graph as graph_io
 from .analyze import Goal, analyze as run_analyze, format_analysis
-from .bench import BenchResult, format_bench, measure
+from .bench import BenchResult, IncompleteRun, format_bench, measure
 from .pass_infra import PassContext
 from .pipeline import ALL_PASSES, Techniques, quantize as run_quantize
 from .report import dumps, quantize_report, sha256
@@ -254,38 +255,113 @@ def compile_command(model: Path, engine_name: str, output: Path | None, target_n
 @click.option("--runs", default=100, show_default=True, type=click.IntRange(min=1))
 @click.option("--batch-size", default=1, show_default=True, type=click.IntRange(min=1))
 @click.option("--threads", default=0, show_default=True, type=click.IntRange(min=0),
-              help="onnxruntime: intra-op threads (0: ORT's default, one per physical core).")
+              help="Intra-op threads (0: the engine's default, one per physical core).")
 @click.option("--input-shape", multiple=True, metavar="NAME=1x3x224x224", help="Sizes for dynamic input dimensions.")
+@click.option("--number", default=1, show_default=True, type=click.IntRange(min=1),
+              help="tvm: runs averaged into one timed sample (TVM's time_evaluator).")
+@click.option("--min-repeat-ms", default=0, show_default=True, type=click.IntRange(min=0),
+              help="tvm: raise --number until one sample lasts this long.")
+@click.option("--cooldown-ms", default=0, show_default=True, type=click.IntRange(min=0),
+              help="tvm: idle time before each sample (lets a board without a fan cool down).")
+@click.option("--rpc", "rpc_address", metavar="HOST:PORT", help="tvm: measure on the board whose RPC server is here.")
+@click.option("--tracker", metavar="HOST:PORT", help="tvm: request a board from this RPC tracker (with --key).")
+@click.option("--key", help="tvm: the device key to request from --tracker.")
+@click.option("--rpc-timeout", default=30.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="tvm: seconds any one RPC step (connect, request, upload, one sample) may take.")
 @click.option("--report", type=click.Path(path_type=Path), help="Write the measurements as JSON here.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random inputs.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def bench(model: Path, engine_name: str, compare: Path | None, warmup: int, runs: int, batch_size: int, threads: int,
-          input_shape: tuple[str, ...], report: Path | None, seed: int, quiet: bool) -> None:
-    """Measure the latency of a quantized MODEL (an artifact of --engine) on this device.
+          input_shape: tuple[str, ...], number: int, min_repeat_ms: int, cooldown_ms: int, rpc_address: str | None,
+          tracker: str | None, key: str | None, rpc_timeout: float, report: Path | None, seed: int,
+          quiet: bool) -> None:
+    """Measure the latency of a quantized MODEL (an artifact of --engine) on this device or a board.
 
     \b
-    Example:
+    Examples:
       qpass bench model.ort.onnx --engine onnxruntime --compare model.onnx --threads 1 --report bench.json
+      qpass bench model.so --engine tvm --rpc 192.168.1.20:9090 --compare float.so --report bench.json
+      qpass bench model.so --engine tvm --tracker 10.0.0.5:9190 --key rk3588
     """
     shapes = graph_io.parse_input_shapes(input_shape)
     paths = {"model": model, **({"compare": compare} if compare else {})}
     for path in paths.values():
         expect_kind(path, engine_name)
+    settings = {"batch": batch_size, "threads": threads or "default", "warmup": warmup, "runs": runs}
+    options = {}
+    if engine_name == "tvm":
+        options = {"remote": _remote_device(rpc_address, tracker, key, rpc_timeout), "number": number,
+                   "min_repeat_ms": min_repeat_ms, "cooldown_ms": cooldown_ms}
+        settings.update(number=number, min_repeat_ms=min_repeat_ms, cooldown_ms=cooldown_ms)
+        if options["remote"] is not None:
+            settings["rpc"] = str(options["remote"].endpoint)
+    elif rpc_address or tracker:
+        raise InputError("--rpc and --tracker measure TVM libraries: use them with --engine tvm")
     module = engine(engine_name)
-    runners = {label: module.Runner(path, threads=threads, batch=batch_size, input_shapes=shapes, seed=seed)
+    runners = {label: module.Runner(path, threads=threads, batch=batch_size, input_shapes=shapes, seed=seed, **options)
                for label, path in paths.items()}
     if not runners["model"].quantized:
         raise InputError(f"{model} has no quantized ops: a float model (pass it with --compare next to the int8 one)")
-    latency = measure(runners, warmup, runs, quiet)
-    result = BenchResult(engine_name, runners["model"].device,
-                         {"batch": batch_size, "threads": threads or "default", "warmup": warmup, "runs": runs})
+    result = BenchResult(engine_name, runners["model"].device, settings)
+    try:
+        latency = measure(runners, warmup, runs, quiet)
+    except IncompleteRun as exc:
+        latency, result.error = exc.latency, str(exc)
     for label, path in paths.items():
-        result.models[label] = {"path": str(path), "sha256": sha256(path), "latency": asdict(latency[label])}
-    if compare:
+        if label in latency:
+            result.models[label] = {"path": str(path), "sha256": sha256(path), "latency": asdict(latency[label])}
+    if compare and len(latency) == 2:
         result.speedup = latency["compare"].median_ms / latency["model"].median_ms
     if report is not None:
         graph_io.atomic_write_bytes(report, dumps(result.to_json()))
     click.echo(format_bench(result))
+    if result.error:
+        kept = f"; the runs made before are in {report}" if report is not None else ""
+        raise EngineError(f"measurement stopped: {result.error}{kept}")
+
+
+def _remote_device(rpc_address: str | None, tracker: str | None, key: str | None, timeout: float):
+    """The board named by --rpc or --tracker/--key, connected; None to measure here."""
+    if rpc_address and tracker:
+        raise InputError("give --rpc HOST:PORT or --tracker HOST:PORT --key KEY, not both")
+    if tracker and not key:
+        raise InputError("--tracker needs --key (the device key the board's server registered)")
+    if key and not tracker:
+        raise InputError("--key goes with --tracker HOST:PORT")
+    if not (rpc_address or tracker):
+        return None
+    from qpasses.targets.lower.tvm_rpc import Endpoint, open_device
+
+    return open_device(Endpoint.parse(rpc_address or tracker, key, timeout))
+
+
+@cli.command("rpc-server")
+@click.option("--host", default="0.0.0.0", show_default=True, help="Address to listen on.")
+@click.option("--port", default=9090, show_default=True, type=click.IntRange(1, 65535),
+              help="First port to try; the first free one below --port-end is taken.")
+@click.option("--port-end", type=click.IntRange(2, 65536), help="End of the port range [default: --port + 100].")
+@click.option("--tracker", metavar="HOST:PORT", help="Register with this RPC tracker (with --key).")
+@click.option("--key", default="", help="Device key to register under at --tracker, e.g. rk3588.")
+def rpc_server(host: str, port: int, port_end: int | None, tracker: str | None, key: str) -> None:
+    """Serve this device to `qpass bench --engine tvm --rpc` (TVM's RPC server; runs until stopped).
+
+    It answers with this CPU's description too. Anyone who reaches the port can run code here:
+    use it on a trusted network only.
+    """
+    if tracker and not key:
+        raise InputError("--tracker needs --key (the name clients request this device by)")
+    port_end = port_end or port + 100
+    if port_end <= port:
+        raise InputError(f"--port-end {port_end} must be above --port {port}")
+    from qpasses.targets.lower.tvm_rpc import serve
+
+    server = serve(host, port, port_end, tracker, key)
+    click.echo(f"serving on {host}:{server.port}" + (f", registered at {tracker} as {key}" if tracker else ""), err=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so that a plain `kill` also stops the worker
+    try:
+        server.proc.join()
+    finally:
+        server.terminate()
 
 
 def _print_summary(result, output: Path, methods: str) -> None:
@@ -335,7 +411,7 @@ def targets_show(name: str) -> None:
                f"model input quantized: {t.quantize_model_input}; model output quantized: {t.quantize_model_output}")
     click.echo("  quantized op inputs:")
     for op, rule in t.ops.items():
-        extra = [f"shares one quantizer in/out" if rule.share else "", f"{rule.weight_granularity} weights" if rule.weight_granularity else ""]
+        extra = ["shares one quantizer in/out" if rule.share else "", f"{rule.weight_granularity} weights" if rule.weight_granularity else ""]
         inputs = "all activation inputs" if rule.inputs == "all" else f"inputs {list(rule.inputs)}"
         click.echo(f"    {op:18s} {inputs}" + "".join(f"; {e}" for e in extra if e))
     if t.supergroups:

@@ -5,8 +5,9 @@
 for boards) and writes the library with a sidecar `<library>.json` that records the inputs
 (names, shapes, dtypes) and the compile report: a library alone does not say what it expects.
 
-`Runner` loads a library here and times `main` with TVM's time_evaluator, one run per call,
-so `qpasses.bench.measure` can interleave it with another artifact.
+`Runner` loads a library here, or on a board through RPC (`tvm_rpc`), and times `main` with TVM's
+time_evaluator, one sample per call, so `qpasses.bench.measure` can interleave it with another
+artifact.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import platform
 import tempfile
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -35,6 +37,7 @@ except ImportError:  # pragma: no cover - apache-tvm is a dependency; say so in 
     raise EngineError("TVM is not installed: pip install apache-tvm==0.27.0.post1") from None
 
 from .tvm_passes import KERNELS, float_ops, integer_lowering
+from .tvm_rpc import RemoteDevice, last_line
 
 ELF_MACHINES = {0x3E: "x86_64", 0xB7: "aarch64", 0x28: "arm"}
 
@@ -79,7 +82,7 @@ def compile_model(model_path: Path, output: Path, target: str = "tvm-x86", input
     try:
         executable = tvm.compile(lowered, target=tvm.target.Target(llvm))
     except Exception as exc:
-        raise EngineError(f"TVM build failed: {str(exc).strip().splitlines()[-1]}") from None
+        raise EngineError(f"TVM build failed: {last_line(exc)}") from None
     report.build_seconds = round(time.perf_counter() - start, 3)
     _export(executable, output, device.cross_compiler)
     graph_io.atomic_write_bytes(sidecar(output), json.dumps(report.to_json(), indent=2, sort_keys=True).encode())
@@ -102,8 +105,7 @@ def lower(model: onnx.ModelProto, inputs: list[dict]) -> tvm.IRModule:
         mod = from_onnx(model, shape_dict={i["name"]: i["shape"] for i in inputs},
                         dtype_dict={i["name"]: i["dtype"] for i in inputs}, keep_params_in_input=False)
     except Exception as exc:
-        message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        raise EngineError(f"TVM's ONNX frontend cannot import the model: {message}") from None
+        raise EngineError(f"TVM's ONNX frontend cannot import the model: {last_line(exc)}") from None
     return integer_lowering()(mod)
 
 
@@ -142,7 +144,7 @@ def _export(executable, output: Path, cross_compiler: str) -> None:
         os.replace(tmp, output)
     except Exception as exc:
         hint = f" (is {cross_compiler} installed? Debian: gcc-aarch64-linux-gnu)" if cross_compiler else ""
-        raise EngineError(f"linking {output.name} failed: {str(exc).strip().splitlines()[-1]}{hint}") from None
+        raise EngineError(f"linking {output.name} failed: {last_line(exc)}{hint}") from None
     finally:
         Path(tmp).unlink(missing_ok=True)
 
@@ -165,35 +167,58 @@ def read_sidecar(library: Path) -> dict:
 
 
 class Runner:
-    """A compiled library loaded on this CPU; a call times one run of `main` (TVM's time_evaluator, ms)."""
+    """A compiled library loaded on this CPU or, with `remote`, on a board through RPC.
 
-    def __init__(self, path: Path, threads: int = 0, batch: int = 1, input_shapes: dict | None = None, seed: int = 0):
+    A call is one sample of TVM's time_evaluator measured on the device: the mean of `number`
+    runs, repeated until `min_repeat_ms` have passed; `cooldown_ms` of idle precede each sample.
+    """
+
+    def __init__(self, path: Path, threads: int = 0, batch: int = 1, input_shapes: dict | None = None, seed: int = 0,
+                 remote: RemoteDevice | None = None, number: int = 1, min_repeat_ms: int = 0, cooldown_ms: int = 0):
         info = read_sidecar(path)
-        built_for, here = elf_machine(path), platform.machine()
-        if built_for != here:
-            raise EngineError(f"{path} is built for {built_for}; this machine is {here} (run it on a board with --rpc)")
         self.quantized = bool(info.get("integer_nodes"))
-        self.device = cpu_description()
         self.feeds = feeds(info["inputs"], batch, seed)
-        if threads:
-            os.environ["TVM_NUM_THREADS"] = str(threads)  # read when the runtime's thread pool starts
-        dev = tvm.cpu()
-        try:
-            self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(path)), dev)
-        except Exception as exc:
-            raise EngineError(f"TVM cannot load {path}: {str(exc).strip().splitlines()[-1]}") from None
-        self.args = [tvm.runtime.tensor(v, dev) for v in self.feeds.values()]
-        self.evaluate = self.vm.time_evaluator("main", dev, number=1, repeat=1)
+        self.cooldown = cooldown_ms / 1000.0
+        built_for = elf_machine(path)
+        if remote is None:
+            self.step = lambda call, what: _local(call, what)
+            if built_for != platform.machine():
+                raise EngineError(f"{path} is built for {built_for}; this machine is {platform.machine()} "
+                                  "(run it on a board with --rpc)")
+            if threads:
+                os.environ["TVM_NUM_THREADS"] = str(threads)  # read when the runtime's thread pool starts
+            self.device, dev = cpu_description(), tvm.cpu()
+            library = self.step(lambda: tvm.runtime.load_module(str(path)), f"TVM cannot load {path}")
+        else:
+            if remote.machine and remote.machine != built_for:
+                raise EngineError(f"{path} is built for {built_for}; the board at {remote.endpoint} is {remote.machine}")
+            self.step, session = remote.step, remote.session
+            self.device, dev = remote.description, session.cpu(0)
+            name = f"qpass-{uuid.uuid4().hex[:8]}-{path.name}"  # a comparison's two files never collide
+            self.step(lambda: session.upload(str(path), target=name), f"uploading {path.name}")
+            library = self.step(lambda: session.load_module(name), f"{path.name} (built for {built_for}) does not load")
+            if threads:
+                self.step(lambda: session.get_function("runtime.config_threadpool")(1, threads), "setting threads")
+        self.vm = self.step(lambda: relax.VirtualMachine(library, dev), "starting the VM")
+        self.args = self.step(lambda: [tvm.runtime.tensor(v, dev) for v in self.feeds.values()], "copying inputs")
+        self.evaluate = self.vm.time_evaluator("main", dev, number=number, repeat=1, min_repeat_ms=min_repeat_ms)
 
     def __call__(self) -> float:
-        try:
-            return 1000.0 * float(self.evaluate(*self.args).mean)
-        except Exception as exc:
-            raise EngineError(f"TVM run failed: {str(exc).strip().splitlines()[-1]}") from None
+        if self.cooldown:
+            time.sleep(self.cooldown)
+        return 1000.0 * float(self.step(lambda: self.evaluate(*self.args), "TVM run failed").mean)
 
     def outputs(self) -> list[np.ndarray]:
-        result = self.vm["main"](*self.args)
-        return [result.numpy()] if isinstance(result, tvm.runtime.Tensor) else [item.numpy() for item in result]
+        result = self.step(lambda: self.vm["main"](*self.args), "TVM run failed")
+        items = [result] if isinstance(result, tvm.runtime.Tensor) else list(result)
+        return self.step(lambda: [item.numpy() for item in items], "copying outputs")
+
+
+def _local(call, what: str):
+    try:
+        return call()
+    except Exception as exc:
+        raise EngineError(f"{what}: {last_line(exc)}") from None
 
 
 def feeds(inputs: list[dict], batch: int, seed: int) -> dict[str, np.ndarray]:
