@@ -6,8 +6,8 @@ import numpy as np
 import onnx
 import pytest
 
-from qpasses.bench import Latency, measure, seeded_inputs, static_shapes
-from qpasses.errors import InputError
+from qpasses.bench import IncompleteRun, Latency, measure, seeded_inputs, static_shapes
+from qpasses.errors import EngineError, InputError
 
 
 def test_statistics_against_numpy():
@@ -36,6 +36,22 @@ def test_models_are_warmed_up_then_timed_in_turn():
     result = measure({"model": Recorder("a", 1.0), "compare": Recorder("b", 3.0)}, warmup=2, runs=3, quiet=True)
     assert calls == ["a", "a", "b", "b"] + ["a", "b"] * 3
     assert result["model"].median_ms == 1.0 and result["compare"].runs == 3
+
+
+def test_a_failure_mid_run_keeps_the_runs_made():
+    """A board that drops off after a few runs: the error carries what was measured before it."""
+    left = iter(range(5))
+
+    def flaky() -> float:
+        if next(left, None) is None:
+            raise EngineError("connection lost")
+        return 2.0
+
+    with pytest.raises(IncompleteRun, match="connection lost") as failure:
+        measure({"model": flaky, "compare": lambda: 4.0}, warmup=1, runs=10, quiet=True)
+    # warm-up took one call; then model and compare alternate until the 6th model call fails
+    assert failure.value.latency["model"].runs == 4 and failure.value.latency["compare"].runs == 4
+    assert failure.value.latency["model"].median_ms == 2.0
 
 
 def random_feeds(model, batch, given, seed):

@@ -141,6 +141,7 @@ def arm_board():
     board = Process(str(ARM_PYTHON), "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(port),
                     "--port-end", str(port + 1))
     board.wait_for("bind to")
+    wait_listening(port)  # TVM logs the bind just before it listens
     yield port
     board.kill()
 
