@@ -203,6 +203,9 @@ def check(model: Path, target_name: str, as_json: bool) -> None:
               help="tvm: the target file whose [tvm] table names the device (tvm-x86, tvm-arm, or a path).")
 @click.option("--mcpu", help="tvm: LLVM CPU, overriding the target file's (e.g. cortex-a76).")
 @click.option("--mattr", metavar="+dotprod,+i8mm", help="tvm: LLVM CPU features, overriding the target file's.")
+@click.option("--int-kernel", type=click.Choice(["integer", "float-exact"]), default="integer", show_default=True,
+              help="tvm: integer convs on int32 multiplies, or as float32 FMA convs where the sums provably stay "
+                   "exact (same results; faster on CPUs without int8 dot products).")
 @click.option("--opt-level", type=click.Choice(["basic", "extended", "all"]), default="extended", show_default=True,
               help="onnxruntime: graph optimisations applied offline ('all' adds layouts that suit only this CPU type).")
 @click.option("--input-shape", multiple=True, metavar="NAME=1x3x224x224",
@@ -213,7 +216,7 @@ def check(model: Path, target_name: str, as_json: bool) -> None:
 @click.option("--report", type=click.Path(path_type=Path), help="Write the compile report as JSON here.")
 @click.option("--quiet", "-q", is_flag=True, help="No summary.")
 def compile_command(model: Path, engine_name: str, output: Path | None, target_name: str, mcpu: str | None,
-                    mattr: str | None, opt_level: str, input_shape: tuple[str, ...], workspace_mib: int, fp16: bool,
+                    mattr: str | None, int_kernel: str, opt_level: str, input_shape: tuple[str, ...], workspace_mib: int, fp16: bool,
                     timing_cache: Path | None, report: Path | None, quiet: bool) -> None:
     """Turn a Q/DQ MODEL into an engine artifact and say what runs in integer.
 
@@ -231,7 +234,7 @@ def compile_command(model: Path, engine_name: str, output: Path | None, target_n
                "tensorrt": {"input_shapes": graph_io.parse_input_shapes(input_shape), "workspace_mib": workspace_mib,
                             "fp16": fp16, "timing_cache": timing_cache},
                "tvm": {"target": target_name, "input_shapes": graph_io.parse_input_shapes(input_shape), "mcpu": mcpu,
-                       "mattr": mattr}}[engine_name]
+                       "mattr": mattr, "int_kernel": int_kernel, "quiet": quiet}}[engine_name]
     result = engine(engine_name).compile_model(model, output, **options)
     if report is not None:
         graph_io.atomic_write_bytes(report, dumps(result.to_json()))

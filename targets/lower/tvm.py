@@ -1,7 +1,7 @@
 """TVM (Relax) as an engine: a Q/DQ ONNX model becomes a shared library with integer kernels.
 
 `compile_model` imports the model with TVM's ONNX frontend, runs qpass's integer lowering
-(`tvm_passes`), builds for the target file's `[tvm]` device (LLVM target, and a cross compiler
+(`tvm_passes`) and CPU schedules (`tvm_schedule`), builds for the target file's `[tvm]` device (LLVM target, and a cross compiler
 for boards) and writes the library with a sidecar `<library>.json` that records the inputs
 (names, shapes, dtypes) and the compile report: a library alone does not say what it expects.
 
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from tqdm import tqdm
 
 from qpasses import graph as graph_io
 from qpasses.bench import cpu_description, seeded_inputs, static_shapes
@@ -38,6 +39,7 @@ except ImportError:  # pragma: no cover - apache-tvm is a dependency; say so in 
 
 from .tvm_passes import KERNELS, float_ops, integer_lowering
 from .tvm_rpc import RemoteDevice, last_line
+from .tvm_schedule import schedule_cpu
 
 ELF_MACHINES = {0x3E: "x86_64", 0xB7: "aarch64", 0x28: "arm"}
 
@@ -54,7 +56,8 @@ class CompileReport:
     inputs: list[dict] = field(default_factory=list)  # {name, shape, dtype}
     integer_nodes: dict[str, int] = field(default_factory=dict)  # "conv2d int8 x int8 -> int32": count
     float_nodes: list[dict] = field(default_factory=list)  # {name: Relax variable, op}: compute left in float32
-    build_seconds: float = 0.0
+    int_kernel: str = "integer"  # how integer convs run: int32 multiplies, or exact float32 FMA (tvm_schedule)
+    build_seconds: float = 0.0  # schedule + build + link
     warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
@@ -62,7 +65,8 @@ class CompileReport:
 
 
 def compile_model(model_path: Path, output: Path, target: str = "tvm-x86", input_shapes: dict | None = None,
-                  mcpu: str | None = None, mattr: str | None = None) -> CompileReport:
+                  mcpu: str | None = None, mattr: str | None = None, int_kernel: str = "integer",
+                  quiet: bool = True) -> CompileReport:
     """Build `model_path` for the target file's TVM device into `output` (atomically) plus `output`.json."""
     device = load_target(target).tvm
     if device is None:
@@ -72,21 +76,33 @@ def compile_model(model_path: Path, output: Path, target: str = "tvm-x86", input
         llvm["mcpu"] = mcpu
     if mattr:
         llvm["mattr"] = [a.strip() for a in mattr.split(",") if a.strip()]
-    model = graph_io.load_model(model_path)
-    inputs = static_inputs(model, input_shapes or {})
-    lowered = lower(model, inputs)
-    report = CompileReport("tvm", str(model_path), str(output), target, llvm, tvm.__version__,
-                           _machine(llvm), inputs=inputs)
-    _describe(lowered, report)
-    start = time.perf_counter()
-    try:
-        executable = tvm.compile(lowered, target=tvm.target.Target(llvm))
-    except Exception as exc:
-        raise EngineError(f"TVM build failed: {last_line(exc)}") from None
-    report.build_seconds = round(time.perf_counter() - start, 3)
-    _export(executable, output, device.cross_compiler)
+    with tqdm(total=4, desc="compile: import", unit="stage", disable=True if quiet else None, leave=False) as stages:
+        model = graph_io.load_model(model_path)
+        inputs = static_inputs(model, input_shapes or {})
+        lowered = lower(model, inputs)
+        report = CompileReport("tvm", str(model_path), str(output), target, llvm, tvm.__version__,
+                               _machine(llvm), inputs=inputs, int_kernel=int_kernel)
+        _describe(lowered, report)
+        start = time.perf_counter()
+        _stage(stages, "schedule")
+        llvm_target = tvm.target.Target(llvm)
+        scheduled = schedule_cpu(lowered, llvm_target, int_kernel)
+        _stage(stages, "build")
+        try:
+            executable = tvm.compile(scheduled, target=llvm_target)
+        except Exception as exc:
+            raise EngineError(f"TVM build failed: {last_line(exc)}") from None
+        report.build_seconds = round(time.perf_counter() - start, 3)
+        _stage(stages, "link")
+        _export(executable, output, device.cross_compiler)
+        _stage(stages, "done")
     graph_io.atomic_write_bytes(sidecar(output), json.dumps(report.to_json(), indent=2, sort_keys=True).encode())
     return report
+
+
+def _stage(bar: tqdm, name: str) -> None:
+    bar.update(1)
+    bar.set_description(f"compile: {name}")
 
 
 def sidecar(library: Path) -> Path:
@@ -185,10 +201,9 @@ class Runner:
             if built_for != platform.machine():
                 raise EngineError(f"{path} is built for {built_for}; this machine is {platform.machine()} "
                                   "(run it on a board with --rpc)")
-            if threads:
-                os.environ["TVM_NUM_THREADS"] = str(threads)  # read when the runtime's thread pool starts
             self.device, dev = cpu_description(), tvm.cpu()
             library = self.step(lambda: tvm.runtime.load_module(str(path)), f"TVM cannot load {path}")
+            config_threadpool = tvm.get_global_func("runtime.config_threadpool")
         else:
             if remote.machine and remote.machine != built_for:
                 raise EngineError(f"{path} is built for {built_for}; the board at {remote.endpoint} is {remote.machine}")
@@ -197,8 +212,9 @@ class Runner:
             name = f"qpass-{uuid.uuid4().hex[:8]}-{path.name}"  # a comparison's two files never collide
             self.step(lambda: session.upload(str(path), target=name), f"uploading {path.name}")
             library = self.step(lambda: session.load_module(name), f"{path.name} (built for {built_for}) does not load")
-            if threads:
-                self.step(lambda: session.get_function("runtime.config_threadpool")(1, threads), "setting threads")
+            config_threadpool = session.get_function("runtime.config_threadpool")
+        if threads:  # affinity mode 1: the big cores of a big.LITTLE board, all cores elsewhere
+            self.step(lambda: config_threadpool(1, threads), "setting the thread count")
         self.vm = self.step(lambda: relax.VirtualMachine(library, dev), "starting the VM")
         self.args = self.step(lambda: [tvm.runtime.tensor(v, dev) for v in self.feeds.values()], "copying inputs")
         self.evaluate = self.vm.time_evaluator("main", dev, number=number, repeat=1, min_repeat_ms=min_repeat_ms)

@@ -1,0 +1,104 @@
+"""Latency of the TVM engine on this CPU: TVM int8 vs TVM float vs ONNX Runtime int8 vs ONNX Runtime float.
+
+Models: the bundled example, the test zoo's ResNet and MobileNet blocks (tests/models.py, 16x16
+inputs) and a ResNet-18 at 224x224 (random weights: latency does not depend on them). For TVM the
+float model and qpass's `tvm-x86` int8 model are compiled with `qpass compile --engine tvm`
+(schedules included). For ONNX Runtime the int8 model is qpass's `onnxruntime` target (u8
+activations and 7-bit weights: its fastest safe int8 form on this AVX2 CPU), loaded with ORT's full
+optimisations. All four run in one session per thread count, interleaved run by run
+(`qpasses.bench.measure`), batch 1.
+
+Usage: python tools/bench_tvm.py [--models ...] [--threads 1 2] [--runs 50] [--workdir /tmp/qpass-tvm-bench]
+Prints the compile times, then a Markdown table of medians and the ratios the TVM issue names:
+TVM float / TVM int8 (> 1: int8 pays) and ORT int8 / TVM int8 (>= 1: TVM int8 no slower than ORT).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from qpasses.bench import cpu_description, measure
+from qpasses.pass_infra import PassContext
+from qpasses.pipeline import quantize
+from qpasses.targets import load_target
+from qpasses.targets.lower import onnxruntime as ort_engine, tvm as tvm_engine
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tools"))
+
+from bench_calibration import build_model  # noqa: E402  (ResNet-18 at 224x224)
+from models import INPUT_SHAPE, build, export  # noqa: E402
+
+MODELS = ["example", "resnet_basic", "resnet_bottleneck", "mobilenetv2_block", "resnet18-224"]
+
+
+def source_and_calibration(name: str, workdir: Path) -> tuple[Path, Path]:
+    calib = workdir / f"{name}.calib.npy"
+    rng = np.random.default_rng(0)
+    if name == "example":
+        np.save(calib, np.load(ROOT / "examples/digits/calib.npz")["input"][:128])
+        return ROOT / "examples" / "digits" / "model.onnx", calib
+    if name == "resnet18-224":
+        source = workdir / "resnet18.onnx"
+        if not source.exists():
+            build_model(source)
+        np.save(calib, rng.standard_normal((16, 3, 224, 224)).astype(np.float32))
+        return source, calib
+    source = export(build(name), workdir / f"{name}.onnx")
+    np.save(calib, rng.standard_normal((128, *INPUT_SHAPE)).astype(np.float32))
+    return source, calib
+
+
+def prepare(name: str, workdir: Path) -> tuple[dict[str, tuple[str, Path]], dict[str, float]]:
+    """The four artifacts of one model ({label: (engine, path)}) and the TVM build seconds."""
+    source, calib = source_and_calibration(name, workdir)
+    artifacts, build_seconds = {}, {}
+    for target in ("tvm-x86", "onnxruntime"):
+        model = quantize(source, load_target(target), calib, PassContext(quiet=True)).model
+        onnx.save(model, workdir / f"{name}.{target}.onnx")
+    for label, model in (("tvm int8", workdir / f"{name}.tvm-x86.onnx"), ("tvm float", source)):
+        library = workdir / f"{name}.{label.split()[1]}.so"
+        start = time.perf_counter()
+        tvm_engine.compile_model(model, library, target="tvm-x86")
+        build_seconds[label] = time.perf_counter() - start
+        artifacts[label] = ("tvm", library)
+    artifacts["ort int8"] = ("onnxruntime", workdir / f"{name}.onnxruntime.onnx")
+    artifacts["ort float"] = ("onnxruntime", source)
+    return artifacts, build_seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", default=MODELS)
+    parser.add_argument("--threads", nargs="*", type=int, default=[1, 2])
+    parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/qpass-tvm-bench"))
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    print(f"CPU: {cpu_description()}; batch 1, median of {args.runs} interleaved runs\n")
+    prepared = {}
+    print("| model | TVM int8 compile s | TVM float compile s |\n|---|---|---|")
+    for name in args.models:
+        prepared[name], seconds = prepare(name, args.workdir)
+        print(f"| {name} | {seconds['tvm int8']:.1f} | {seconds['tvm float']:.1f} |", flush=True)
+    print("\n| model | threads | TVM int8 ms | TVM float ms | ORT int8 ms | ORT float ms | TVM float / TVM int8 | "
+          "ORT int8 / TVM int8 |\n|---|---|---|---|---|---|---|---|")
+    engines = {"tvm": tvm_engine, "onnxruntime": ort_engine}
+    for name, artifacts in prepared.items():
+        for threads in args.threads:
+            runners = {label: engines[kind].Runner(path, threads=threads) for label, (kind, path) in artifacts.items()}
+            lat = {k: v.median_ms for k, v in measure(runners, warmup=5, runs=args.runs, quiet=True).items()}
+            print(f"| {name} | {threads} | {lat['tvm int8']:.3f} | {lat['tvm float']:.3f} | {lat['ort int8']:.3f} | "
+                  f"{lat['ort float']:.3f} | {lat['tvm float'] / lat['tvm int8']:.2f} | "
+                  f"{lat['ort int8'] / lat['tvm int8']:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
