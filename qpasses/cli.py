@@ -216,7 +216,8 @@ def check(model: Path, target_name: str, as_json: bool) -> None:
 @click.option("--report", type=click.Path(path_type=Path), help="Write the compile report as JSON here.")
 @click.option("--quiet", "-q", is_flag=True, help="No summary.")
 def compile_command(model: Path, engine_name: str, output: Path | None, target_name: str, mcpu: str | None,
-                    mattr: str | None, int_kernel: str, opt_level: str, input_shape: tuple[str, ...], workspace_mib: int, fp16: bool,
+                    mattr: str | None, int_kernel: str, opt_level: str, input_shape: tuple[str, ...],
+                    workspace_mib: int, fp16: bool,
                     timing_cache: Path | None, report: Path | None, quiet: bool) -> None:
     """Turn a Q/DQ MODEL into an engine artifact and say what runs in integer.
 

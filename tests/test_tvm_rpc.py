@@ -150,11 +150,12 @@ def test_cli_bench_through_loopback_rpc(tmp_path, libraries, server):
     _, port = server
     result = qpass("bench", str(libraries["int8"]), "--engine", "tvm", "--rpc", f"127.0.0.1:{port}",
                    "--compare", str(libraries["float"]), "--warmup", "2", "--runs", "7", "--number", "3",
-                   "--report", str(tmp_path / "b.json"), "-q")
+                   "--threads", "2", "--report", str(tmp_path / "b.json"), "-q")
     assert result.returncode == 0, result.stderr
     bench = json.loads((tmp_path / "b.json").read_text())
     assert bench["device"].startswith("x86_64: ") and bench["device"].endswith(f"at RPC server 127.0.0.1:{port}")
     assert bench["settings"]["rpc"] == f"RPC server 127.0.0.1:{port}" and bench["settings"]["number"] == 3
+    assert bench["settings"]["threads"] == 2
     assert {k: m["latency"]["runs"] for k, m in bench["models"].items()} == {"model": 7, "compare": 7}
     assert bench["speedup"] > 0 and bench["error"] is None
 
@@ -191,6 +192,8 @@ def test_tracker_request_and_its_faults(tmp_path, libraries, tracker):
 
     assert_one_line_error(qpass("bench", str(libraries["int8"]), "--engine", "tvm", "--tracker", f"127.0.0.1:{tracker}",
                                 "--key", "phone"), 3, "no server is registered under this key (keys with servers: board)")
+    assert_one_line_error(qpass("bench", str(libraries["int8"]), "--engine", "tvm", "--tracker", f"127.0.0.1:{tracker}",
+                                "--key", "board", "--threads", "1"), 2, "--threads on a board needs `qpass rpc-server`")
 
     held = open_device(Endpoint("127.0.0.1", tracker, "board"))  # the only board is now busy
     start = time.monotonic()

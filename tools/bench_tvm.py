@@ -3,7 +3,8 @@
 Models: the bundled example, the test zoo's ResNet and MobileNet blocks (tests/models.py, 16x16
 inputs) and a ResNet-18 at 224x224 (random weights: latency does not depend on them). For TVM the
 float model and qpass's `tvm-x86` int8 model are compiled with `qpass compile --engine tvm`
-(schedules included). For ONNX Runtime the int8 model is qpass's `onnxruntime` target (u8
+(schedules included), the int8 one with both integer kernels (`--int-kernel integer`, int32
+multiplies; `float-exact`, float32 FMA where the sums provably stay exact). For ONNX Runtime the int8 model is qpass's `onnxruntime` target (u8
 activations and 7-bit weights: its fastest safe int8 form on this AVX2 CPU), loaded with ORT's full
 optimisations. All four run in one session per thread count, interleaved run by run
 (`qpasses.bench.measure`), batch 1.
@@ -63,10 +64,12 @@ def prepare(name: str, workdir: Path) -> tuple[dict[str, tuple[str, Path]], dict
     for target in ("tvm-x86", "onnxruntime"):
         model = quantize(source, load_target(target), calib, PassContext(quiet=True)).model
         onnx.save(model, workdir / f"{name}.{target}.onnx")
-    for label, model in (("tvm int8", workdir / f"{name}.tvm-x86.onnx"), ("tvm float", source)):
-        library = workdir / f"{name}.{label.split()[1]}.so"
+    int8 = workdir / f"{name}.tvm-x86.onnx"
+    for label, model, kernel in (("tvm int8", int8, "integer"), ("tvm int8 exact-float", int8, "float-exact"),
+                                 ("tvm float", source, "integer")):
+        library = workdir / f"{name}.{label.replace(' ', '-')}.so"
         start = time.perf_counter()
-        tvm_engine.compile_model(model, library, target="tvm-x86")
+        tvm_engine.compile_model(model, library, target="tvm-x86", int_kernel=kernel)
         build_seconds[label] = time.perf_counter() - start
         artifacts[label] = ("tvm", library)
     artifacts["ort int8"] = ("onnxruntime", workdir / f"{name}.onnxruntime.onnx")
@@ -84,20 +87,24 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     print(f"CPU: {cpu_description()}; batch 1, median of {args.runs} interleaved runs\n")
     prepared = {}
-    print("| model | TVM int8 compile s | TVM float compile s |\n|---|---|---|")
+    print("| model | TVM int8 compile s | TVM int8 exact-float compile s | TVM float compile s |\n|---|---|---|---|")
     for name in args.models:
         prepared[name], seconds = prepare(name, args.workdir)
-        print(f"| {name} | {seconds['tvm int8']:.1f} | {seconds['tvm float']:.1f} |", flush=True)
-    print("\n| model | threads | TVM int8 ms | TVM float ms | ORT int8 ms | ORT float ms | TVM float / TVM int8 | "
-          "ORT int8 / TVM int8 |\n|---|---|---|---|---|---|---|---|")
+        print(f"| {name} | {seconds['tvm int8']:.1f} | {seconds['tvm int8 exact-float']:.1f} | "
+              f"{seconds['tvm float']:.1f} |", flush=True)
+    print("\n| model | threads | TVM int8 ms | TVM int8 exact-float ms | TVM float ms | ORT int8 ms | ORT float ms | "
+          "TVM float / TVM int8 | ORT int8 / TVM int8 | TVM float / exact-float | ORT int8 / exact-float |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|")
     engines = {"tvm": tvm_engine, "onnxruntime": ort_engine}
     for name, artifacts in prepared.items():
         for threads in args.threads:
             runners = {label: engines[kind].Runner(path, threads=threads) for label, (kind, path) in artifacts.items()}
             lat = {k: v.median_ms for k, v in measure(runners, warmup=5, runs=args.runs, quiet=True).items()}
-            print(f"| {name} | {threads} | {lat['tvm int8']:.3f} | {lat['tvm float']:.3f} | {lat['ort int8']:.3f} | "
-                  f"{lat['ort float']:.3f} | {lat['tvm float'] / lat['tvm int8']:.2f} | "
-                  f"{lat['ort int8'] / lat['tvm int8']:.2f} |", flush=True)
+            exact = lat["tvm int8 exact-float"]
+            print(f"| {name} | {threads} | {lat['tvm int8']:.3f} | {exact:.3f} | {lat['tvm float']:.3f} | "
+                  f"{lat['ort int8']:.3f} | {lat['ort float']:.3f} | {lat['tvm float'] / lat['tvm int8']:.2f} | "
+                  f"{lat['ort int8'] / lat['tvm int8']:.2f} | {lat['tvm float'] / exact:.2f} | "
+                  f"{lat['ort int8'] / exact:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

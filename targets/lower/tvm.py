@@ -1,9 +1,10 @@
 """TVM (Relax) as an engine: a Q/DQ ONNX model becomes a shared library with integer kernels.
 
 `compile_model` imports the model with TVM's ONNX frontend, runs qpass's integer lowering
-(`tvm_passes`) and CPU schedules (`tvm_schedule`), builds for the target file's `[tvm]` device (LLVM target, and a cross compiler
-for boards) and writes the library with a sidecar `<library>.json` that records the inputs
-(names, shapes, dtypes) and the compile report: a library alone does not say what it expects.
+(`tvm_passes`) and CPU schedules (`tvm_schedule`), builds for the target file's `[tvm]` device
+(LLVM target, and a cross compiler for boards) and writes the library with a sidecar
+`<library>.json` that records the inputs (names, shapes, dtypes) and the compile report: a
+library alone does not say what it expects.
 
 `Runner` loads a library here, or on a board through RPC (`tvm_rpc`), and times `main` with TVM's
 time_evaluator, one sample per call, so `qpasses.bench.measure` can interleave it with another
@@ -38,7 +39,7 @@ except ImportError:  # pragma: no cover - apache-tvm is a dependency; say so in 
     raise EngineError("TVM is not installed: pip install apache-tvm==0.27.0.post1") from None
 
 from .tvm_passes import KERNELS, float_ops, integer_lowering
-from .tvm_rpc import RemoteDevice, last_line
+from .tvm_rpc import RemoteDevice, last_line, set_threads
 from .tvm_schedule import schedule_cpu
 
 ELF_MACHINES = {0x3E: "x86_64", 0xB7: "aarch64", 0x28: "arm"}
@@ -86,9 +87,9 @@ def compile_model(model_path: Path, output: Path, target: str = "tvm-x86", input
         start = time.perf_counter()
         _stage(stages, "schedule")
         llvm_target = tvm.target.Target(llvm)
-        scheduled = schedule_cpu(lowered, llvm_target, int_kernel)
-        _stage(stages, "build")
         try:
+            scheduled = schedule_cpu(lowered, llvm_target, int_kernel)
+            _stage(stages, "build")
             executable = tvm.compile(scheduled, target=llvm_target)
         except Exception as exc:
             raise EngineError(f"TVM build failed: {last_line(exc)}") from None
@@ -203,18 +204,18 @@ class Runner:
                                   "(run it on a board with --rpc)")
             self.device, dev = cpu_description(), tvm.cpu()
             library = self.step(lambda: tvm.runtime.load_module(str(path)), f"TVM cannot load {path}")
-            config_threadpool = tvm.get_global_func("runtime.config_threadpool")
+            if threads:
+                set_threads(threads)
         else:
             if remote.machine and remote.machine != built_for:
                 raise EngineError(f"{path} is built for {built_for}; the board at {remote.endpoint} is {remote.machine}")
+            if threads:
+                remote.set_threads(threads)
             self.step, session = remote.step, remote.session
             self.device, dev = remote.description, session.cpu(0)
             name = f"qpass-{uuid.uuid4().hex[:8]}-{path.name}"  # a comparison's two files never collide
             self.step(lambda: session.upload(str(path), target=name), f"uploading {path.name}")
             library = self.step(lambda: session.load_module(name), f"{path.name} (built for {built_for}) does not load")
-            config_threadpool = session.get_function("runtime.config_threadpool")
-        if threads:  # affinity mode 1: the big cores of a big.LITTLE board, all cores elsewhere
-            self.step(lambda: config_threadpool(1, threads), "setting the thread count")
         self.vm = self.step(lambda: relax.VirtualMachine(library, dev), "starting the VM")
         self.args = self.step(lambda: [tvm.runtime.tensor(v, dev) for v in self.feeds.values()], "copying inputs")
         self.evaluate = self.vm.time_evaluator("main", dev, number=number, repeat=1, min_repeat_ms=min_repeat_ms)

@@ -11,6 +11,7 @@ board's CPU to the client.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import socket
 import threading
@@ -19,7 +20,8 @@ from typing import Any, Callable
 
 from qpasses.errors import EngineError, InputError
 
-DESCRIBE = "qpass.describe_device"  # registered by `qpass rpc-server`; other servers lack it
+DESCRIBE = "qpass.describe_device"  # registered by `qpass rpc-server`; other servers lack these
+SET_THREADS = "qpass.set_threads"
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,14 @@ class RemoteDevice:
     description: str
     machine: str | None  # e.g. "aarch64"; None when the server does not say (not `qpass rpc-server`)
 
+    def set_threads(self, count: int) -> None:
+        try:
+            function = self.session.get_function(SET_THREADS)
+        except Exception:  # noqa: BLE001 - a plain TVM server
+            raise InputError(f"--threads on a board needs `qpass rpc-server` there: {self.endpoint} is a plain "
+                             "TVM server, which keeps its default (all cores of an ARM board)") from None
+        self.step(lambda: function(count), "setting the thread count")
+
     def step(self, call: Callable[[], Any], what: str) -> Any:
         return bounded(call, self.endpoint.timeout, f"{self.endpoint}: {what}")
 
@@ -123,14 +133,26 @@ def _probe(endpoint: Endpoint) -> None:
         raise EngineError(f"cannot reach {endpoint}: {reason}") from None
 
 
-def _register_describe() -> None:
-    """Runs in the server process before it forks a session: the function sessions will answer."""
+def set_threads(count: int) -> None:
+    """Run TVM kernels on `count` threads in this process (here, or in a `qpass rpc-server` session).
+
+    TVM reads TVM_NUM_THREADS at each parallel launch (unset: half the logical cores on x86), and
+    config_threadpool rebuilds the pool; neither alone changes the count once the pool exists."""
+    import tvm
+
+    os.environ["TVM_NUM_THREADS"] = str(count)
+    tvm.get_global_func("runtime.config_threadpool")(1, count)  # 1: the big cores of a big.LITTLE CPU
+
+
+def _register_functions() -> None:
+    """Runs in the server process before it forks a session: what sessions will answer."""
     import tvm_ffi
 
     from qpasses.bench import cpu_description
 
     facts = json.dumps({"machine": platform.machine(), "cpu": cpu_description()})
     tvm_ffi.register_global_func(DESCRIBE, lambda: facts, override=True)
+    tvm_ffi.register_global_func(SET_THREADS, set_threads, override=True)
 
 
 def serve(host: str, port: int, port_end: int, tracker: str | None, key: str):
@@ -143,7 +165,7 @@ def serve(host: str, port: int, port_end: int, tracker: str | None, key: str):
         tracker_addr = (where.host, where.port)
     try:
         server = rpc.Server(host, port, port_end, key=key, tracker_addr=tracker_addr,
-                            server_init_callback=_register_describe)
+                            server_init_callback=_register_functions)
     except Exception as exc:
         raise EngineError(f"cannot start the RPC server on {host}:{port}-{port_end}: {last_line(exc)}") from None
     return server
