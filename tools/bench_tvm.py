@@ -6,8 +6,10 @@ float model and qpass's `tvm-x86` int8 model are compiled with `qpass compile --
 (schedules included), the int8 one with both integer kernels (`--int-kernel integer`, int32
 multiplies; `float-exact`, float32 FMA where the sums provably stay exact). For ONNX Runtime the int8 model is qpass's `onnxruntime` target (u8
 activations and 7-bit weights: its fastest safe int8 form on this AVX2 CPU), loaded with ORT's full
-optimisations. All four run in one session per thread count, interleaved run by run
-(`qpasses.bench.measure`), batch 1.
+optimisations. At one thread all of them run in one session, interleaved run by run
+(`qpasses.bench.measure`); with more threads each is measured on its own, one after the other,
+because both runtimes' idle worker threads spin and would steal the cores from the other's runs.
+Batch 1.
 
 Usage: python tools/bench_tvm.py [--models ...] [--threads 1 2] [--runs 50] [--workdir /tmp/qpass-tvm-bench]
 Prints the compile times, then a Markdown table of medians and the ratios the TVM issue names:
@@ -99,7 +101,10 @@ def main() -> None:
     for name, artifacts in prepared.items():
         for threads in args.threads:
             runners = {label: engines[kind].Runner(path, threads=threads) for label, (kind, path) in artifacts.items()}
-            lat = {k: v.median_ms for k, v in measure(runners, warmup=5, runs=args.runs, quiet=True).items()}
+            if threads == 1:
+                lat = {k: v.median_ms for k, v in measure(runners, warmup=5, runs=args.runs, quiet=True).items()}
+            else:  # idle pools spin: interleaved, each engine's spinning threads would slow the other's runs
+                lat = {k: measure({k: r}, warmup=5, runs=args.runs, quiet=True)[k].median_ms for k, r in runners.items()}
             exact = lat["tvm int8 exact-float"]
             print(f"| {name} | {threads} | {lat['tvm int8']:.3f} | {exact:.3f} | {lat['tvm float']:.3f} | "
                   f"{lat['ort int8']:.3f} | {lat['ort float']:.3f} | {lat['tvm float'] / lat['tvm int8']:.2f} | "

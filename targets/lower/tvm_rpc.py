@@ -137,11 +137,21 @@ def set_threads(count: int) -> None:
     """Run TVM kernels on `count` threads in this process (here, or in a `qpass rpc-server` session).
 
     TVM reads TVM_NUM_THREADS at each parallel launch (unset: half the logical cores on x86), and
-    config_threadpool rebuilds the pool; neither alone changes the count once the pool exists."""
+    config_threadpool rebuilds the pool, which never grows past the size it was first built with:
+    so the first call builds it with every core, then each call sets the count to use."""
     import tvm
 
+    global _pool_built
+    configure = tvm.get_global_func("runtime.config_threadpool")
+    if not _pool_built:
+        os.environ["TVM_NUM_THREADS"] = str(max(count, os.cpu_count() or 1))
+        configure(1, 0)  # 1: the big cores of a big.LITTLE CPU; 0: as many as TVM_NUM_THREADS
+        _pool_built = True
     os.environ["TVM_NUM_THREADS"] = str(count)
-    tvm.get_global_func("runtime.config_threadpool")(1, count)  # 1: the big cores of a big.LITTLE CPU
+    configure(1, count)
+
+
+_pool_built = False  # whether set_threads has built this process's pool at full size
 
 
 def _register_functions() -> None:
