@@ -15,11 +15,11 @@ from conftest import EXAMPLE, ZOO_NAMES
 from qpasses.calibration.runner import session
 from qpasses.errors import EngineError
 from qpasses.targets.lower.tvm import Runner, compile_model, elf_machine, lower, static_inputs
+from qpasses.targets.lower.tvm_schedule import schedule_cpu
 from test_cli import assert_one_line_error, qpass
 from test_lower_onnxruntime import int8_model
 
 tvm = pytest.importorskip("tvm", reason="apache-tvm is a test dependency; pip install -e '.[test]'")
-from tvm import relax  # noqa: E402
 
 
 def reference(qdq_path, feeds):
@@ -51,12 +51,13 @@ def test_report_lists_what_stays_float(tmp_path, zoo_dir):
 
 
 def test_built_conv_kernels_take_integer_inputs(tmp_path):
-    """Legalized to TIR, every conv2d kernel of the module compile_model builds reads int8 buffers."""
+    """Scheduled as compile_model builds it (default integer kernel), every conv2d kernel of the
+    example reads int8 activations and int8 weights."""
     qdq = int8_model(tmp_path, EXAMPLE / "model.onnx", target="tvm-x86")
     model = onnx.load(qdq)
-    tir = relax.transform.LegalizeOps()(lower(model, static_inputs(model, {})))
-    convs = {gv.name_hint: f for gv, f in tir.functions_items() if "conv2d" in gv.name_hint}
-    assert len(convs) >= 4  # one kernel per distinct conv shape
+    built = schedule_cpu(lower(model, static_inputs(model, {})), tvm.target.Target({"kind": "llvm"}))
+    convs = {gv.name_hint: f for gv, f in built.functions_items() if "conv2d" in gv.name_hint}
+    assert len(convs) >= 4  # one kernel per distinct conv shape and epilogue
     for name, func in convs.items():
         dtypes = [str(p.dtype) for p in func.params[:2]]
         assert dtypes == ["int8", "int8"], (name, dtypes)
