@@ -245,6 +245,8 @@ def compile_command(model: Path, engine_name: str, output: Path | None, target_n
         if result.float_nodes:
             click.echo(f"float nodes: {len(result.float_nodes)}: "
                        + ", ".join(f"{n['name']} ({n['op']})" for n in result.float_nodes), err=True)
+        if engine_name == "tvm" and int_kernel == "float-exact":
+            click.echo(f"float-exact: {result.exact_float_convs} int8 conv(s) run on float32 FMA, exactly", err=True)
         for warning in result.warnings:
             click.echo(f"warning: {warning}", err=True)
         click.echo(f"wrote {output}" + (f" and {output.name}.json (its inputs)" if engine_name == "tvm" else ""), err=True)

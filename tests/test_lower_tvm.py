@@ -74,6 +74,16 @@ def test_arm_build_is_an_aarch64_library_that_does_not_run_here(tmp_path):
         Runner(tmp_path / "arm.so")
 
 
+def test_float_exact_kernel_gives_the_integer_kernels_outputs(tmp_path):
+    qdq = int8_model(tmp_path, EXAMPLE / "model.onnx", target="tvm-x86")
+    compile_model(qdq, tmp_path / "int.so")
+    report = compile_model(qdq, tmp_path / "exact.so", int_kernel="float-exact")
+    assert report.exact_float_convs == 6 and not report.warnings  # every conv of the example fits 2^24
+    assert json.loads((tmp_path / "exact.so.json").read_text())["int_kernel"] == "float-exact"
+    for got, want in zip(Runner(tmp_path / "exact.so").outputs(), Runner(tmp_path / "int.so").outputs()):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_compile_is_deterministic(tmp_path):
     qdq = int8_model(tmp_path, EXAMPLE / "model.onnx", target="tvm-x86")
     compile_model(qdq, tmp_path / "a.so")

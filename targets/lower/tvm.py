@@ -40,7 +40,7 @@ except ImportError:  # pragma: no cover - apache-tvm is a dependency; say so in 
 
 from .tvm_passes import KERNELS, float_ops, integer_lowering
 from .tvm_rpc import RemoteDevice, last_line, set_threads
-from .tvm_schedule import schedule_cpu
+from .tvm_schedule import exact_float_plan, schedule_cpu
 
 ELF_MACHINES = {0x3E: "x86_64", 0xB7: "aarch64", 0x28: "arm"}
 
@@ -58,6 +58,7 @@ class CompileReport:
     integer_nodes: dict[str, int] = field(default_factory=dict)  # "conv2d int8 x int8 -> int32": count
     float_nodes: list[dict] = field(default_factory=list)  # {name: Relax variable, op}: compute left in float32
     int_kernel: str = "integer"  # how integer convs run: int32 multiplies, or exact float32 FMA (tvm_schedule)
+    exact_float_convs: int = 0  # with int_kernel float-exact: the int8 convs that run on float32 FMA
     build_seconds: float = 0.0  # schedule + build + link
     warnings: list[str] = field(default_factory=list)
 
@@ -84,6 +85,11 @@ def compile_model(model_path: Path, output: Path, target: str = "tvm-x86", input
         report = CompileReport("tvm", str(model_path), str(output), target, llvm, tvm.__version__,
                                _machine(llvm), inputs=inputs, int_kernel=int_kernel)
         _describe(lowered, report)
+        if int_kernel == "float-exact":
+            report.exact_float_convs, kept = exact_float_plan(lowered)
+            if kept:
+                report.warnings.append(f"{kept} int8 conv(s) keep the integer kernel: their sums can pass 2^24, "
+                                       "beyond float32's exact integers")
         start = time.perf_counter()
         _stage(stages, "schedule")
         llvm_target = tvm.target.Target(llvm)

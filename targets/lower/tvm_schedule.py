@@ -222,26 +222,44 @@ def exact_float_convs(mod: tvm.IRModule) -> tvm.IRModule:
     class Rewrite(relax.PyExprMutator):
         def visit_call_(self, call: relax.Call) -> relax.Expr:
             call = super().visit_call_(call)
-            if not call.op.same_as(tvm.ir.Op.get("relax.nn.conv2d")):
-                return call
-            data, weight = call.args[:2]
-            if str(data.ty.dtype) != "int8" or not isinstance(weight, GenericConst):
-                return call
-            return _exact_float_conv(call, data, weight.value.numpy())
+            chunks = _exact_split(call)
+            return call if chunks is None else _exact_float_conv(call, chunks)
 
     return relax.transform.Normalize()(rewrite_functions(mod, Rewrite(mod).visit_expr))
 
 
-def _exact_float_conv(call: relax.Call, data: relax.Expr, weight: np.ndarray) -> relax.Expr:
+def exact_float_plan(mod: tvm.IRModule) -> tuple[int, int]:
+    """(convs `float-exact` runs in float32, int8 convs it leaves on integers): for the compile report."""
+    counts = [0, 0]
+
+    def visit(expr: relax.Expr) -> None:
+        if isinstance(expr, relax.Call) and expr.op.same_as(tvm.ir.Op.get("relax.nn.conv2d")) \
+                and str(expr.args[0].ty.dtype) == "int8":
+            counts[_exact_split(expr) is None] += 1
+
+    for func in mod.functions.values():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    return counts[0], counts[1]
+
+
+def _exact_split(call: relax.Call) -> list[tuple[int, int]] | None:
+    """Input-channel ranges of an int8 conv with constant weights whose float32 sums stay exact; None: no split does."""
+    if not call.op.same_as(tvm.ir.Op.get("relax.nn.conv2d")):
+        return None
+    data, weight = call.args[:2]
+    if str(data.ty.dtype) != "int8" or not isinstance(weight, GenericConst):
+        return None
+    values = weight.value.numpy()
+    if int(call.attrs.groups) == 1:
+        return _exact_chunks(values)  # input channels can be split: a partial conv per chunk
+    return [(0, values.shape[1])] if _partial_bound(values) < EXACT_FLOAT else None
+
+
+def _exact_float_conv(call: relax.Call, chunks: list[tuple[int, int]]) -> relax.Expr:
     """An int8 conv as float32 convs over input-channel chunks whose sums stay below 2^24, added in int32."""
-    attrs = call.attrs
-    if int(attrs.groups) == 1:
-        chunks = _exact_chunks(weight)  # input channels can be split: a partial conv per chunk
-    else:
-        chunks = [(0, weight.shape[1])] if _partial_bound(weight) < EXACT_FLOAT else None
-    if chunks is None:
-        return call
-    wide = relax.op.astype(data, "float32")
+    attrs, weight = call.attrs, call.args[1].value.numpy()
+    wide = relax.op.astype(call.args[0], "float32")
     total = None
     for start, stop in chunks:
         part = wide if (start, stop) == (0, weight.shape[1]) else relax.op.strided_slice(wide, [1], [start], [stop])
