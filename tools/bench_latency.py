@@ -89,25 +89,32 @@ def kernel_ceiling(workdir: Path, runs: int, size: int = 1024) -> None:
     print()
 
 
+def source_and_calibration(name: str, workdir: Path) -> tuple[Path, Path]:
+    """A benchmark model (example, a zoo name, or resnet18-224) and its calibration .npy, in `workdir`."""
+    calib = workdir / f"{name}.calib.npy"
+    rng = np.random.default_rng(0)
+    if name == "example":
+        np.save(calib, np.load(ROOT / "examples/digits/calib.npz")["input"][:128])
+        return ROOT / "examples" / "digits" / "model.onnx", calib
+    if name == "resnet18-224":
+        source = workdir / "resnet18.onnx"
+        if not source.exists():
+            build_model(source)
+        np.save(calib, rng.standard_normal((32, 3, 224, 224)).astype(np.float32))
+        return source, calib
+    source = export(build(name), workdir / f"{name}.onnx")
+    np.save(calib, rng.standard_normal((128, *INPUT_SHAPE)).astype(np.float32))
+    return source, calib
+
+
 def prepare(workdir: Path, names: list[str]) -> dict[str, dict[str, Path]]:
     workdir.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
     models = {}
     for name in names:
-        if name == "example":
-            source, calib = ROOT / "examples" / "digits" / "model.onnx", np.load(ROOT / "examples/digits/calib.npz")["input"][:128]
-        elif name == "resnet18-224":
-            source = workdir / "resnet18.onnx"
-            if not source.exists():
-                build_model(source)
-            calib = rng.standard_normal((32, 3, 224, 224)).astype(np.float32)
-        else:
-            source = workdir / f"{name}.onnx"
-            export(build(name), source)
-            calib = rng.standard_normal((128, *INPUT_SHAPE)).astype(np.float32)
-        np.save(workdir / f"{name}.calib.npy", calib)
+        source, calib_path = source_and_calibration(name, workdir)
+        calib = np.load(calib_path)
         qpass_int8 = workdir / f"{name}.qpass.onnx"
-        onnx.save(quantize(source, load_target("onnxruntime"), workdir / f"{name}.calib.npy", PassContext(quiet=True)).model,
+        onnx.save(quantize(source, load_target("onnxruntime"), calib_path, PassContext(quiet=True)).model,
                   qpass_int8)
         models[name] = {"float": source, "qpass int8": qpass_int8}
         try:

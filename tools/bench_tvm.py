@@ -23,7 +23,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 from qpasses.bench import cpu_description, measure
@@ -32,31 +31,10 @@ from qpasses.pipeline import quantize
 from qpasses.targets import load_target
 from qpasses.targets.lower import onnxruntime as ort_engine, tvm as tvm_engine
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "tools"))
-
-from bench_calibration import build_model  # noqa: E402  (ResNet-18 at 224x224)
-from models import INPUT_SHAPE, build, export  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_latency import source_and_calibration  # noqa: E402  (the same models and calibration data)
 
 MODELS = ["example", "resnet_basic", "resnet_bottleneck", "mobilenetv2_block", "resnet18-224"]
-
-
-def source_and_calibration(name: str, workdir: Path) -> tuple[Path, Path]:
-    calib = workdir / f"{name}.calib.npy"
-    rng = np.random.default_rng(0)
-    if name == "example":
-        np.save(calib, np.load(ROOT / "examples/digits/calib.npz")["input"][:128])
-        return ROOT / "examples" / "digits" / "model.onnx", calib
-    if name == "resnet18-224":
-        source = workdir / "resnet18.onnx"
-        if not source.exists():
-            build_model(source)
-        np.save(calib, rng.standard_normal((16, 3, 224, 224)).astype(np.float32))
-        return source, calib
-    source = export(build(name), workdir / f"{name}.onnx")
-    np.save(calib, rng.standard_normal((128, *INPUT_SHAPE)).astype(np.float32))
-    return source, calib
 
 
 def prepare(name: str, workdir: Path) -> tuple[dict[str, tuple[str, Path]], dict[str, float]]:

@@ -204,7 +204,7 @@ class Runner:
         self.cooldown = cooldown_ms / 1000.0
         built_for = elf_machine(path)
         if remote is None:
-            self.step = lambda call, what: _local(call, what)
+            self.step = _local
             if built_for != platform.machine():
                 raise EngineError(f"{path} is built for {built_for}; this machine is {platform.machine()} "
                                   "(run it on a board with --rpc)")
