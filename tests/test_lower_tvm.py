@@ -51,8 +51,8 @@ def test_report_lists_what_stays_float(tmp_path, zoo_dir):
 
 
 def test_built_conv_kernels_take_integer_inputs(tmp_path):
-    """Scheduled as compile_model builds it (default integer kernel), every conv2d kernel of the
-    example reads int8 activations and int8 weights."""
+    """Scheduled for a CPU without AVX2 (where auto picks the integer kernel), every conv2d kernel of the
+    example reads int8 activations and int8 weights; with AVX2 they read int16 pairs (test_tvm_pmaddwd)."""
     qdq = int8_model(tmp_path, EXAMPLE / "model.onnx", target="tvm-x86")
     model = onnx.load(qdq)
     built = schedule_cpu(lower(model, static_inputs(model, {})), tvm.target.Target({"kind": "llvm"}))
@@ -74,14 +74,18 @@ def test_arm_build_is_an_aarch64_library_that_does_not_run_here(tmp_path):
         Runner(tmp_path / "arm.so")
 
 
-def test_float_exact_kernel_gives_the_integer_kernels_outputs(tmp_path):
+def test_every_int_kernel_gives_the_same_outputs(tmp_path):
     qdq = int8_model(tmp_path, EXAMPLE / "model.onnx", target="tvm-x86")
-    compile_model(qdq, tmp_path / "int.so")
+    compile_model(qdq, tmp_path / "int.so", int_kernel="integer")
     report = compile_model(qdq, tmp_path / "exact.so", int_kernel="float-exact")
     assert report.exact_float_convs == 6 and not report.warnings  # every conv of the example fits 2^24
     assert json.loads((tmp_path / "exact.so.json").read_text())["int_kernel"] == "float-exact"
-    for got, want in zip(Runner(tmp_path / "exact.so").outputs(), Runner(tmp_path / "int.so").outputs()):
-        np.testing.assert_array_equal(got, want)
+    report = compile_model(qdq, tmp_path / "auto.so")  # tvm-x86 is x86-64-v3: AVX2
+    assert report.int_kernel == "pmaddwd" and report.pmaddwd_convs == 6
+    want = Runner(tmp_path / "int.so").outputs()
+    for library in ("exact.so", "auto.so"):
+        for got, expected in zip(Runner(tmp_path / library).outputs(), want):
+            np.testing.assert_array_equal(got, expected, err_msg=library)
 
 
 def test_compile_is_deterministic(tmp_path):

@@ -1,5 +1,5 @@
 """CPU schedules change speed, never results: every scheduled build equals the unscheduled one (bit for
-bit on integer models, both integer kernels), a conv's int32 sums equal a numpy int64 reference even
+bit on integer models, every integer kernel), a conv's int32 sums equal a numpy int64 reference even
 when the exact-float kernel must split it, and the kernels get the loop structure the rules promise."""
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def test_scheduled_builds_compute_what_unscheduled_ones_do(tmp_path, zoo_dir, na
     target = tvm.target.Target(TARGET)
     quantized = lowered(int8_model(tmp_path, source, target="tvm-x86", data=data))
     want = run(quantized, feeds)
-    for kernel in ("integer", "float-exact"):
+    for kernel in ("integer", "pmaddwd", "float-exact"):
         for got, expected in zip(run(schedule_cpu(quantized, target, kernel), feeds), want):
             np.testing.assert_array_equal(got, expected, err_msg=kernel)
     floating = lowered(source)
@@ -85,7 +85,7 @@ def test_int8_conv_sums_equal_an_int64_reference(magnitude):
     want = conv_reference(x, weight)
     assert np.abs(want).max() >= (2 ** 24 if magnitude == 127 else 0)  # the split case really exceeds 2^24
     mod = int8_conv_module(weight, x.shape)
-    for kernel in ("integer", "float-exact"):
+    for kernel in ("integer", "pmaddwd", "float-exact"):
         (got,) = run(schedule_cpu(mod, tvm.target.Target(TARGET), kernel), [x])
         np.testing.assert_array_equal(got, want, err_msg=kernel)
 

@@ -40,7 +40,8 @@ except ImportError:  # pragma: no cover - apache-tvm is a dependency; say so in 
 
 from .tvm_passes import KERNELS, float_ops, integer_lowering
 from .tvm_rpc import RemoteDevice, last_line, set_threads
-from .tvm_schedule import exact_float_plan, schedule_cpu
+from .tvm_pmaddwd import count_pairable
+from .tvm_schedule import exact_float_plan, int_kernel_for, schedule_cpu
 
 ELF_MACHINES = {0x3E: "x86_64", 0xB7: "aarch64", 0x28: "arm"}
 
@@ -57,7 +58,8 @@ class CompileReport:
     inputs: list[dict] = field(default_factory=list)  # {name, shape, dtype}
     integer_nodes: dict[str, int] = field(default_factory=dict)  # "conv2d int8 x int8 -> int32": count
     float_nodes: list[dict] = field(default_factory=list)  # {name: Relax variable, op}: compute left in float32
-    int_kernel: str = "integer"  # how integer convs run: int32 multiplies, or exact float32 FMA (tvm_schedule)
+    int_kernel: str = "integer"  # how integer convs run: int32 multiplies, int16 vpmaddwd, or exact float32 FMA
+    pmaddwd_convs: int = 0  # with int_kernel pmaddwd: the integer convs on the vpmaddwd kernel (tvm_pmaddwd)
     exact_float_convs: int = 0  # with int_kernel float-exact: the int8 convs that run on float32 FMA
     build_seconds: float = 0.0  # schedule + build + link
     warnings: list[str] = field(default_factory=list)
@@ -67,7 +69,7 @@ class CompileReport:
 
 
 def compile_model(model_path: Path, output: Path, target: str = "tvm-x86", input_shapes: dict | None = None,
-                  mcpu: str | None = None, mattr: str | None = None, int_kernel: str = "integer",
+                  mcpu: str | None = None, mattr: str | None = None, int_kernel: str = "auto",
                   quiet: bool = True) -> CompileReport:
     """Build `model_path` for the target file's TVM device into `output` (atomically) plus `output`.json."""
     device = load_target(target).tvm
@@ -78,6 +80,11 @@ def compile_model(model_path: Path, output: Path, target: str = "tvm-x86", input
         llvm["mcpu"] = mcpu
     if mattr:
         llvm["mattr"] = [a.strip() for a in mattr.split(",") if a.strip()]
+    llvm_target = tvm.target.Target(llvm)
+    try:
+        int_kernel = int_kernel_for(int_kernel, llvm_target)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
     with tqdm(total=4, desc="compile: import", unit="stage", disable=True if quiet else None, leave=False) as stages:
         model = graph_io.load_model(model_path)
         inputs = static_inputs(model, input_shapes or {})
@@ -85,6 +92,8 @@ def compile_model(model_path: Path, output: Path, target: str = "tvm-x86", input
         report = CompileReport("tvm", str(model_path), str(output), target, llvm, tvm.__version__,
                                _machine(llvm), inputs=inputs, int_kernel=int_kernel)
         _describe(lowered, report)
+        if int_kernel == "pmaddwd":
+            report.pmaddwd_convs = count_pairable(lowered)
         if int_kernel == "float-exact":
             report.exact_float_convs, kept = exact_float_plan(lowered)
             if kept:
@@ -92,7 +101,6 @@ def compile_model(model_path: Path, output: Path, target: str = "tvm-x86", input
                                        "beyond float32's exact integers")
         start = time.perf_counter()
         _stage(stages, "schedule")
-        llvm_target = tvm.target.Target(llvm)
         try:
             scheduled = schedule_cpu(lowered, llvm_target, int_kernel)
             _stage(stages, "build")

@@ -17,17 +17,17 @@ with a few fixed rules, each one function below:
   multiple of 8, non-constant weights, conv2d_transpose). Loops go parallel only above
   MIN_PARALLEL operations: on the small kernels waking the thread pool costs more than it saves.
 
-Integer convs run one of two kernels (`int_kernel`), both exact:
-* "integer" (default): int8 operands widened to int32 in the inner loop (vpmovsx + vpmulld). Wider
-  operands (int16/int32, widened once ahead) measured the same: the int32 multiply bounds them all.
-  An int16 `pmaddwd` kernel is ~3.5x faster, but `Schedule.tensorize` segfaults in apache-tvm
-  0.27.0.post1 (even with TVM's own VNNI intrinsics): it needs a hand-written TIR kernel.
+Integer convs run one of three kernels (`int_kernel`), all exact; "auto" picks pmaddwd on AVX2:
+* "integer": int8 operands widened to int32 in the inner loop (vpmovsx + vpmulld), on any CPU.
+  Wider operands (int16/int32, widened once ahead) measured the same: the int32 multiply bounds them.
+* "pmaddwd" (x86 AVX2): int16 operand pairs, 16 multiply-adds per instruction (`tvm_pmaddwd`, a
+  hand-written TIR kernel: `Schedule.tensorize` segfaults in apache-tvm 0.27.0.post1). About 3.5x
+  the "integer" kernel's throughput; on CPUs without VNNI as fast as float32 FMA, no faster.
 * "float-exact": a conv whose every partial sum provably stays below 2^24 in magnitude (max over
   output channels of sum|w| * 128, from the constant weights) runs as a float32 FMA conv and casts
   the sums back to int32: float32 holds all those integers, so the result is bit-identical in any
   summation order. A conv over the bound is split into up to 4 input-channel chunks that each meet
   it, their int32 results added; grouped convs are not split. Convs that still fail keep "integer".
-  About 3.5x faster than "integer" on an AVX2 CPU without VNNI, at float32 weight storage.
 
 The result builds with plain `tvm.compile(result, target=target)`: its default pipeline finds no
 Relax operator left to legalize, and its TIR pipeline lowers the scheduled PrimFuncs.
@@ -42,26 +42,39 @@ import numpy as np
 import tvm
 from tvm import relax, s_tir, tirx
 from tvm.ir import GenericConst
+from tvm.target.codegen import target_has_features
 
 from .tvm_passes.common import rewrite_functions
+from .tvm_pmaddwd import KERNEL_ATTR, pair_convs
 
 LOG = logging.getLogger(__name__)
 LANES = 8  # AVX2: 8 x int32 / float32 per ymm register
 MAX_STRIP = 8  # output pixels per register tile (8 accumulators + operands fit the 16 ymm registers)
 MIN_PARALLEL = 1 << 20  # fewer operations (MACs, elements) than this: threads cost more than they save
-INT_KERNELS = ("integer", "float-exact")
+INT_KERNELS = ("auto", "integer", "pmaddwd", "float-exact")
 EXACT_FLOAT = 2 ** 24  # float32 holds every integer of smaller magnitude exactly
 
 Packing = dict[int, Callable[[np.ndarray], np.ndarray]]  # PrimFunc parameter index -> constant repack
 
 
-def schedule_cpu(mod: tvm.IRModule, target: tvm.target.Target, int_kernel: str = "integer") -> tvm.IRModule:
+def int_kernel_for(choice: str, target: tvm.target.Target) -> str:
+    """The integer conv kernel `choice` means on `target`: "auto" is pmaddwd where AVX2 exists, else integer."""
+    if choice not in INT_KERNELS:
+        raise ValueError(f"int_kernel must be one of {INT_KERNELS}, not {choice!r}")
+    avx2 = target.kind.name == "llvm" and bool(target_has_features("avx2", target))
+    if choice == "pmaddwd" and not avx2:
+        raise ValueError("the pmaddwd kernel needs an x86 target with AVX2 (e.g. --mcpu x86-64-v3)")
+    return ("pmaddwd" if avx2 else "integer") if choice == "auto" else choice
+
+
+def schedule_cpu(mod: tvm.IRModule, target: tvm.target.Target, int_kernel: str = "auto") -> tvm.IRModule:
     """Legalize, fuse and schedule `mod` for a CPU `target`; `tvm.compile(result, target=target)` builds it."""
-    if int_kernel not in INT_KERNELS:
-        raise ValueError(f"int_kernel must be one of {INT_KERNELS}, not {int_kernel!r}")
+    int_kernel = int_kernel_for(int_kernel, target)
     with target:
         if int_kernel == "float-exact":
             mod = exact_float_convs(mod)
+        elif int_kernel == "pmaddwd":
+            mod = pair_convs(mod)
         mod = tvm.transform.Sequential([
             relax.transform.DecomposeOpsForInference(),
             relax.transform.LegalizeOps(),
@@ -74,7 +87,7 @@ def schedule_cpu(mod: tvm.IRModule, target: tvm.target.Target, int_kernel: str =
     constant_args = _constant_arguments(mod)
     relaid: dict[str, tuple[tirx.PrimFunc, Packing]] = {}
     for gvar, func in list(mod.functions_items()):
-        if isinstance(func, tirx.PrimFunc):
+        if isinstance(func, tirx.PrimFunc) and KERNEL_ATTR not in (func.attrs or {}):
             scheduled, packing = schedule_primfunc(func, constant_args.get(gvar.name_hint, set()), gvar.name_hint)
             if packing:
                 relaid[gvar.name_hint] = scheduled, packing  # new signature: needs a new GlobalVar
@@ -101,6 +114,8 @@ def schedule_primfunc(func: tirx.PrimFunc, constant_params: set[int],
                 break
             except (RuntimeError, ValueError) as exc:
                 LOG.debug("%s: %s failed: %s", func_name, rule.__name__, str(exc).strip().splitlines()[-1])
+    else:
+        _inline_injective(sch)
     sch = schedule_fallback(sch)
     return sch.mod["main"], packing
 
@@ -405,6 +420,17 @@ def _inline_epilogue(sch: s_tir.Schedule, block: s_tir.SBlockRV) -> None:
                         break
                 if changed:
                     break
+
+
+def _inline_injective(sch: s_tir.Schedule) -> None:
+    """Inline every block of an elementwise chain into the next: one pass over memory instead of one per op."""
+    changed = True
+    while changed:
+        changed = False
+        for block in sch.get_child_blocks(sch.get_sblock("root")):
+            if sch.get_consumers(block) and _try(lambda: sch.compute_inline(block)):
+                changed = True
+                break
 
 
 def _vectorize_tile(sch: s_tir.Schedule, block: s_tir.SBlockRV) -> None:

@@ -1,0 +1,115 @@
+"""The vpmaddwd conv kernel: its int32 sums equal a numpy int64 conv for every shape it takes (odd
+input channels, output channels not a multiple of 8, strides, uneven padding, widths without a good
+strip, int16 operands centred on a zero point), it builds into real vpmaddwd instructions, and
+`auto` chooses it only where AVX2 exists."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qpasses.targets.lower.tvm_pmaddwd import KERNEL_ATTR, count_pairable, pack_weight, pair_convs
+from qpasses.targets.lower.tvm_schedule import int_kernel_for, schedule_cpu
+
+tvm = pytest.importorskip("tvm", reason="apache-tvm is a test dependency; pip install -e '.[test]'")
+from tvm import relax, tirx  # noqa: E402
+
+TARGET = {"kind": "llvm", "mcpu": "x86-64-v3"}
+
+
+def conv_module(weight: np.ndarray, shape: tuple[int, ...], dtype: str, strides, padding, groups: int = 1):
+    builder = relax.BlockBuilder()
+    data = relax.Var("data", relax.TensorType(shape, dtype))
+    with builder.function("main", [data]):
+        with builder.dataflow():
+            out = builder.emit_output(relax.op.nn.conv2d(data, relax.const(weight), strides=strides, padding=padding,
+                                                         groups=groups, out_dtype="int32"))
+        builder.emit_func_output(out)
+    return builder.get()
+
+
+def reference(x: np.ndarray, w: np.ndarray, strides, padding) -> np.ndarray:
+    """int64 conv2d; padding (top, left, bottom, right) as Relax orders it."""
+    (sh, sw), (top, left, bottom, right) = strides, padding
+    padded = np.pad(x.astype(np.int64), ((0, 0), (0, 0), (top, bottom), (left, right)))
+    kh, kw = w.shape[2:]
+    ho, wo = (padded.shape[2] - kh) // sh + 1, (padded.shape[3] - kw) // sw + 1
+    out = np.zeros((x.shape[0], w.shape[0], ho, wo), np.int64)
+    for dy in range(kh):
+        for dx in range(kw):
+            patch = padded[:, :, dy:dy + sh * (ho - 1) + 1:sh, dx:dx + sw * (wo - 1) + 1:sw]
+            out += np.einsum("nchw,oc->nohw", patch, w[:, :, dy, dx].astype(np.int64))
+    return out
+
+
+def build_and_run(mod: tvm.IRModule, x: np.ndarray) -> tuple[np.ndarray, str]:
+    executable = tvm.compile(mod, target=tvm.target.Target(TARGET))
+    out = relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    return out, executable.mod.imports[0].inspect_source("asm")
+
+
+CASES = {  # name: (data shape, data dtype, output channels, kernel, strides, padding (t, l, b, r))
+    "3x3 s1": ((1, 16, 8, 8), "int8", 16, 3, (1, 1), (1, 1, 1, 1)),
+    "odd channels, 12 outputs, width 11": ((1, 3, 13, 11), "int8", 12, 3, (1, 1), (1, 1, 1, 1)),
+    "7x7 stride 2, uneven padding": ((2, 5, 17, 19), "int8", 24, 7, (2, 2), (3, 2, 2, 3)),
+    "1x1 stride 2": ((1, 32, 14, 14), "int8", 64, 1, (2, 2), (0, 0, 0, 0)),
+    "int16 (zero point subtracted)": ((1, 8, 9, 23), "int16", 8, 3, (1, 2), (0, 1, 1, 0)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_pmaddwd_conv_sums_equal_an_int64_reference(case):
+    shape, dtype, channels, k, strides, padding = CASES[case]
+    rng = np.random.default_rng(7)
+    bound = 256 if dtype == "int16" else 128  # int16: u8 - zero point spans [-255, 255]
+    x = rng.integers(-bound + 1, bound, size=shape).astype(dtype)
+    w = rng.integers(-bound + 1, bound, size=(channels, shape[1], k, k)).astype(dtype)
+    x.flat[:50] = -bound + 1  # extremes: every pair product at its largest magnitude
+    w[0] = -bound + 1
+    mod = conv_module(w, shape, dtype, strides, padding)
+    assert count_pairable(mod) == 1
+    got, asm = build_and_run(schedule_cpu(mod, tvm.target.Target(TARGET), "pmaddwd"), x)
+    np.testing.assert_array_equal(got, reference(x, w, strides, padding))
+    assert "vpmaddwd" in asm and "vpmulld" not in asm
+
+
+def test_kernel_reads_int16_channel_pairs_and_is_left_unscheduled():
+    """The rewrite calls one hand-written PrimFunc on [N, C/2, H, W, 2] int16 data and [OC/8, C/2, KH, KW, 8, 2]
+    weights; large convs get a parallel outer loop, small ones stay serial (threads would cost more)."""
+    rng = np.random.default_rng(0)
+    for shape, parallel in (((1, 64, 56, 56), True), ((1, 16, 8, 8), False)):
+        w = rng.integers(-127, 128, size=(64, shape[1], 3, 3)).astype(np.int8)
+        mod = schedule_cpu(conv_module(w, shape, "int8", (1, 1), (1, 1, 1, 1)), tvm.target.Target(TARGET), "pmaddwd")
+        kernels = [f for _, f in mod.functions_items() if isinstance(f, tirx.PrimFunc) and KERNEL_ATTR in f.attrs]
+        assert len(kernels) == 1
+        data, weight, out = kernels[0].params
+        assert (str(data.dtype), str(weight.dtype), str(out.dtype)) == ("int16", "int16", "int32")
+        assert [int(d) for d in data.shape] == [1, shape[1] // 2, shape[2] + 2, shape[3] + 2, 2]
+        assert [int(d) for d in weight.shape] == [8, shape[1] // 2, 3, 3, 8, 2]
+        assert ("T.parallel(" in kernels[0].script()) == parallel
+
+
+def test_weight_packing_pairs_input_channels_per_block_of_8_outputs():
+    w = np.arange(10 * 3 * 2 * 2).reshape(10, 3, 2, 2)
+    packed = pack_weight(w)
+    assert packed.shape == (2, 2, 2, 2, 8, 2) and packed.dtype == np.int16
+    for o, c, y, x in np.ndindex(w.shape):
+        assert packed[o // 8, c // 2, y, x, o % 8, c % 2] == w[o, c, y, x]
+    assert not packed[1, :, :, :, 2:].any() and not packed[:, 1, :, :, :, 1].any()  # zero padding
+
+
+def test_grouped_and_float_convs_are_left_alone():
+    w = np.ones((8, 1, 3, 3), np.int8)
+    depthwise = conv_module(w, (1, 8, 6, 6), "int8", (1, 1), (1, 1, 1, 1), groups=8)
+    assert count_pairable(depthwise) == 0
+    assert str(pair_convs(depthwise)) == str(depthwise)
+
+
+def test_auto_means_pmaddwd_only_where_avx2_exists():
+    assert int_kernel_for("auto", tvm.target.Target(TARGET)) == "pmaddwd"
+    assert int_kernel_for("auto", tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"})) == "integer"
+    arm = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})
+    assert int_kernel_for("auto", arm) == "integer"
+    with pytest.raises(ValueError, match="needs an x86 target with AVX2"):
+        int_kernel_for("pmaddwd", arm)
+    assert int_kernel_for("float-exact", arm) == "float-exact"
