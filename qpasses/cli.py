@@ -203,11 +203,11 @@ def check(model: Path, target_name: str, as_json: bool) -> None:
               help="tvm: the target file whose [tvm] table names the device (tvm-x86, tvm-arm, or a path).")
 @click.option("--mcpu", help="tvm: LLVM CPU, overriding the target file's (e.g. cortex-a76).")
 @click.option("--mattr", metavar="+dotprod,+i8mm", help="tvm: LLVM CPU features, overriding the target file's.")
-@click.option("--int-kernel", type=click.Choice(["auto", "integer", "pmaddwd", "float-exact"]), default="auto",
-              show_default=True,
-              help="tvm: how integer convs run, all with the same results: int32 multiplies (integer), int16 pair "
-                   "multiply-adds (pmaddwd, x86 AVX2), or float32 FMA where the sums provably stay exact "
-                   "(float-exact). auto: pmaddwd on AVX2 targets, integer elsewhere.")
+@click.option("--int-kernel", type=click.Choice(["auto", "integer", "pmaddwd", "sdot", "float-exact"]),
+              default="auto", show_default=True,
+              help="tvm: how integer convs run, all with the same results: int32 multiplies (integer), dot-product "
+                   "instructions (pmaddwd: x86 AVX2; sdot: ARM +dotprod), or float32 FMA where the sums provably "
+                   "stay exact (float-exact). auto: the target's dot-product kernel, else integer.")
 @click.option("--opt-level", type=click.Choice(["basic", "extended", "all"]), default="extended", show_default=True,
               help="onnxruntime: graph optimisations applied offline ('all' adds layouts that suit only this CPU type).")
 @click.option("--input-shape", multiple=True, metavar="NAME=1x3x224x224",
@@ -247,8 +247,8 @@ def compile_command(model: Path, engine_name: str, output: Path | None, target_n
         if result.float_nodes:
             click.echo(f"float nodes: {len(result.float_nodes)}: "
                        + ", ".join(f"{n['name']} ({n['op']})" for n in result.float_nodes), err=True)
-        if engine_name == "tvm" and result.int_kernel == "pmaddwd":
-            click.echo(f"pmaddwd: {result.pmaddwd_convs} integer conv(s) run on the int16 vpmaddwd kernel", err=True)
+        if engine_name == "tvm" and result.int_kernel in ("pmaddwd", "sdot"):
+            click.echo(f"{result.int_kernel}: {result.dot_convs} integer conv(s) run on the dot-product kernel", err=True)
         if engine_name == "tvm" and result.int_kernel == "float-exact":
             click.echo(f"float-exact: {result.exact_float_convs} int8 conv(s) run on float32 FMA, exactly", err=True)
         for warning in result.warnings:

@@ -81,7 +81,7 @@ def test_every_int_kernel_gives_the_same_outputs(tmp_path):
     assert report.exact_float_convs == 6 and not report.warnings  # every conv of the example fits 2^24
     assert json.loads((tmp_path / "exact.so.json").read_text())["int_kernel"] == "float-exact"
     report = compile_model(qdq, tmp_path / "auto.so")  # tvm-x86 is x86-64-v3: AVX2
-    assert report.int_kernel == "pmaddwd" and report.pmaddwd_convs == 6
+    assert report.int_kernel == "pmaddwd" and report.dot_convs == 6
     want = Runner(tmp_path / "int.so").outputs()
     for library in ("exact.so", "auto.so"):
         for got, expected in zip(Runner(tmp_path / library).outputs(), want):

@@ -1,5 +1,6 @@
 """Measuring on a board through TVM RPC, with real servers and a real tracker on 127.0.0.1: the
-loopback bench from the CLI, outputs equal to a local run, and every fault (closed port, silent
+loopback bench from the CLI, outputs equal to a local run, aarch64 libraries (NEON and the sdot
+kernel) computing the right numbers under qemu, and every fault (closed port, silent
 listener, unknown or busy tracker key, a server killed mid-run, a library for another
 architecture) ending in one line with exit code 3 within the timeout, never a hang."""
 
@@ -26,8 +27,13 @@ from qpasses.targets.lower.tvm_rpc import Endpoint, bounded, open_device
 from test_cli import assert_one_line_error, qpass
 from test_lower_onnxruntime import int8_model
 from test_lower_tvm import reference
+from test_tvm_dot import ARM_DOTPROD, CASES, conv_module, reference as dot_reference
 
-pytest.importorskip("tvm", reason="apache-tvm is a test dependency; pip install -e '.[test]'")
+tvm = pytest.importorskip("tvm", reason="apache-tvm is a test dependency; pip install -e '.[test]'")
+from tvm import relax  # noqa: E402
+from tvm.support import cc  # noqa: E402
+
+from qpasses.targets.lower.tvm_schedule import schedule_cpu  # noqa: E402
 
 START_TIMEOUT = 180  # seconds for a server to come up on a loaded 2-core CI machine
 ARM_PYTHON = Path(os.environ.get("QPASS_ARM_ROOT", Path.home() / ".cache" / "qpass" / "aarch64")) / "python"
@@ -100,7 +106,9 @@ def libraries(tmp_path_factory) -> dict[str, Path]:
     compile_model(EXAMPLE / "model.onnx", root / "f.so")
     arm_qdq = int8_model(root, EXAMPLE / "model.onnx", target="tvm-arm")
     compile_model(arm_qdq, root / "arm.so", target="tvm-arm")
-    return {"int8": root / "q.so", "float": root / "f.so", "arm": root / "arm.so", "arm_qdq": arm_qdq}
+    assert compile_model(arm_qdq, root / "arm-dot.so", target="tvm-arm", mattr="+neon,+dotprod").int_kernel == "sdot"
+    return {"int8": root / "q.so", "float": root / "f.so", "arm": root / "arm.so", "arm_dot": root / "arm-dot.so",
+            "arm_qdq": arm_qdq}
 
 
 @pytest.fixture(scope="module")
@@ -170,17 +178,41 @@ def test_remote_outputs_equal_a_local_run(libraries, server):
 
 
 def test_arm_library_runs_under_qemu_through_rpc(tmp_path, libraries, arm_board):
-    """Correctness on a real aarch64 runtime: the outputs match ORT running the Q/DQ model (latency under
-    emulation means nothing, so only that the CLI measures through it)."""
+    """Correctness on a real aarch64 runtime (qemu's default CPU has dot products): the NEON build and
+    the sdot build both match ORT running the Q/DQ model (latency under emulation means nothing, so
+    only that the CLI measures through it)."""
     device = open_device(Endpoint("127.0.0.1", arm_board, timeout=120))
-    runner = Runner(libraries["arm"], remote=device)
-    for got, want in zip(runner.outputs(), reference(libraries["arm_qdq"], runner.feeds)):
-        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * max(1.0, float(np.abs(want).max())))
-    del runner, device
+    for library in ("arm", "arm_dot"):
+        runner = Runner(libraries[library], remote=device)
+        for got, want in zip(runner.outputs(), reference(libraries["arm_qdq"], runner.feeds)):
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * max(1.0, float(np.abs(want).max())),
+                                       err_msg=library)
+        del runner
+    del device
     result = qpass("bench", str(libraries["arm"]), "--engine", "tvm", "--rpc", f"127.0.0.1:{arm_board}",
                    "--warmup", "1", "--runs", "2", "--rpc-timeout", "120", "--report", str(tmp_path / "b.json"), "-q")
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "b.json").read_text())["models"]["model"]["latency"]["runs"] == 2
+
+
+def test_sdot_conv_sums_equal_an_int64_reference_under_qemu(tmp_path, arm_board):
+    """Every int8 shape test_tvm_dot checks for vpmaddwd, on the sdot kernel run by a real aarch64 runtime."""
+    target = tvm.target.Target(ARM_DOTPROD)
+    rng = np.random.default_rng(5)
+    session = open_device(Endpoint("127.0.0.1", arm_board, timeout=120)).session  # one session: the server has one slot
+    for number, (case, (shape, dtype, channels, k, strides, padding)) in enumerate(CASES.items()):
+        if dtype != "int8":
+            continue
+        x = rng.integers(-128, 128, size=shape).astype(dtype)
+        w = rng.integers(-127, 128, size=(channels, shape[1], k, k)).astype(dtype)
+        x.flat[:50], w[0] = -128, -127
+        library = tmp_path / f"conv{number}.so"
+        tvm.compile(schedule_cpu(conv_module(w, shape, dtype, strides, padding), target, "sdot"), target=target) \
+            .export_library(str(library), fcompile=cc.cross_compiler("aarch64-linux-gnu-gcc"))
+        session.upload(str(library), target=library.name)
+        vm = relax.VirtualMachine(session.load_module(library.name), session.cpu(0))
+        got = vm["main"](tvm.runtime.tensor(x, session.cpu(0))).numpy()
+        np.testing.assert_array_equal(got, dot_reference(x, w, strides, padding), err_msg=case)
 
 
 def test_tracker_request_and_its_faults(tmp_path, libraries, tracker):

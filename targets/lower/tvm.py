@@ -40,7 +40,7 @@ except ImportError:  # pragma: no cover - apache-tvm is a dependency; say so in 
 
 from .tvm_passes import KERNELS, float_ops, integer_lowering
 from .tvm_rpc import RemoteDevice, last_line, set_threads
-from .tvm_pmaddwd import count_pairable
+from .tvm_dot import KERNELS as DOT_KERNELS, count_fitting
 from .tvm_schedule import exact_float_plan, int_kernel_for, schedule_cpu
 
 ELF_MACHINES = {0x3E: "x86_64", 0xB7: "aarch64", 0x28: "arm"}
@@ -58,8 +58,8 @@ class CompileReport:
     inputs: list[dict] = field(default_factory=list)  # {name, shape, dtype}
     integer_nodes: dict[str, int] = field(default_factory=dict)  # "conv2d int8 x int8 -> int32": count
     float_nodes: list[dict] = field(default_factory=list)  # {name: Relax variable, op}: compute left in float32
-    int_kernel: str = "integer"  # how integer convs run: int32 multiplies, int16 vpmaddwd, or exact float32 FMA
-    pmaddwd_convs: int = 0  # with int_kernel pmaddwd: the integer convs on the vpmaddwd kernel (tvm_pmaddwd)
+    int_kernel: str = "integer"  # how integer convs run: int32 multiplies, dot products, or exact float32 FMA
+    dot_convs: int = 0  # with int_kernel pmaddwd/sdot: the integer convs on that dot-product kernel (tvm_dot)
     exact_float_convs: int = 0  # with int_kernel float-exact: the int8 convs that run on float32 FMA
     build_seconds: float = 0.0  # schedule + build + link
     warnings: list[str] = field(default_factory=list)
@@ -92,8 +92,8 @@ def compile_model(model_path: Path, output: Path, target: str = "tvm-x86", input
         report = CompileReport("tvm", str(model_path), str(output), target, llvm, tvm.__version__,
                                _machine(llvm), inputs=inputs, int_kernel=int_kernel)
         _describe(lowered, report)
-        if int_kernel == "pmaddwd":
-            report.pmaddwd_convs = count_pairable(lowered)
+        if int_kernel in DOT_KERNELS:
+            report.dot_convs = count_fitting(lowered, DOT_KERNELS[int_kernel])
         if int_kernel == "float-exact":
             report.exact_float_convs, kept = exact_float_plan(lowered)
             if kept:

@@ -17,12 +17,13 @@ with a few fixed rules, each one function below:
   multiple of 8, non-constant weights, conv2d_transpose). Loops go parallel only above
   MIN_PARALLEL operations: on the small kernels waking the thread pool costs more than it saves.
 
-Integer convs run one of three kernels (`int_kernel`), all exact; "auto" picks pmaddwd on AVX2:
+Integer convs run one of four kernels (`int_kernel`), all exact; "auto" picks the target's
+dot-product kernel (pmaddwd with AVX2, sdot on aarch64 with +dotprod), else "integer":
 * "integer": int8 operands widened to int32 in the inner loop (vpmovsx + vpmulld), on any CPU.
   Wider operands (int16/int32, widened once ahead) measured the same: the int32 multiply bounds them.
-* "pmaddwd" (x86 AVX2): int16 operand pairs, 16 multiply-adds per instruction (`tvm_pmaddwd`, a
-  hand-written TIR kernel: `Schedule.tensorize` segfaults in apache-tvm 0.27.0.post1). About 3.5x
-  the "integer" kernel's throughput; on CPUs without VNNI as fast as float32 FMA, no faster.
+* "pmaddwd" (x86 AVX2) and "sdot" (ARM dotprod): hand-written TIR kernels on those instructions
+  (`tvm_dot`; `Schedule.tensorize` segfaults in apache-tvm 0.27.0.post1). pmaddwd has about 3.5x
+  the "integer" kernel's throughput; on CPUs without VNNI it is as fast as float32 FMA, no faster.
 * "float-exact": a conv whose every partial sum provably stays below 2^24 in magnitude (max over
   output channels of sum|w| * 128, from the constant weights) runs as a float32 FMA conv and casts
   the sums back to int32: float32 holds all those integers, so the result is bit-identical in any
@@ -45,26 +46,33 @@ from tvm.ir import GenericConst
 from tvm.target.codegen import target_has_features
 
 from .tvm_passes.common import rewrite_functions
-from .tvm_pmaddwd import KERNEL_ATTR, pair_convs
+from .tvm_dot import KERNEL_ATTR, KERNELS as DOT_KERNELS, dot_convs
 
 LOG = logging.getLogger(__name__)
 LANES = 8  # AVX2: 8 x int32 / float32 per ymm register
 MAX_STRIP = 8  # output pixels per register tile (8 accumulators + operands fit the 16 ymm registers)
 MIN_PARALLEL = 1 << 20  # fewer operations (MACs, elements) than this: threads cost more than they save
-INT_KERNELS = ("auto", "integer", "pmaddwd", "float-exact")
+INT_KERNELS = ("auto", "integer", "pmaddwd", "sdot", "float-exact")
 EXACT_FLOAT = 2 ** 24  # float32 holds every integer of smaller magnitude exactly
 
 Packing = dict[int, Callable[[np.ndarray], np.ndarray]]  # PrimFunc parameter index -> constant repack
 
 
 def int_kernel_for(choice: str, target: tvm.target.Target) -> str:
-    """The integer conv kernel `choice` means on `target`: "auto" is pmaddwd where AVX2 exists, else integer."""
+    """The integer conv kernel `choice` means on `target`: "auto" is the target's dot-product kernel if it has one."""
     if choice not in INT_KERNELS:
         raise ValueError(f"int_kernel must be one of {INT_KERNELS}, not {choice!r}")
-    avx2 = target.kind.name == "llvm" and bool(target_has_features("avx2", target))
-    if choice == "pmaddwd" and not avx2:
-        raise ValueError("the pmaddwd kernel needs an x86 target with AVX2 (e.g. --mcpu x86-64-v3)")
-    return ("pmaddwd" if avx2 else "integer") if choice == "auto" else choice
+    llvm = target.kind.name == "llvm"
+    available = {"pmaddwd": llvm and bool(target_has_features("avx2", target)),
+                 "sdot": llvm and "aarch64" in str(target.attrs.get("mtriple", ""))
+                 and bool(target_has_features("dotprod", target))}
+    if choice in available and not available[choice]:
+        needs = {"pmaddwd": "an x86 target with AVX2 (e.g. --mcpu x86-64-v3)",
+                 "sdot": "an aarch64 target with dot products (--mattr +neon,+dotprod)"}[choice]
+        raise ValueError(f"the {choice} kernel needs {needs}")
+    if choice == "auto":
+        return next((name for name, ok in available.items() if ok), "integer")
+    return choice
 
 
 def schedule_cpu(mod: tvm.IRModule, target: tvm.target.Target, int_kernel: str = "auto") -> tvm.IRModule:
@@ -73,8 +81,8 @@ def schedule_cpu(mod: tvm.IRModule, target: tvm.target.Target, int_kernel: str =
     with target:
         if int_kernel == "float-exact":
             mod = exact_float_convs(mod)
-        elif int_kernel == "pmaddwd":
-            mod = pair_convs(mod)
+        elif int_kernel in DOT_KERNELS:
+            mod = dot_convs(mod, DOT_KERNELS[int_kernel])
         mod = tvm.transform.Sequential([
             relax.transform.DecomposeOpsForInference(),
             relax.transform.LegalizeOps(),

@@ -1,20 +1,22 @@
-"""The vpmaddwd conv kernel: its int32 sums equal a numpy int64 conv for every shape it takes (odd
-input channels, output channels not a multiple of 8, strides, uneven padding, widths without a good
-strip, int16 operands centred on a zero point), it builds into real vpmaddwd instructions, and
-`auto` chooses it only where AVX2 exists."""
+"""The dot-product conv kernels: vpmaddwd's int32 sums equal a numpy int64 conv for every shape it
+takes (odd input channels, output channels not a multiple of 8, strides, uneven padding, widths
+without a good strip, int16 operands centred on a zero point) and build into real vpmaddwd
+instructions; the sdot kernel builds into real sdot instructions for aarch64 (it runs under qemu in
+test_tvm_rpc); `auto` chooses each only where the target has the instruction."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from qpasses.targets.lower.tvm_pmaddwd import KERNEL_ATTR, count_pairable, pack_weight, pair_convs
+from qpasses.targets.lower.tvm_dot import KERNEL_ATTR, KERNELS, count_fitting, dot_convs, pack_weight
 from qpasses.targets.lower.tvm_schedule import int_kernel_for, schedule_cpu
 
 tvm = pytest.importorskip("tvm", reason="apache-tvm is a test dependency; pip install -e '.[test]'")
 from tvm import relax, tirx  # noqa: E402
 
 TARGET = {"kind": "llvm", "mcpu": "x86-64-v3"}
+ARM_DOTPROD = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]}
 
 
 def conv_module(weight: np.ndarray, shape: tuple[int, ...], dtype: str, strides, padding, groups: int = 1):
@@ -67,7 +69,7 @@ def test_pmaddwd_conv_sums_equal_an_int64_reference(case):
     x.flat[:50] = -bound + 1  # extremes: every pair product at its largest magnitude
     w[0] = -bound + 1
     mod = conv_module(w, shape, dtype, strides, padding)
-    assert count_pairable(mod) == 1
+    assert count_fitting(mod, KERNELS["pmaddwd"]) == 1 and count_fitting(mod, KERNELS["sdot"]) == (dtype == "int8")
     got, asm = build_and_run(schedule_cpu(mod, tvm.target.Target(TARGET), "pmaddwd"), x)
     np.testing.assert_array_equal(got, reference(x, w, strides, padding))
     assert "vpmaddwd" in asm and "vpmulld" not in asm
@@ -89,27 +91,45 @@ def test_kernel_reads_int16_channel_pairs_and_is_left_unscheduled():
         assert ("T.parallel(" in kernels[0].script()) == parallel
 
 
-def test_weight_packing_pairs_input_channels_per_block_of_8_outputs():
+def test_sdot_kernel_builds_into_sdot_instructions():
+    w = np.random.default_rng(0).integers(-127, 128, size=(16, 6, 3, 3)).astype(np.int8)
+    target = tvm.target.Target(ARM_DOTPROD)
+    mod = schedule_cpu(conv_module(w, (1, 6, 12, 12), "int8", (1, 1), (1, 1, 1, 1)), target, "auto")
+    (kernel,) = [f for _, f in mod.functions_items() if isinstance(f, tirx.PrimFunc) and KERNEL_ATTR in f.attrs]
+    data, weight, out = kernel.params
+    assert [int(d) for d in data.shape] == [1, 2, 14, 14, 4] and str(data.dtype) == "int8"
+    assert [int(d) for d in weight.shape] == [4, 2, 3, 3, 4, 4] and [int(d) for d in out.shape] == [1, 4, 12, 12, 4]
+    asm = tvm.compile(mod, target=target).mod.imports[0].inspect_source("asm")
+    assert "sdot\tv" in asm and "smlal" not in asm
+
+
+def test_weight_packing_groups_input_channels_per_block_of_outputs():
     w = np.arange(10 * 3 * 2 * 2).reshape(10, 3, 2, 2)
-    packed = pack_weight(w)
+    packed = pack_weight(w, KERNELS["pmaddwd"])
     assert packed.shape == (2, 2, 2, 2, 8, 2) and packed.dtype == np.int16
     for o, c, y, x in np.ndindex(w.shape):
         assert packed[o // 8, c // 2, y, x, o % 8, c % 2] == w[o, c, y, x]
     assert not packed[1, :, :, :, 2:].any() and not packed[:, 1, :, :, :, 1].any()  # zero padding
+    packed = pack_weight(w, KERNELS["sdot"])
+    assert packed.shape == (3, 1, 2, 2, 4, 4) and packed.dtype == np.int8
+    assert packed[2, 0, 1, 0, 1, 2] == w[9, 2, 1, 0] and not packed[:, :, :, :, :, 3].any()
 
 
-def test_grouped_and_float_convs_are_left_alone():
+def test_grouped_convs_are_left_alone():
     w = np.ones((8, 1, 3, 3), np.int8)
     depthwise = conv_module(w, (1, 8, 6, 6), "int8", (1, 1), (1, 1, 1, 1), groups=8)
-    assert count_pairable(depthwise) == 0
-    assert str(pair_convs(depthwise)) == str(depthwise)
+    assert count_fitting(depthwise, KERNELS["pmaddwd"]) == 0
+    assert str(dot_convs(depthwise, KERNELS["pmaddwd"])) == str(depthwise)
 
 
-def test_auto_means_pmaddwd_only_where_avx2_exists():
+def test_auto_means_the_targets_dot_product_kernel():
     assert int_kernel_for("auto", tvm.target.Target(TARGET)) == "pmaddwd"
     assert int_kernel_for("auto", tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"})) == "integer"
     arm = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})
     assert int_kernel_for("auto", arm) == "integer"
+    assert int_kernel_for("auto", tvm.target.Target(ARM_DOTPROD)) == "sdot"
     with pytest.raises(ValueError, match="needs an x86 target with AVX2"):
         int_kernel_for("pmaddwd", arm)
+    with pytest.raises(ValueError, match=r"needs an aarch64 target with dot products \(--mattr \+neon,\+dotprod\)"):
+        int_kernel_for("sdot", arm)
     assert int_kernel_for("float-exact", arm) == "float-exact"
