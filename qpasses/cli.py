@@ -16,7 +16,8 @@ from pathlib import Path
 import click
 
 from qpasses import __version__
-from qpasses.calibration.data import RANDOM_WARNING, random_source
+from qpasses.calibration.data import RANDOM_WARNING, open_source, random_source
+from qpasses.calibration.runner import input_specs
 from qpasses.calibration.observers import OBSERVERS
 from qpasses.errors import EngineError, GateError, InputError, QpassError
 from qpasses.targets.check import check_model, format_check
@@ -26,6 +27,7 @@ from qpasses.targets.schema import builtin_names, load_target
 from . import graph as graph_io
 from .analyze import Goal, analyze as run_analyze, format_analysis
 from .bench import BenchResult, IncompleteRun, format_bench, measure
+from .fidelity import Fidelity, compare, format_fidelity
 from .pass_infra import PassContext
 from .pipeline import ALL_PASSES, Techniques, quantize as run_quantize
 from .report import dumps, quantize_report, sha256
@@ -108,13 +110,22 @@ def _output_path(model: Path, output: Path | None, suffix: str) -> Path:
               help="AdaRound optimisation steps per layer.")
 @click.option("--report", type=click.Path(path_type=Path),
               help="Write the JSON record of the run here (schema: qpasses/report.py).")
+@click.option("--eval-data", help="Samples to gate on (.npy/.npz, may hold `labels`) [default: the held-back part of --data].")
+@click.option("--min-sqnr", type=float, help="Gate: exit 1 if the worst output's SQNR is below this many dB.")
+@click.option("--max-drop", type=click.FloatRange(min=0),
+              help="Gate: exit 1 if top-1 falls more than this many points below the float model's.")
 def quantize(model: Path, output: Path | None, cle: bool, cle_replace_relu6: bool, bn_recal: bool,
-             bias_correction: str | None, adaround: bool, adaround_iters: int, report: Path | None, **opts) -> None:
+             bias_correction: str | None, adaround: bool, adaround_iters: int, report: Path | None,
+             eval_data: str | None, min_sqnr: float | None, max_drop: float | None, **opts) -> None:
     """Quantize MODEL for a target and write a Q/DQ ONNX model.
+
+    Exit 1 when a gate fails (--min-sqnr, --max-drop, or the target's rules); the model and the
+    report are written first, so the pipeline can keep them.
 
     \b
     Example:
       qpass quantize model.onnx --target tensorrt --calib kl --data calib.npz -o model.int8.onnx
+      qpass quantize model.onnx --target snpe --data calib.npz --eval-data val.npz --max-drop 1 --min-sqnr 25
     """
     target, ctx = _setup(opts)
     output = _output_path(model, output, f"{target.name}.int8")
@@ -124,14 +135,91 @@ def quantize(model: Path, output: Path | None, cle: bool, cle_replace_relu6: boo
                           opts["holdout"], opts["preprocess"], techniques)
     conformance = check_model(result.model, target)
     graph_io.save_model(result.model, output)
+    evaluation, failures = None, []
+    if eval_data is not None or min_sqnr is not None or max_drop is not None:
+        evaluation = _evaluate(model, result, eval_data, opts)
+        if max_drop is not None and evaluation.metric is None:
+            raise InputError("--max-drop needs a classifier (first output [N, classes]); use --min-sqnr")
+        failures = evaluation.failures(min_sqnr, max_drop)
     if report is not None:
-        graph_io.atomic_write_bytes(report, dumps(quantize_report(result, ctx, techniques, model, output, conformance)))
+        record = quantize_report(result, ctx, techniques, model, output, conformance)
+        if evaluation is not None:
+            record["gates"] = {"min_sqnr": min_sqnr, "max_drop": max_drop, "evaluation": evaluation.to_json(),
+                               "failed": failures}
+        graph_io.atomic_write_bytes(report, dumps(record))
     if not ctx.quiet:
         _print_summary(result, output, f"{ctx.calib_method} activations, {ctx.weight_calib} weights")
+        if evaluation is not None:
+            click.echo(f"evaluation: {format_fidelity(evaluation)}", err=True)
     if not conformance.ok:
         for violation in conformance.violations:
             click.echo(f"check: {violation}", err=True)
         raise GateError(f"the output breaks {len(conformance.violations)} rule(s) of {target.name} (`qpass check` lists them)")
+    if failures:
+        raise GateError("gate failed: " + "; ".join(failures))
+
+
+def _evaluate(model: Path, result, eval_data: str | None, opts: dict) -> Fidelity:
+    """The float model against the written Q/DQ model on --eval-data, or on the held-back samples."""
+    reference = graph_io.normalize(graph_io.load_model(model), graph_io.parse_input_shapes(opts["input_shape"]))
+    if eval_data is not None:
+        held = open_source(eval_data, input_specs(reference), opts["preprocess"], opts["seed"])
+    else:
+        held = result.held
+        if held is None or not len(held):
+            raise InputError("the gates need samples: give --eval-data, or more --data to hold back from")
+    return compare(reference, result.model, held, opts["batch_size"])
+
+
+@cli.command("eval")
+@click.argument("reference", type=click.Path(path_type=Path))
+@click.argument("candidate", type=click.Path(path_type=Path))
+@click.option("--data", "-d", required=True, help="Samples (.npy/.npz file or directory, or images; may hold `labels`).")
+@click.option("--preprocess", type=click.Path(path_type=Path), help="Preprocessing spec (TOML) for an image directory.")
+@click.option("--input-shape", multiple=True, metavar="NAME=1x3x224x224", help="Sizes for dynamic input dimensions.")
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-samples", type=click.IntRange(min=1), help="Compare on at most this many samples.")
+@click.option("--min-sqnr", type=float, help="Gate: exit 1 if the worst output's SQNR is below this many dB.")
+@click.option("--max-drop", type=click.FloatRange(min=0), help="Gate: exit 1 if top-1 falls more than this many points.")
+@click.option("--report", type=click.Path(path_type=Path), help="Write the comparison as JSON here.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed for random[:N] data.")
+@click.option("--quiet", "-q", is_flag=True, help="No summary.")
+def eval_command(reference: Path, candidate: Path, data: str, preprocess: Path | None, input_shape: tuple[str, ...],
+                 batch_size: int, max_samples: int | None, min_sqnr: float | None, max_drop: float | None,
+                 report: Path | None, seed: int, quiet: bool) -> None:
+    """Compare CANDIDATE's outputs with REFERENCE's on the same samples: SQNR per output, top-1.
+
+    Any two models with the same inputs and outputs (float vs int8, int8 vs int8). The candidate
+    runs op by op in ONNX Runtime, so a Q/DQ model is measured as its graph defines it.
+    Exit 1 when a gate fails (the report is written first).
+
+    \b
+    Example:
+      qpass eval model.onnx model.int8.onnx --data val.npz --max-drop 1 --report eval.json
+    """
+    shapes = graph_io.parse_input_shapes(input_shape)
+    ref_model = graph_io.resolve_inputs(graph_io.load_model(reference), shapes)
+    cand_model = graph_io.resolve_inputs(graph_io.load_model(candidate), shapes)
+    if input_specs(ref_model) != input_specs(cand_model):
+        raise InputError(f"the models' inputs differ: {reference} and {candidate} must take the same tensors")
+    source = open_source(data, input_specs(ref_model), preprocess, seed)
+    if data == "random" or data.startswith("random:"):
+        click.echo(RANDOM_WARNING, err=True)
+    if max_samples is not None:
+        source, _ = source.split(max(0, len(source) - max_samples))
+    result = compare(ref_model, cand_model, source, batch_size)
+    if max_drop is not None and result.metric is None:
+        raise InputError("--max-drop needs a classifier (first output [N, classes]); use --min-sqnr")
+    failures = result.failures(min_sqnr, max_drop)
+    if report is not None:
+        graph_io.atomic_write_bytes(report, dumps({
+            "schema": "qpass.eval", "version": 1, "reference": {"path": str(reference), "sha256": sha256(reference)},
+            "candidate": {"path": str(candidate), "sha256": sha256(candidate)}, **result.to_json(),
+            "gates": {"min_sqnr": min_sqnr, "max_drop": max_drop, "failed": failures}}))
+    if not quiet:
+        click.echo(format_fidelity(result))
+    if failures:
+        raise GateError("gate failed: " + "; ".join(failures))
 
 
 @cli.command()

@@ -78,6 +78,13 @@ def normalize(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None 
     return infer_shapes(model)
 
 
+def resolve_inputs(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None) -> onnx.ModelProto:
+    """Any model, float or quantized, with its dynamic input sizes resolved: for running it, not for passes."""
+    graph = gs.import_onnx(model)
+    _resolve_input_shapes(graph, input_shapes or {})
+    return gs.export_onnx(graph)
+
+
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
         return onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)

@@ -85,6 +85,7 @@ class QuantizeResult:
     holdout_samples: int
     sqnr_db: dict[str, float] = field(default_factory=dict)
     decisions: list[Decision] = field(default_factory=list)
+    held: DataSource | None = None  # the held-back samples sqnr_db was measured on
 
     @property
     def score_db(self) -> float:
@@ -134,7 +135,7 @@ def quantize(model_path: str | Path, target: Target, data: str | Path | None, ct
             best, accepted = trial, candidate
         elif not applied:  # keep the reasons it did not apply
             why.extend(n for n in trial.state.notes if n not in best.state.notes)
-    best.decisions = decisions
+    best.decisions, best.held = decisions, held
     best.state.notes.extend(n for n in why if n not in best.state.notes)
     return best
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -158,3 +159,33 @@ def test_listing_commands():
 def test_module_entry_point():
     proc = subprocess.run([sys.executable, "-m", "qpasses.cli", "targets"], capture_output=True, text=True)
     assert proc.returncode == 0 and "tensorrt" in proc.stdout
+
+
+def test_quantize_gates_exit_1_after_writing_model_and_report(tmp_path):
+    common = ["quantize", EXAMPLE / "model.onnx", "-t", "tensorrt", "-d", EXAMPLE / "calib.npz",
+              "--eval-data", EXAMPLE / "eval.npz", "--max-drop", "2"]
+    passed = qpass(*common, "--min-sqnr", "10", "-o", tmp_path / "ok.onnx", "--report", tmp_path / "ok.json")
+    assert passed.returncode == 0, passed.stderr
+    assert "top-1 (top-1 accuracy vs labels)" in passed.stderr
+    gates = json.loads((tmp_path / "ok.json").read_text())["gates"]
+    assert gates["failed"] == [] and gates["evaluation"]["samples"] == 497 and gates["evaluation"]["drop"] <= 2
+
+    failed = qpass(*common, "--min-sqnr", "90", "-o", tmp_path / "bad.onnx", "--report", tmp_path / "bad.json", "-q")
+    assert_one_line_error(failed, 1, "gate failed: worst output SQNR")
+    assert (tmp_path / "bad.onnx").is_file()
+    assert json.loads((tmp_path / "bad.json").read_text())["gates"]["failed"][0].endswith("< --min-sqnr 90")
+
+
+def test_eval_compares_two_models_and_gates(tmp_path):
+    int8 = tmp_path / "int8.onnx"
+    assert qpass("quantize", EXAMPLE / "model.onnx", "-t", "snpe", "-d", EXAMPLE / "calib.npz", "-o", int8, "-q").returncode == 0
+    ok = qpass("eval", EXAMPLE / "model.onnx", int8, "--data", EXAMPLE / "eval.npz", "--max-drop", "2",
+               "--report", tmp_path / "eval.json")
+    assert ok.returncode == 0, ok.stderr
+    assert "497 samples" in ok.stdout and "SQNR" in ok.stdout and "drop" in ok.stdout
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["schema"] == "qpass.eval" and report["metric"] == "top-1 accuracy vs labels"
+    assert_one_line_error(qpass("eval", EXAMPLE / "model.onnx", int8, "--data", EXAMPLE / "eval.npz",
+                                "--min-sqnr", "90", "-q"), 1, "gate failed")
+    assert_one_line_error(qpass("eval", EXAMPLE / "model.onnx", int8, "--data", tmp_path / "missing.npz"), 2,
+                          "missing.npz")
