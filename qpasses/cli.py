@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import tomllib
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
@@ -37,6 +38,36 @@ from .report import dumps, quantize_report, sha256
 @click.version_option(__version__, prog_name="qpass")
 def cli() -> None:
     """qpass: quantize float ONNX models for a deployment target."""
+
+
+def config_option(command):
+    """`--config FILE`: option values from the file's table named after the command; the command line wins."""
+    return click.option("--config", type=click.Path(path_type=Path), is_eager=True, expose_value=False,
+                        callback=_read_config, metavar="FILE.toml",
+                        help="Take option values from this TOML file's [<command>] table (the command line "
+                             "overrides them).")(command)
+
+
+def _read_config(ctx: click.Context, _param: click.Parameter, path: Path | None) -> None:
+    """Set the command's defaults from the table; keys are option names (`min-sqnr` or `min_sqnr`)."""
+    if path is None:
+        return
+    try:
+        tables = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise InputError(f"--config {path}: {exc}") from None
+    section = tables.get(ctx.info_name, {})
+    if not isinstance(section, dict):
+        raise InputError(f"--config {path}: [{ctx.info_name}] must be a table of option values")
+    names = {}
+    for param in ctx.command.params:
+        if param.name not in ("config", "help"):
+            names[param.name] = param.name
+            names.update({opt.lstrip("-"): param.name for opt in param.opts})
+    unknown = sorted(set(section) - set(names))
+    if unknown:
+        raise InputError(f"--config {path}: `qpass {ctx.info_name}` has no option {', '.join(unknown)}")
+    ctx.default_map = {**(ctx.default_map or {}), **{names[key]: value for key, value in section.items()}}
 
 
 def calibration_options(command):
@@ -89,6 +120,13 @@ def _setup(opts: dict) -> tuple:
     return target, ctx
 
 
+def refuse_existing(force: bool, *outputs: Path | None) -> None:
+    """Outputs are replaced only on request: a pipeline must not silently lose an earlier artifact."""
+    for output in outputs:
+        if output is not None and output.exists() and not force:
+            raise InputError(f"{output} exists; pass --force to replace it")
+
+
 def _output_path(model: Path, output: Path | None, suffix: str) -> Path:
     output = output or model.with_name(f"{model.stem}.{suffix}.onnx")
     if model.exists() and output.resolve() == model.resolve():
@@ -97,6 +135,7 @@ def _output_path(model: Path, output: Path | None, suffix: str) -> Path:
 
 
 @cli.command()
+@config_option
 @calibration_options
 @click.option("--output", "-o", type=click.Path(path_type=Path), help="Output path [default: MODEL.<target>.int8.onnx].")
 @click.option("--cle", is_flag=True, help="Cross-layer equalization (kept only if it does not lower the output SQNR).")
@@ -114,9 +153,10 @@ def _output_path(model: Path, output: Path | None, suffix: str) -> Path:
 @click.option("--min-sqnr", type=float, help="Gate: exit 1 if the worst output's SQNR is below this many dB.")
 @click.option("--max-drop", type=click.FloatRange(min=0),
               help="Gate: exit 1 if top-1 falls more than this many points below the float model's.")
+@click.option("--force", is_flag=True, help="Replace outputs that already exist (without it qpass refuses).")
 def quantize(model: Path, output: Path | None, cle: bool, cle_replace_relu6: bool, bn_recal: bool,
              bias_correction: str | None, adaround: bool, adaround_iters: int, report: Path | None,
-             eval_data: str | None, min_sqnr: float | None, max_drop: float | None, **opts) -> None:
+             eval_data: str | None, min_sqnr: float | None, max_drop: float | None, force: bool, **opts) -> None:
     """Quantize MODEL for a target and write a Q/DQ ONNX model.
 
     Exit 1 when a gate fails (--min-sqnr, --max-drop, or the target's rules); the model and the
@@ -129,6 +169,7 @@ def quantize(model: Path, output: Path | None, cle: bool, cle_replace_relu6: boo
     """
     target, ctx = _setup(opts)
     output = _output_path(model, output, f"{target.name}.int8")
+    refuse_existing(force, output, report)
     techniques = Techniques(cle=cle, cle_replace_relu6=cle_replace_relu6, bn_recal=bn_recal, bias_correction=bias_correction,
                             adaround=adaround, adaround_iterations=adaround_iters)
     result = run_quantize(model, target, opts["data"], ctx, graph_io.parse_input_shapes(opts["input_shape"]),
@@ -172,6 +213,7 @@ def _evaluate(model: Path, result, eval_data: str | None, opts: dict) -> Fidelit
 
 
 @cli.command("eval")
+@config_option
 @click.argument("reference", type=click.Path(path_type=Path))
 @click.argument("candidate", type=click.Path(path_type=Path))
 @click.option("--data", "-d", required=True, help="Samples (.npy/.npz file or directory, or images; may hold `labels`).")
@@ -184,9 +226,10 @@ def _evaluate(model: Path, result, eval_data: str | None, opts: dict) -> Fidelit
 @click.option("--report", type=click.Path(path_type=Path), help="Write the comparison as JSON here.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for random[:N] data.")
 @click.option("--quiet", "-q", is_flag=True, help="No summary.")
+@click.option("--force", is_flag=True, help="Replace outputs that already exist (without it qpass refuses).")
 def eval_command(reference: Path, candidate: Path, data: str, preprocess: Path | None, input_shape: tuple[str, ...],
                  batch_size: int, max_samples: int | None, min_sqnr: float | None, max_drop: float | None,
-                 report: Path | None, seed: int, quiet: bool) -> None:
+                 report: Path | None, seed: int, quiet: bool, force: bool) -> None:
     """Compare CANDIDATE's outputs with REFERENCE's on the same samples: SQNR per output, top-1.
 
     Any two models with the same inputs and outputs (float vs int8, int8 vs int8). The candidate
@@ -198,6 +241,7 @@ def eval_command(reference: Path, candidate: Path, data: str, preprocess: Path |
       qpass eval model.onnx model.int8.onnx --data val.npz --max-drop 1 --report eval.json
     """
     shapes = graph_io.parse_input_shapes(input_shape)
+    refuse_existing(force, report)
     ref_model = graph_io.resolve_inputs(graph_io.load_model(reference), shapes)
     cand_model = graph_io.resolve_inputs(graph_io.load_model(candidate), shapes)
     if input_specs(ref_model) != input_specs(cand_model):
@@ -223,6 +267,7 @@ def eval_command(reference: Path, candidate: Path, data: str, preprocess: Path |
 
 
 @cli.command()
+@config_option
 @calibration_options
 @click.option("--eval-data", help="Samples to measure on (.npy/.npz, may hold `labels`) [default: the held-back part of --data].")
 @click.option("--report", type=click.Path(path_type=Path), help="Write the analysis as JSON to this path.")
@@ -230,8 +275,9 @@ def eval_command(reference: Path, candidate: Path, data: str, preprocess: Path |
 @click.option("--min-sqnr", type=float, help="Fallback goal: worst-output SQNR in dB at least this.")
 @click.option("--max-drop", type=click.FloatRange(min=0), help="Fallback goal: top-1 drop vs float at most this many points.")
 @click.option("--output", "-o", type=click.Path(path_type=Path), help="With --fallback: write the mixed-precision model here.")
+@click.option("--force", is_flag=True, help="Replace outputs that already exist (without it qpass refuses).")
 def analyze(model: Path, eval_data: str | None, report: Path | None, fallback: bool, min_sqnr: float | None,
-            max_drop: float | None, output: Path | None, **opts) -> None:
+            max_drop: float | None, output: Path | None, force: bool, **opts) -> None:
     """Per-layer sensitivity and ranges of MODEL for a target; with --fallback, choose float layers.
 
     \b
@@ -249,6 +295,7 @@ def analyze(model: Path, eval_data: str | None, report: Path | None, fallback: b
     goal = Goal(min_sqnr, max_drop) if fallback else None
     if fallback:
         output = _output_path(model, output, f"{target.name}.mixed")
+    refuse_existing(force, output, report)
     analysis, mixed = run_analyze(model, target, opts["data"], ctx, graph_io.parse_input_shapes(opts["input_shape"]),
                                   opts["holdout"], opts["preprocess"], eval_data, goal)
     if report is not None:
@@ -262,6 +309,7 @@ def analyze(model: Path, eval_data: str | None, report: Path | None, fallback: b
 
 
 @cli.command()
+@config_option
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--target", "-t", "target_name", required=True, help="Shipped target name or path of a target .toml file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -283,6 +331,7 @@ def check(model: Path, target_name: str, as_json: bool) -> None:
 
 
 @cli.command("compile")
+@config_option
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--engine", "-e", "engine_name", type=click.Choice(ENGINES), required=True)
 @click.option("--output", "-o", type=click.Path(path_type=Path),
@@ -305,10 +354,11 @@ def check(model: Path, target_name: str, as_json: bool) -> None:
 @click.option("--timing-cache", type=click.Path(path_type=Path), help="tensorrt: timing cache file, read and updated.")
 @click.option("--report", type=click.Path(path_type=Path), help="Write the compile report as JSON here.")
 @click.option("--quiet", "-q", is_flag=True, help="No summary.")
+@click.option("--force", is_flag=True, help="Replace outputs that already exist (without it qpass refuses).")
 def compile_command(model: Path, engine_name: str, output: Path | None, target_name: str, mcpu: str | None,
                     mattr: str | None, int_kernel: str, opt_level: str, input_shape: tuple[str, ...],
                     workspace_mib: int, fp16: bool,
-                    timing_cache: Path | None, report: Path | None, quiet: bool) -> None:
+                    timing_cache: Path | None, report: Path | None, quiet: bool, force: bool) -> None:
     """Turn a Q/DQ MODEL into an engine artifact and say what runs in integer.
 
     \b
@@ -321,6 +371,7 @@ def compile_command(model: Path, engine_name: str, output: Path | None, target_n
     output = output or model.with_name(model.name.removesuffix(".onnx") + SUFFIX[engine_name])
     if output.resolve() == model.resolve():
         raise InputError(f"output {output} is the input model; qpass never overwrites its input")
+    refuse_existing(force, output, report)
     options = {"onnxruntime": {"opt_level": opt_level},
                "tensorrt": {"input_shapes": graph_io.parse_input_shapes(input_shape), "workspace_mib": workspace_mib,
                             "fp16": fp16, "timing_cache": timing_cache},
@@ -345,6 +396,7 @@ def compile_command(model: Path, engine_name: str, output: Path | None, target_n
 
 
 @cli.command()
+@config_option
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--engine", "-e", "engine_name", type=click.Choice(ENGINES), required=True)
 @click.option("--compare", type=click.Path(path_type=Path),
@@ -369,10 +421,11 @@ def compile_command(model: Path, engine_name: str, output: Path | None, target_n
 @click.option("--report", type=click.Path(path_type=Path), help="Write the measurements as JSON here.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random inputs.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--force", is_flag=True, help="Replace a report that already exists (without it qpass refuses).")
 def bench(model: Path, engine_name: str, compare: Path | None, warmup: int, runs: int, batch_size: int, threads: int,
           input_shape: tuple[str, ...], number: int, min_repeat_ms: int, cooldown_ms: int, rpc_address: str | None,
           tracker: str | None, key: str | None, rpc_timeout: float, report: Path | None, seed: int,
-          quiet: bool) -> None:
+          quiet: bool, force: bool) -> None:
     """Measure the latency of a quantized MODEL (an artifact of --engine) on this device or a board.
 
     \b
@@ -381,6 +434,7 @@ def bench(model: Path, engine_name: str, compare: Path | None, warmup: int, runs
       qpass bench model.so --engine tvm --rpc 192.168.1.20:9090 --compare float.so --report bench.json
       qpass bench model.so --engine tvm --tracker 10.0.0.5:9190 --key rk3588
     """
+    refuse_existing(force, report)
     shapes = graph_io.parse_input_shapes(input_shape)
     paths = {"model": model, **({"compare": compare} if compare else {})}
     for path in paths.values():
@@ -434,6 +488,7 @@ def _remote_device(rpc_address: str | None, tracker: str | None, key: str | None
 
 
 @cli.command("rpc-server")
+@config_option
 @click.option("--host", default="0.0.0.0", show_default=True, help="Address to listen on.")
 @click.option("--port", default=9090, show_default=True, type=click.IntRange(1, 65535),
               help="First port to try; the first free one below --port-end is taken.")
@@ -519,6 +574,7 @@ def targets_show(name: str) -> None:
 
 
 @cli.command()
+@config_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable list.")
 def passes(as_json: bool) -> None:
     """List the graph passes in pipeline order."""

@@ -189,3 +189,44 @@ def test_eval_compares_two_models_and_gates(tmp_path):
                                 "--min-sqnr", "90", "-q"), 1, "gate failed")
     assert_one_line_error(qpass("eval", EXAMPLE / "model.onnx", int8, "--data", tmp_path / "missing.npz"), 2,
                           "missing.npz")
+
+
+def test_existing_outputs_are_replaced_only_with_force(tmp_path):
+    out, report = tmp_path / "m.onnx", tmp_path / "r.json"
+    args = ["quantize", EXAMPLE / "model.onnx", "-t", "acl", "-d", EXAMPLE / "calib.npz", "-o", out, "-q"]
+    assert qpass(*args).returncode == 0
+    report.write_text("earlier")
+    before = out.read_bytes()
+    out.write_bytes(b"earlier artifact")
+    assert_one_line_error(qpass(*args), 2, f"{out} exists; pass --force to replace it")
+    assert out.read_bytes() == b"earlier artifact"
+    assert qpass(*args, "--force").returncode == 0 and out.read_bytes() == before
+    out.unlink()
+    assert_one_line_error(qpass(*args, "--report", report), 2, f"{report} exists")
+    assert not out.exists()  # refused before any work
+    for command in (["compile", EXAMPLE / "model.onnx", "--engine", "onnxruntime", "-o", report],
+                    ["eval", EXAMPLE / "model.onnx", EXAMPLE / "model.onnx", "--data", EXAMPLE / "eval.npz",
+                     "--report", report]):
+        assert_one_line_error(qpass(*command), 2, "exists; pass --force")
+
+
+def test_options_from_a_config_file_with_the_command_line_winning(tmp_path):
+    config = tmp_path / "qpass.toml"
+    config.write_text(f'[quantize]\ntarget = "snpe"\ncalib = "kl"\ndata = "{EXAMPLE / "calib.npz"}"\n'
+                      f'eval-data = "{EXAMPLE / "eval.npz"}"\nmax_drop = 2\nfloat-layer = ["/head/head.2/Gemm"]\nquiet = true\n')
+    proc = qpass("quantize", EXAMPLE / "model.onnx", "--config", config, "-o", tmp_path / "a.onnx", "--report", tmp_path / "a.json")
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    record = json.loads((tmp_path / "a.json").read_text())
+    assert record["target"]["name"] == "snpe" and record["calibration"]["activations"] == "kl"
+    assert record["gates"]["max_drop"] == 2 and "/head/head.2/Gemm" in record["nodes"]["float"]
+    proc = qpass("quantize", EXAMPLE / "model.onnx", "--config", config, "--calib", "minmax", "-t", "acl",
+                 "-o", tmp_path / "b.onnx", "--report", tmp_path / "b.json")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((tmp_path / "b.json").read_text())
+    assert record["target"]["name"] == "acl" and record["calibration"]["activations"] == "minmax"
+
+    config.write_text('[quantize]\ncalibb = "kl"\n')
+    assert_one_line_error(qpass("quantize", EXAMPLE / "model.onnx", "--config", config), 2,
+                          "`qpass quantize` has no option calibb")
+    config.write_text('[quantize\n')
+    assert_one_line_error(qpass("quantize", EXAMPLE / "model.onnx", "--config", config), 2, f"--config {config}:")
