@@ -90,9 +90,11 @@ def test_cli_bad_options(tmp_path, args, message):
     assert_one_line_error(qpass("analyze", EXAMPLE / "model.onnx", "--data", EXAMPLE / "calib.npz", *args), 2, message)
 
 
-def test_quantize_unknown_float_layer_is_one_line():
-    proc = qpass("quantize", EXAMPLE / "model.onnx", "--data", EXAMPLE / "calib.npz", "--float-layer", "nope", "-o", "/tmp/x.onnx")
+def test_quantize_unknown_float_layer_is_one_line(tmp_path):
+    proc = qpass("quantize", EXAMPLE / "model.onnx", "--data", EXAMPLE / "calib.npz", "--float-layer", "nope",
+                 "-o", tmp_path / "x.onnx")
     assert_one_line_error(proc, 2, "--float-layer nope")
+    assert not (tmp_path / "x.onnx").exists()
 
 
 def test_a_value_on_the_grid_edge_is_not_clipped():
