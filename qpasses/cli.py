@@ -28,7 +28,9 @@ from qpasses.targets.schema import builtin_names, load_target
 from . import graph as graph_io
 from .analyze import Goal, analyze as run_analyze, format_analysis
 from .bench import BenchResult, IncompleteRun, format_bench, measure
+from .encodings import read_encodings, to_encodings
 from .fidelity import Fidelity, compare, format_fidelity
+from .html_report import WORST_SHOWN, input_histograms, layer_sqnr, render
 from .pass_infra import PassContext
 from .pipeline import ALL_PASSES, Techniques, quantize as run_quantize
 from .report import dumps, quantize_report, sha256
@@ -153,10 +155,19 @@ def _output_path(model: Path, output: Path | None, suffix: str) -> Path:
 @click.option("--min-sqnr", type=float, help="Gate: exit 1 if the worst output's SQNR is below this many dB.")
 @click.option("--max-drop", type=click.FloatRange(min=0),
               help="Gate: exit 1 if top-1 falls more than this many points below the float model's.")
+@click.option("--html", type=click.Path(path_type=Path),
+              help="Write a self-contained HTML page: summary, SQNR per layer, histograms of the worst layers' inputs.")
+@click.option("--latency", type=click.Path(path_type=Path), help="With --html: a `qpass bench --report` file to show.")
+@click.option("--export-encodings", type=click.Path(path_type=Path),
+              help="Write the quantizers as an AIMET/QNN encodings JSON (for SNPE/QNN with the float model).")
+@click.option("--encodings", "encodings_path", type=click.Path(path_type=Path),
+              help="Take every quantizer from this AIMET encodings JSON instead of calibrating (--data optional).")
 @click.option("--force", is_flag=True, help="Replace outputs that already exist (without it qpass refuses).")
 def quantize(model: Path, output: Path | None, cle: bool, cle_replace_relu6: bool, bn_recal: bool,
              bias_correction: str | None, adaround: bool, adaround_iters: int, report: Path | None,
-             eval_data: str | None, min_sqnr: float | None, max_drop: float | None, force: bool, **opts) -> None:
+             eval_data: str | None, min_sqnr: float | None, max_drop: float | None, html: Path | None,
+             latency: Path | None, export_encodings: Path | None, encodings_path: Path | None, force: bool,
+             **opts) -> None:
     """Quantize MODEL for a target and write a Q/DQ ONNX model.
 
     Exit 1 when a gate fails (--min-sqnr, --max-drop, or the target's rules); the model and the
@@ -169,9 +180,17 @@ def quantize(model: Path, output: Path | None, cle: bool, cle_replace_relu6: boo
     """
     target, ctx = _setup(opts)
     output = _output_path(model, output, f"{target.name}.int8")
-    refuse_existing(force, output, report)
+    refuse_existing(force, output, report, html, export_encodings)
     techniques = Techniques(cle=cle, cle_replace_relu6=cle_replace_relu6, bn_recal=bn_recal, bias_correction=bias_correction,
                             adaround=adaround, adaround_iterations=adaround_iters)
+    if latency is not None and html is None:
+        raise InputError("--latency goes with --html")
+    bench_record = _read_json(latency, "--latency") if latency is not None else None
+    if encodings_path is not None:
+        if any((cle, bn_recal, bias_correction, adaround)):
+            raise InputError("--encodings fixes every quantizer: it does not combine with --cle, --bn-recal, "
+                             "--bias-correction or --adaround")
+        ctx.encodings = read_encodings(encodings_path)
     result = run_quantize(model, target, opts["data"], ctx, graph_io.parse_input_shapes(opts["input_shape"]),
                           opts["holdout"], opts["preprocess"], techniques)
     conformance = check_model(result.model, target)
@@ -188,8 +207,15 @@ def quantize(model: Path, output: Path | None, cle: bool, cle_replace_relu6: boo
             record["gates"] = {"min_sqnr": min_sqnr, "max_drop": max_drop, "evaluation": evaluation.to_json(),
                                "failed": failures}
         graph_io.atomic_write_bytes(report, dumps(record))
+    if export_encodings is not None:
+        graph_io.atomic_write_bytes(export_encodings, dumps(to_encodings(result.state.plan, target)))
+    if html is not None:
+        _write_html(html, model, output, result, ctx, techniques, conformance, evaluation, failures,
+                    (eval_data, min_sqnr, max_drop), opts, bench_record)
     if not ctx.quiet:
-        _print_summary(result, output, f"{ctx.calib_method} activations, {ctx.weight_calib} weights")
+        how = f"encodings from {encodings_path}" if encodings_path is not None else \
+            f"{ctx.calib_method} activations, {ctx.weight_calib} weights"
+        _print_summary(result, output, how)
         if evaluation is not None:
             click.echo(f"evaluation: {format_fidelity(evaluation)}", err=True)
     if not conformance.ok:
@@ -198,6 +224,34 @@ def quantize(model: Path, output: Path | None, cle: bool, cle_replace_relu6: boo
         raise GateError(f"the output breaks {len(conformance.violations)} rule(s) of {target.name} (`qpass check` lists them)")
     if failures:
         raise GateError("gate failed: " + "; ".join(failures))
+
+
+def _write_html(path: Path, model: Path, output: Path, result, ctx: PassContext, techniques: Techniques,
+                conformance, evaluation: Fidelity | None, failures: list[str], gates: tuple, opts: dict,
+                bench_record: dict | None) -> None:
+    """The page for this run: the report's record plus per-layer SQNR and the worst layers' histograms."""
+    record = quantize_report(result, ctx, techniques, model, output, conformance)
+    eval_data, min_sqnr, max_drop = gates
+    if evaluation is not None:
+        record["gates"] = {"min_sqnr": min_sqnr, "max_drop": max_drop, "evaluation": evaluation.to_json(),
+                           "failed": failures}
+    held = result.held
+    if eval_data is not None:
+        held = open_source(eval_data, input_specs(result.float_model), opts["preprocess"], opts["seed"])
+    by_layer, histograms = {}, []
+    if held is not None and len(held):
+        plan = result.state.plan
+        by_layer = layer_sqnr(plan, result.float_model, result.model, held, ctx.batch_size)
+        worst = sorted(by_layer, key=by_layer.get)[:WORST_SHOWN]
+        histograms = input_histograms(plan, result.float_model, worst, held, ctx.batch_size)
+    graph_io.atomic_write_bytes(path, render(json.loads(dumps(record)), by_layer, histograms, bench_record).encode())
+
+
+def _read_json(path: Path, option: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise InputError(f"{option} {path}: {exc}") from None
 
 
 def _evaluate(model: Path, result, eval_data: str | None, opts: dict) -> Fidelity:

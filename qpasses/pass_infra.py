@@ -57,6 +57,7 @@ class PassContext:
     max_samples: int | None = None
     seed: int = 0
     float_layers: tuple[str, ...] = ()  # layers kept in float (mixed precision)
+    encodings: dict | None = None  # an AIMET encodings file's content: qparams from it, no calibration
     quiet: bool = False
     debug: bool = False
     timings: dict[str, float] = field(default_factory=dict)

@@ -2,8 +2,8 @@
 # What the TVM engine's ARM path needs beyond pip, from Debian's packages: the aarch64 cross
 # compiler that links `qpass compile --engine tvm --target tvm-arm` libraries, and an aarch64
 # Python with TVM run under qemu-user, so tests can load and run those libraries through a TVM
-# RPC server on this x86_64 host. Idempotent (a quick no-op once done); the README's test
-# command and .ci/run call it.
+# RPC server on this x86_64 host. Idempotent (a quick no-op once done); tools/setup_tests.sh
+# (the README's test command and .ci/run) calls it.
 #
 #   ROOT=${QPASS_ARM_ROOT:-$HOME/.cache/qpass/aarch64}
 #   ROOT/python -m tvm.exec.rpc_server --host 127.0.0.1 --port 9390

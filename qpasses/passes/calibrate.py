@@ -4,6 +4,7 @@ Activations: the float model (after folding) runs in ONNX Runtime on the calibra
 observer per quantized tensor streams its values; tensors that share a quantizer (concat inputs,
 pooling in/out) merge their observers, so the shared range covers every member. Weights: an
 observer of the `--weight-calib` method sees the whole constant, per channel on the planned axis.
+With `--encodings`, the qparams come from an AIMET encodings file instead (qpasses/encodings.py).
 Run after `annotate`.
 """
 
@@ -13,6 +14,7 @@ from qpasses.calibration.observers import make_observer
 from qpasses.calibration.qparams import compute_qparams
 from qpasses.calibration.runner import observe
 from qpasses.errors import CalibrationError
+from qpasses.encodings import qparams_from
 from qpasses.pass_infra import Pass, PassContext, QuantState
 
 
@@ -22,6 +24,9 @@ class Calibrate(Pass):
     requires = ("plan", "float_model")
 
     def run(self, state: QuantState, ctx: PassContext) -> bool:
+        if ctx.encodings is not None:  # ranges decided elsewhere (AIMET, an earlier qpass run)
+            qparams_from(ctx.encodings, state.plan, state.target)
+            return False
         calibrate_activations(state, ctx)
         calibrate_weights(state, ctx)
         return False
