@@ -7,14 +7,19 @@ Every user-facing failure is one line on stderr and a documented exit code (see 
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import sys
-import tomllib
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
 import click
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 from qpasses import __version__
 from qpasses.calibration.data import RANDOM_WARNING, open_source, random_source
@@ -43,11 +48,20 @@ def cli() -> None:
 
 
 def config_option(command):
-    """`--config FILE`: option values from the file's table named after the command; the command line wins."""
+    """`--config FILE` (option values from the file's table named after the command; the command line
+    wins) and `--verbose` (what each step did, on stderr), for every command."""
+    command = click.option("--verbose", "-v", is_flag=True, expose_value=False, callback=_verbose,
+                           help="Log each step (passes, schedules, RPC) with its timing on stderr.")(command)
     return click.option("--config", type=click.Path(path_type=Path), is_eager=True, expose_value=False,
                         callback=_read_config, metavar="FILE.toml",
                         help="Take option values from this TOML file's [<command>] table (the command line "
                              "overrides them).")(command)
+
+
+def _verbose(_ctx: click.Context, _param: click.Parameter, on: bool) -> None:
+    if on:
+        logging.basicConfig(format="qpass: %(name)s: %(message)s", stream=sys.stderr)
+        logging.getLogger("qpasses").setLevel(logging.DEBUG)
 
 
 def _read_config(ctx: click.Context, _param: click.Parameter, path: Path | None) -> None:

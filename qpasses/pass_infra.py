@@ -8,6 +8,7 @@ needs; a failure is re-raised as an error naming the pass).
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -23,6 +24,9 @@ if TYPE_CHECKING:
 
     from .plan import QuantPlan
 
+
+
+LOG = logging.getLogger(__name__)  # `qpass --verbose` shows it
 
 @dataclass
 class QuantState:
@@ -94,6 +98,7 @@ class Pass:
             raise PassError(f"pass {self.name} failed: {type(exc).__name__}: {exc}") from exc
         seconds = time.perf_counter() - start
         ctx.timings[self.name] = ctx.timings.get(self.name, 0.0) + seconds
+        LOG.info("pass %s: %s in %.3f s", self.name, "modified the graph" if modified else "no change", seconds)
         return PassResult(self.name, bool(modified), seconds)
 
 

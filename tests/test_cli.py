@@ -26,13 +26,24 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, code: int, text: st
 
 
 def test_quantize_example_is_deterministic(tmp_path):
-    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
-    first = qpass("quantize", EXAMPLE / "model.onnx", "--target", "tensorrt", "--data", EXAMPLE / "calib.npz", "-o", a)
-    assert first.returncode == 0, first.stderr
-    assert "SQNR" in first.stderr and "nodes quantized" in first.stderr
-    second = qpass("quantize", EXAMPLE / "model.onnx", "--target", "tensorrt", "--data", EXAMPLE / "calib.npz", "-o", b, "-q")
-    assert second.returncode == 0 and second.stderr == ""
-    assert a.read_bytes() == b.read_bytes()
+    """Model, encodings and report are byte-identical between runs (the report's timings and own paths aside)."""
+    runs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        out.mkdir()
+        proc = qpass("quantize", EXAMPLE / "model.onnx", "--target", "tensorrt", "--calib", "kl", "--data",
+                     EXAMPLE / "calib.npz", "-o", out / "m.onnx", "--export-encodings", out / "enc.json",
+                     "--report", out / "r.json", *(["-q"] if name == "b" else []))
+        assert proc.returncode == 0, proc.stderr
+        runs.append((out, proc.stderr))
+    (a, first), (b, second) = runs
+    assert "SQNR" in first and "nodes quantized" in first and second == ""
+    for name in ("m.onnx", "enc.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    reports = [json.loads((d / "r.json").read_text()) for d in (a, b)]
+    for report in reports:
+        del report["timings"], report["output"]["path"]
+    assert reports[0] == reports[1]
 
 
 @pytest.mark.parametrize("method", ["minmax", "quantile", "mse", "kl", "norm", "meanstd"])
@@ -230,3 +241,14 @@ def test_options_from_a_config_file_with_the_command_line_winning(tmp_path):
                           "`qpass quantize` has no option calibb")
     config.write_text('[quantize\n')
     assert_one_line_error(qpass("quantize", EXAMPLE / "model.onnx", "--config", config), 2, f"--config {config}:")
+
+
+def test_verbose_logs_each_pass_and_every_command_has_help(tmp_path):
+    proc = qpass("quantize", EXAMPLE / "model.onnx", "-d", EXAMPLE / "calib.npz", "-o", tmp_path / "m.onnx", "-q", "-v")
+    assert proc.returncode == 0
+    assert [line.split(":")[2].split()[1] for line in proc.stderr.splitlines()] == \
+        ["fold-batchnorm", "annotate", "calibrate", "insert-qdq"]
+    for command in ("quantize", "eval", "analyze", "check", "compile", "bench", "rpc-server", "passes"):
+        shown = qpass(command, "--help")
+        assert shown.returncode == 0 and "--config" in shown.stdout and "--verbose" in shown.stdout, command
+    assert qpass("--version").stdout.startswith("qpass, version ")
