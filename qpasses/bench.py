@@ -59,6 +59,7 @@ class BenchResult:
     models: dict[str, dict] = field(default_factory=dict)  # label -> {path, latency}
     speedup: float | None = None  # compare median / model median
     error: str | None = None  # why the measurement stopped early; `models` then holds the runs made before
+    gates: dict | None = None  # with --max-latency: {max_latency, failed}
 
     def to_json(self) -> dict:
         return {"schema": SCHEMA, "version": VERSION, **asdict(self)}

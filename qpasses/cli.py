@@ -15,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import click
+import onnx
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -22,7 +23,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from qpasses import __version__
-from qpasses.calibration.data import RANDOM_WARNING, open_source, random_source
+from qpasses.calibration.data import RANDOM_WARNING, DataSource, open_source, random_source
 from qpasses.calibration.runner import input_specs
 from qpasses.calibration.observers import OBSERVERS
 from qpasses.errors import EngineError, GateError, InputError, QpassError
@@ -34,7 +35,7 @@ from . import graph as graph_io
 from .analyze import Goal, analyze as run_analyze, format_analysis
 from .bench import BenchResult, IncompleteRun, format_bench, measure
 from .encodings import read_encodings, to_encodings
-from .fidelity import Fidelity, compare, format_fidelity
+from .fidelity import compare, format_fidelity
 from .html_report import WORST_SHOWN, input_histograms, layer_sqnr, render
 from .pass_infra import PassContext
 from .pipeline import ALL_PASSES, Techniques, quantize as run_quantize
@@ -209,23 +210,26 @@ def quantize(model: Path, output: Path | None, cle: bool, cle_replace_relu6: boo
                           opts["holdout"], opts["preprocess"], techniques)
     conformance = check_model(result.model, target)
     graph_io.save_model(result.model, output)
+    reference, samples = _evaluation_samples(model, result, eval_data, opts)
+    record = quantize_report(result, ctx, techniques, model, output, conformance)
     evaluation, failures = None, []
     if eval_data is not None or min_sqnr is not None or max_drop is not None:
-        evaluation = _evaluate(model, result, eval_data, opts)
+        if not len(samples):
+            raise InputError("the gates need samples: give --eval-data, or more --data to hold back from")
+        evaluation = compare(reference, result.model, samples, ctx.batch_size)
         if max_drop is not None and evaluation.metric is None:
             raise InputError("--max-drop needs a classifier (first output [N, classes]); use --min-sqnr")
         failures = evaluation.failures(min_sqnr, max_drop)
+        record["gates"] = {"min_sqnr": min_sqnr, "max_drop": max_drop, "evaluation": evaluation.to_json(),
+                           "failed": failures}
+    if bench_record is not None:
+        record["latency"] = bench_record
     if report is not None:
-        record = quantize_report(result, ctx, techniques, model, output, conformance)
-        if evaluation is not None:
-            record["gates"] = {"min_sqnr": min_sqnr, "max_drop": max_drop, "evaluation": evaluation.to_json(),
-                               "failed": failures}
         graph_io.atomic_write_bytes(report, dumps(record))
     if export_encodings is not None:
         graph_io.atomic_write_bytes(export_encodings, dumps(to_encodings(result.state.plan, target)))
     if html is not None:
-        _write_html(html, model, output, result, ctx, techniques, conformance, evaluation, failures,
-                    (eval_data, min_sqnr, max_drop), opts, bench_record)
+        _write_html(html, json.loads(dumps(record)), result, samples, ctx.batch_size)
     if not ctx.quiet:
         how = f"encodings from {encodings_path}" if encodings_path is not None else \
             f"{ctx.calib_method} activations, {ctx.weight_calib} weights"
@@ -240,25 +244,15 @@ def quantize(model: Path, output: Path | None, cle: bool, cle_replace_relu6: boo
         raise GateError("gate failed: " + "; ".join(failures))
 
 
-def _write_html(path: Path, model: Path, output: Path, result, ctx: PassContext, techniques: Techniques,
-                conformance, evaluation: Fidelity | None, failures: list[str], gates: tuple, opts: dict,
-                bench_record: dict | None) -> None:
-    """The page for this run: the report's record plus per-layer SQNR and the worst layers' histograms."""
-    record = quantize_report(result, ctx, techniques, model, output, conformance)
-    eval_data, min_sqnr, max_drop = gates
-    if evaluation is not None:
-        record["gates"] = {"min_sqnr": min_sqnr, "max_drop": max_drop, "evaluation": evaluation.to_json(),
-                           "failed": failures}
-    held = result.held
-    if eval_data is not None:
-        held = open_source(eval_data, input_specs(result.float_model), opts["preprocess"], opts["seed"])
+def _write_html(path: Path, record: dict, result, samples: DataSource, batch_size: int) -> None:
+    """The page for this run: its report record plus per-layer SQNR and the worst layers' histograms."""
     by_layer, histograms = {}, []
-    if held is not None and len(held):
+    if len(samples):
         plan = result.state.plan
-        by_layer = layer_sqnr(plan, result.float_model, result.model, held, ctx.batch_size)
+        by_layer = layer_sqnr(plan, result.float_model, result.model, samples, batch_size)
         worst = sorted(by_layer, key=by_layer.get)[:WORST_SHOWN]
-        histograms = input_histograms(plan, result.float_model, worst, held, ctx.batch_size)
-    graph_io.atomic_write_bytes(path, render(json.loads(dumps(record)), by_layer, histograms, bench_record).encode())
+        histograms = input_histograms(plan, result.float_model, worst, samples, batch_size)
+    graph_io.atomic_write_bytes(path, render(record, by_layer, histograms, record.get("latency")).encode())
 
 
 def _read_json(path: Path, option: str) -> dict:
@@ -268,16 +262,12 @@ def _read_json(path: Path, option: str) -> dict:
         raise InputError(f"{option} {path}: {exc}") from None
 
 
-def _evaluate(model: Path, result, eval_data: str | None, opts: dict) -> Fidelity:
-    """The float model against the written Q/DQ model on --eval-data, or on the held-back samples."""
+def _evaluation_samples(model: Path, result, eval_data: str | None, opts: dict) -> tuple[onnx.ModelProto, DataSource]:
+    """The float model as given, and the samples gates and pages use: --eval-data, or the held-back part of --data."""
     reference = graph_io.normalize(graph_io.load_model(model), graph_io.parse_input_shapes(opts["input_shape"]))
     if eval_data is not None:
-        held = open_source(eval_data, input_specs(reference), opts["preprocess"], opts["seed"])
-    else:
-        held = result.held
-        if held is None or not len(held):
-            raise InputError("the gates need samples: give --eval-data, or more --data to hold back from")
-    return compare(reference, result.model, held, opts["batch_size"])
+        return reference, open_source(eval_data, input_specs(reference), opts["preprocess"], opts["seed"])
+    return reference, result.held
 
 
 @cli.command("eval")
@@ -489,11 +479,13 @@ def compile_command(model: Path, engine_name: str, output: Path | None, target_n
 @click.option("--report", type=click.Path(path_type=Path), help="Write the measurements as JSON here.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random inputs.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--max-latency", type=click.FloatRange(min=0, min_open=True), metavar="MS",
+              help="Gate: exit 1 if the model's median latency is above this many milliseconds (report written first).")
 @click.option("--force", is_flag=True, help="Replace a report that already exists (without it qpass refuses).")
 def bench(model: Path, engine_name: str, compare: Path | None, warmup: int, runs: int, batch_size: int, threads: int,
           input_shape: tuple[str, ...], number: int, min_repeat_ms: int, cooldown_ms: int, rpc_address: str | None,
           tracker: str | None, key: str | None, rpc_timeout: float, report: Path | None, seed: int,
-          quiet: bool, force: bool) -> None:
+          quiet: bool, max_latency: float | None, force: bool) -> None:
     """Measure the latency of a quantized MODEL (an artifact of --engine) on this device or a board.
 
     \b
@@ -532,12 +524,18 @@ def bench(model: Path, engine_name: str, compare: Path | None, warmup: int, runs
             result.models[label] = {"path": str(path), "sha256": sha256(path), "latency": asdict(latency[label])}
     if compare and len(latency) == 2:
         result.speedup = latency["compare"].median_ms / latency["model"].median_ms
+    if max_latency is not None and "model" in latency:
+        median = latency["model"].median_ms
+        failed = [f"median {median:.3f} ms > --max-latency {max_latency:g} ms"] if median > max_latency else []
+        result.gates = {"max_latency": max_latency, "failed": failed}
     if report is not None:
         graph_io.atomic_write_bytes(report, dumps(result.to_json()))
     click.echo(format_bench(result))
     if result.error:
         kept = f"; the runs made before are in {report}" if report is not None else ""
         raise EngineError(f"measurement stopped: {result.error}{kept}")
+    if result.gates and result.gates["failed"]:
+        raise GateError("gate failed: " + result.gates["failed"][0])
 
 
 def _remote_device(rpc_address: str | None, tracker: str | None, key: str | None, timeout: float):

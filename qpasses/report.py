@@ -1,7 +1,8 @@
 """The JSON record of one `qpass quantize` run (`--report`), for CI pipelines and audits.
 
 Schema "qpass.quantize" version 1 (a reader checks `schema` and `version`; fields are only ever
-added within a version):
+added within a version; JSON Schema: qpasses/schemas/quantize.schema.json, with eval and bench
+beside it):
 
     schema, version             "qpass.quantize", 1
     versions                    qpass, onnx, onnxruntime, numpy
@@ -16,6 +17,9 @@ added within a version):
                                 values as lists
     conformance                 `qpass check` of the output: violations, layers left in float
     fidelity                    SQNR in dB per output on the held-back samples, and the worst
+    gates                       with --min-sqnr/--max-drop/--eval-data: the goals, the evaluation
+                                (qpasses/fidelity.py: samples, SQNR, top-1, drop) and the failures
+    latency                     with --latency: the `qpass bench --report` record it was given
     notes                       what the passes said (skipped layers, techniques that did not apply)
     timings                     seconds per pass (the one field that differs between equal runs)
 

@@ -252,3 +252,13 @@ def test_verbose_logs_each_pass_and_every_command_has_help(tmp_path):
         shown = qpass(command, "--help")
         assert shown.returncode == 0 and "--config" in shown.stdout and "--verbose" in shown.stdout, command
     assert qpass("--version").stdout.startswith("qpass, version ")
+
+
+def test_bench_latency_gate(tmp_path):
+    model = tmp_path / "m.onnx"
+    assert qpass("quantize", EXAMPLE / "model.onnx", "-d", EXAMPLE / "calib.npz", "-o", model, "-q").returncode == 0
+    args = ["bench", model, "--engine", "onnxruntime", "--runs", "3", "--warmup", "1", "-q"]
+    failed = qpass(*args, "--max-latency", "0.000001", "--report", tmp_path / "slow.json")
+    assert failed.returncode == 1 and failed.stderr.strip().splitlines()[-1].startswith("qpass: error: gate failed: median")
+    assert json.loads((tmp_path / "slow.json").read_text())["gates"]["failed"]
+    assert qpass(*args, "--max-latency", "10000").returncode == 0
