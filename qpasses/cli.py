@@ -212,16 +212,18 @@ def quantize(model: Path, output: Path | None, cle: bool, cle_replace_relu6: boo
     graph_io.save_model(result.model, output)
     reference, samples = _evaluation_samples(model, result, eval_data, opts)
     record = quantize_report(result, ctx, techniques, model, output, conformance)
+    record["calibration"]["data"] = opts["data"]
     evaluation, failures = None, []
-    if eval_data is not None or min_sqnr is not None or max_drop is not None:
-        if not len(samples):
-            raise InputError("the gates need samples: give --eval-data, or more --data to hold back from")
+    if len(samples):  # top-1 and accuracy (with labels) beside the SQNR, whenever there are samples
         evaluation = compare(reference, result.model, samples, ctx.batch_size)
+        record["fidelity"]["evaluation"] = {"data": eval_data or "held back from --data", **evaluation.to_json()}
+    if min_sqnr is not None or max_drop is not None:
+        if evaluation is None:
+            raise InputError("the gates need samples: give --eval-data, or more --data to hold back from")
         if max_drop is not None and evaluation.metric is None:
             raise InputError("--max-drop needs a classifier (first output [N, classes]); use --min-sqnr")
         failures = evaluation.failures(min_sqnr, max_drop)
-        record["gates"] = {"min_sqnr": min_sqnr, "max_drop": max_drop, "evaluation": evaluation.to_json(),
-                           "failed": failures}
+        record["gates"] = {"min_sqnr": min_sqnr, "max_drop": max_drop, "failed": failures}
     if bench_record is not None:
         record["latency"] = bench_record
     if report is not None:
@@ -566,6 +568,11 @@ def rpc_server(host: str, port: int, port_end: int | None, tracker: str | None, 
 
     It answers with this CPU's description too. Anyone who reaches the port can run code here:
     use it on a trusted network only.
+
+    \b
+    Example (on the board, then on the workstation):
+      qpass rpc-server --port 9090
+      qpass bench model.so --engine tvm --rpc 192.168.1.20:9090 --compare float.so
     """
     if tracker and not key:
         raise InputError("--tracker needs --key (the name clients request this device by)")
@@ -610,7 +617,13 @@ def _print_summary(result, output: Path, methods: str) -> None:
 @cli.group(invoke_without_command=True)
 @click.pass_context
 def targets(ctx: click.Context) -> None:
-    """List the shipped targets."""
+    """List the shipped targets.
+
+    \b
+    Example:
+      qpass targets
+      qpass targets show tensorrt
+    """
     if ctx.invoked_subcommand is None:
         for name in builtin_names():
             click.echo(f"{name:12s} {load_target(name).summary}")
@@ -619,7 +632,13 @@ def targets(ctx: click.Context) -> None:
 @targets.command("show")
 @click.argument("name")
 def targets_show(name: str) -> None:
-    """Print a target's rules (a shipped name or a .toml path)."""
+    """Print a target's rules (a shipped name or a .toml path).
+
+    \b
+    Example:
+      qpass targets show snpe
+      qpass targets show ./my-npu.toml
+    """
     t = load_target(name)
     click.echo(f"{t.name}: {t.summary}")
     if t.reference:
@@ -643,7 +662,12 @@ def targets_show(name: str) -> None:
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable list.")
 def passes(as_json: bool) -> None:
-    """List the graph passes in pipeline order."""
+    """List the graph passes in pipeline order.
+
+    \b
+    Example:
+      qpass passes --json
+    """
     rows = [{"name": p.name, "summary": p.summary, "requires": list(p.requires)} for p in ALL_PASSES]
     if as_json:
         click.echo(json.dumps(rows, indent=2))

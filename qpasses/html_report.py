@@ -117,15 +117,19 @@ def _summary(record: dict) -> str:
     if decisions:
         rows.append(("techniques", "; ".join(f"{d['technique']}: {'kept' if d['kept'] else 'dropped'} "
                                              f"({_db(d['before_db'])} → {_db(d['after_db'])})" for d in decisions)))
+    evaluation = fidelity.get("evaluation")
+    if evaluation:
+        measured = f"{evaluation['samples']} samples ({evaluation['data']}): worst SQNR {_db(evaluation['worst_sqnr_db'])}"
+        if evaluation.get("drop") is not None:
+            measured += (f"; top-1 {evaluation['candidate_top1']:.2f}% against the float model's "
+                         f"{evaluation['reference_top1']:.2f}% ({evaluation['metric']})")
+        rows.append(("evaluation", measured))
     gates = record.get("gates")
     if gates:
-        evaluation = gates["evaluation"]
-        measured = f"worst SQNR {_db(evaluation['worst_sqnr_db'])}"
-        if evaluation.get("drop") is not None:
-            measured += f", top-1 drop {evaluation['drop']:.2f} points ({evaluation['metric']})"
+        goals = ", ".join(f"{k.replace('_', '-')} {v:g}" for k, v in gates.items() if k != "failed" and v is not None)
         verdict = ('<span class="fail">failed: ' + _e("; ".join(gates["failed"])) + "</span>") if gates["failed"] \
             else '<span class="ok">passed</span>'
-        rows.append(("gates", f"{_e(measured)}: {verdict}"))
+        rows.append(("gates", f"{_e(goals)}: {verdict}"))
     conformance = record["conformance"]
     if conformance.get("violations"):
         rows.append(("conformance", f'<span class="fail">{len(conformance["violations"])} rule violation(s)</span>'))

@@ -8,7 +8,7 @@ beside it):
     versions                    qpass, onnx, onnxruntime, numpy
     input, output               {path, sha256} of the float model read and the Q/DQ model written
     target                      the resolved rules of the target (its file after `extends`)
-    calibration                 methods, options, seed, samples used, samples held back
+    calibration                 methods, options, seed, data, samples used, samples held back
     techniques                  requested, and one decision per technique tried:
                                 {technique, applied, before_db, after_db, kept}
     nodes                       quantized, fused (node -> supergroup head), float (node -> why)
@@ -17,8 +17,9 @@ beside it):
                                 values as lists
     conformance                 `qpass check` of the output: violations, layers left in float
     fidelity                    SQNR in dB per output on the held-back samples, and the worst
-    gates                       with --min-sqnr/--max-drop/--eval-data: the goals, the evaluation
-                                (qpasses/fidelity.py: samples, SQNR, top-1, drop) and the failures
+    fidelity.evaluation         on --eval-data or the held-back samples (qpasses/fidelity.py):
+                                samples, SQNR, top-1 accuracy (labels) or agreement, drop
+    gates                       with --min-sqnr/--max-drop: the goals and the failures
     latency                     with --latency: the `qpass bench --report` record it was given
     notes                       what the passes said (skipped layers, techniques that did not apply)
     timings                     seconds per pass (the one field that differs between equal runs)

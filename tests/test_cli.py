@@ -178,8 +178,9 @@ def test_quantize_gates_exit_1_after_writing_model_and_report(tmp_path):
     passed = qpass(*common, "--min-sqnr", "10", "-o", tmp_path / "ok.onnx", "--report", tmp_path / "ok.json")
     assert passed.returncode == 0, passed.stderr
     assert "top-1 (top-1 accuracy vs labels)" in passed.stderr
-    gates = json.loads((tmp_path / "ok.json").read_text())["gates"]
-    assert gates["failed"] == [] and gates["evaluation"]["samples"] == 497 and gates["evaluation"]["drop"] <= 2
+    record = json.loads((tmp_path / "ok.json").read_text())
+    evaluation = record["fidelity"]["evaluation"]
+    assert record["gates"]["failed"] == [] and evaluation["samples"] == 497 and evaluation["drop"] <= 2
 
     failed = qpass(*common, "--min-sqnr", "90", "-o", tmp_path / "bad.onnx", "--report", tmp_path / "bad.json", "-q")
     assert_one_line_error(failed, 1, "gate failed: worst output SQNR")
@@ -251,6 +252,9 @@ def test_verbose_logs_each_pass_and_every_command_has_help(tmp_path):
     for command in ("quantize", "eval", "analyze", "check", "compile", "bench", "rpc-server", "passes"):
         shown = qpass(command, "--help")
         assert shown.returncode == 0 and "--config" in shown.stdout and "--verbose" in shown.stdout, command
+        assert "Example" in shown.stdout, command
+    for command in (["targets"], ["targets", "show"]):
+        assert "Example" in qpass(*command, "--help").stdout
     assert qpass("--version").stdout.startswith("qpass, version ")
 
 

@@ -55,7 +55,7 @@ def test_page_has_every_section_and_nothing_external(page):
     histograms = text.count('class="hist"')
     assert 1 <= histograms <= 6 and text.count('stroke="#b00020"') == 2 * histograms  # two clip lines each
     assert "gates" in text and "passed" in text
-    assert record["gates"]["evaluation"]["samples"] == 497
+    assert record["fidelity"]["evaluation"]["samples"] == 497 and "top-1 accuracy vs labels" in text
 
 
 def test_chromium_renders_it_without_console_errors(page, tmp_path):

@@ -42,7 +42,9 @@ def test_records_follow_their_schemas(records, record, kind):
 
 def test_gated_report_carries_evaluation_and_latency(records):
     gated = records["gated"]
-    assert gated["gates"]["evaluation"]["metric"] == "top-1 accuracy vs labels"
+    assert gated["fidelity"]["evaluation"]["metric"] == "top-1 accuracy vs labels" and gated["gates"]["failed"] == []
+    plain = records["plain"]["fidelity"]["evaluation"]  # no gates: still top-1, on the held-back samples
+    assert plain["data"] == "held back from --data" and plain["metric"] == "top-1 agreement with the reference"
     assert gated["latency"]["schema"] == "qpass.bench" and records["bench"]["gates"]["failed"] == []
     assert [d["technique"] for d in gated["techniques"]["decisions"]] == ["cle"]
 

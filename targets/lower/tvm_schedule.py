@@ -106,7 +106,8 @@ def schedule_cpu(mod: tvm.IRModule, target: tvm.target.Target, int_kernel: str =
 
 def schedule_primfunc(func: tirx.PrimFunc, constant_params: set[int],
                       func_name: str = "") -> tuple[tirx.PrimFunc, Packing]:
-    """Apply the first matching rule to the main reduction block, then the fallback to what is left."""
+    """Apply the first matching rule to the main reduction block (without one: inline the elementwise
+    chain into one block), then the fallback to what is left."""
     sch = s_tir.Schedule(func)
     packing: Packing = {}
     main = _main_reduction(sch)
