@@ -25,8 +25,8 @@ def render_in_chromium(page, tmp_path) -> tuple[np.ndarray, list[str]]:
     shot = tmp_path / f"{page.stem}.png"
     # --no-sandbox: CI runs as root; --disable-dev-shm-usage: containers have a small /dev/shm
     proc = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                           "--hide-scrollbars", f"--screenshot={shot}", "--window-size=1100,1400", "--enable-logging=stderr", "--v=0",
-                           page.as_uri()], capture_output=True, text=True, timeout=120)
+                           "--hide-scrollbars", f"--screenshot={shot}", "--window-size=1100,1400",
+                           "--enable-logging=stderr", "--v=0", page.as_uri()], capture_output=True, text=True, timeout=120)
     assert shot.is_file(), proc.stderr[-2000:]
     console = [line for line in proc.stderr.splitlines() if ":CONSOLE" in line]
     return np.asarray(Image.open(shot).convert("RGB")), console
