@@ -15,7 +15,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import click
-import onnx
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -210,7 +209,9 @@ def quantize(model: Path, output: Path | None, cle: bool, cle_replace_relu6: boo
                           opts["holdout"], opts["preprocess"], techniques)
     conformance = check_model(result.model, target)
     graph_io.save_model(result.model, output)
-    reference, samples = _evaluation_samples(model, result, eval_data, opts)
+    reference = result.reference
+    samples = result.held if eval_data is None else \
+        open_source(eval_data, input_specs(reference), opts["preprocess"], opts["seed"])
     record = quantize_report(result, ctx, techniques, model, output, conformance)
     record["calibration"]["data"] = opts["data"]
     evaluation, failures = None, []
@@ -262,14 +263,6 @@ def _read_json(path: Path, option: str) -> dict:
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise InputError(f"{option} {path}: {exc}") from None
-
-
-def _evaluation_samples(model: Path, result, eval_data: str | None, opts: dict) -> tuple[onnx.ModelProto, DataSource]:
-    """The float model as given, and the samples gates and pages use: --eval-data, or the held-back part of --data."""
-    reference = graph_io.normalize(graph_io.load_model(model), graph_io.parse_input_shapes(opts["input_shape"]))
-    if eval_data is not None:
-        return reference, open_source(eval_data, input_specs(reference), opts["preprocess"], opts["seed"])
-    return reference, result.held
 
 
 @cli.command("eval")

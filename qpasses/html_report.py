@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from qpasses.calibration.data import DataSource
-from qpasses.calibration.runner import fixed_batch, session, with_outputs
+from qpasses.calibration.runner import run_outputs, with_outputs
 
 from .analyze import tensor_sqnr
 from .plan import QuantPlan
@@ -54,20 +54,13 @@ def input_histograms(plan: QuantPlan, float_model: onnx.ModelProto, layers: list
                 wanted[name] = layer
     if not wanted:
         return []
-    names = list(wanted)
-    sess = session(with_outputs(float_model, names))
-    fixed = fixed_batch(float_model)
-    values: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    for feeds in data.batches(fixed or batch_size):
-        if fixed and len(next(iter(feeds.values()))) != fixed:
-            break
-        for name, array in zip(names, sess.run(names, feeds)):
-            values[name].append(np.asarray(array, np.float64).ravel())
+    model = with_outputs(float_model, wanted)
+    values = dict(zip((o.name for o in model.graph.output), run_outputs(model, data, batch_size)))
     histograms = []
-    for name in names:
-        if not values[name]:
+    for name in wanted:
+        if name not in values:
             continue
-        x = np.concatenate(values[name])
+        x = values[name].astype(np.float64).ravel()
         qp = plan.qparams[plan.quantizer_of(name)]
         scale, zero_point = float(np.ravel(qp.scale)[0]), int(np.ravel(qp.zero_point)[0])
         clip = ((qp.qmin - zero_point) * scale, (qp.qmax - zero_point) * scale)

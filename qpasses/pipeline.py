@@ -86,6 +86,7 @@ class QuantizeResult:
     sqnr_db: dict[str, float] = field(default_factory=dict)
     decisions: list[Decision] = field(default_factory=list)
     held: DataSource | None = None  # the held-back samples sqnr_db was measured on
+    reference: onnx.ModelProto | None = None  # the float model as given (normalized), sqnr_db's reference
 
     @property
     def score_db(self) -> float:
@@ -135,7 +136,7 @@ def quantize(model_path: str | Path, target: Target, data: str | Path | None, ct
             best, accepted = trial, candidate
         elif not applied:  # keep the reasons it did not apply
             why.extend(n for n in trial.state.notes if n not in best.state.notes)
-    best.decisions, best.held = decisions, held
+    best.decisions, best.held, best.reference = decisions, held, model
     best.state.notes.extend(n for n in why if n not in best.state.notes)
     return best
 

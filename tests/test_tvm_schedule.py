@@ -12,6 +12,7 @@ from conftest import EXAMPLE, ZOO_NAMES
 from qpasses.targets.lower.tvm import lower, static_inputs
 from qpasses.targets.lower.tvm_schedule import EXACT_FLOAT, _exact_chunks, schedule_cpu
 from test_lower_onnxruntime import int8_model
+from test_tvm_dot import conv_module, reference
 
 tvm = pytest.importorskip("tvm", reason="apache-tvm is a test dependency; pip install -e '.[test]'")
 from tvm import relax, tirx  # noqa: E402
@@ -48,25 +49,12 @@ def test_scheduled_builds_compute_what_unscheduled_ones_do(tmp_path, zoo_dir, na
 
 def int8_conv_module(weight: np.ndarray, shape: tuple[int, ...]) -> tvm.IRModule:
     """data (int8) -> conv2d with constant int8 weights, padding 1 -> int32 sums."""
-    builder = relax.BlockBuilder()
-    data = relax.Var("data", relax.TensorType(shape, "int8"))
-    with builder.function("main", [data]):
-        with builder.dataflow():
-            out = builder.emit_output(relax.op.nn.conv2d(data, relax.const(weight), padding=1, out_dtype="int32"))
-        builder.emit_func_output(out)
-    return builder.get()
+    return conv_module(weight, shape, "int8", (1, 1), (1, 1, 1, 1))
 
 
 def conv_reference(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """int64 conv2d, stride 1, padding 1: the arithmetic both kernels must reproduce."""
-    padded = np.pad(x.astype(np.int64), ((0, 0), (0, 0), (1, 1), (1, 1)))
-    n, _, h, wd = x.shape
-    k = w.shape[2]
-    out = np.zeros((n, w.shape[0], h, wd), np.int64)
-    for dy in range(k):
-        for dx in range(k):
-            out += np.einsum("nchw,oc->nohw", padded[:, :, dy:dy + h, dx:dx + wd], w[:, :, dy, dx].astype(np.int64))
-    return out
+    """int64 conv2d, stride 1, padding 1: the arithmetic every kernel must reproduce."""
+    return reference(x, w, (1, 1), (1, 1, 1, 1))
 
 
 @pytest.mark.parametrize("magnitude", [3, 127])
