@@ -1,7 +1,9 @@
 """Calibration data readers: stream model-input batches from .npy/.npz files (images: images.py).
 
 Every array has a leading sample axis: an array for input `x` of shape [N, 3, 32, 32] holds 32x32
-samples for a model input of shape [B, 3, 32, 32]. A `.npy` file feeds a single-input model; a
+samples for a model input of shape [B, 3, 32, 32]. An array with one axis more than its input holds
+whole feeds instead (for inputs without a leading batch axis: a scalar `sr` as [N], a recurrent state
+[2, B, 128] as [N, 2, 1, 128]); a model with such an input is run one sample at a time. A `.npy` file feeds a single-input model; a
 `.npz` file names its arrays after the model inputs (other keys, such as `labels`, are kept for
 evaluation). A directory is read file by file in name order. `.npy` files are memory-mapped, so a
 large calibration set is never loaded at once.
@@ -29,6 +31,7 @@ class InputSpec:
 class DataSource(Protocol):
     """What calibration needs from a data reader: a sample count, subsets and batches of feeds."""
 
+    one_per_feed: bool  # True: every sample is a whole feed, run one at a time
     def __len__(self) -> int: ...
     def split(self, holdout: int) -> tuple["DataSource", "DataSource"]: ...
     def batch_labels(self) -> np.ndarray | None: ...
@@ -40,6 +43,7 @@ class RowSelection:
 
     rows: np.ndarray
     labels: np.ndarray | None
+    one_per_feed = False
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -69,15 +73,25 @@ class ArraySource(RowSelection):
     labels: np.ndarray | None = None
     origin: str = ""
     rows: np.ndarray = field(default=None)  # type: ignore[assignment]
+    whole: frozenset[str] = frozenset()  # inputs whose samples are whole feeds (see the module docstring)
 
     def __post_init__(self) -> None:
         if self.rows is None:
             first = next(iter(self.arrays.values()), [])
             self.rows = np.arange(sum(chunk.shape[0] for chunk in first))
 
+    @property
+    def one_per_feed(self) -> bool:  # type: ignore[override]
+        return bool(self.whole)
+
     def batches(self, batch_size: int, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-        for take in self.batch_rows(batch_size, limit):
-            yield {name: _gather(chunks, take) for name, chunks in self.arrays.items()}
+        for take in self.batch_rows(1 if self.whole else batch_size, limit):
+            yield {name: np.asarray(_gather(chunks, take)[0]) if name in self.whole else _gather(chunks, take)
+                   for name, chunks in self.arrays.items()}
+
+    def sample_shapes(self) -> dict[str, set[tuple[int, ...]]]:
+        """Per input, the sample shapes its arrays hold (one, unless files disagree)."""
+        return {name: {tuple(c.shape[1:]) for c in chunks} for name, chunks in self.arrays.items()}
 
 
 def _gather(chunks: list[np.ndarray], rows: np.ndarray) -> np.ndarray:
@@ -140,6 +154,11 @@ def open_source(path: str | Path, inputs: list[InputSpec], preprocess: Path | No
                 labels.append(np.asarray(array))
             else:
                 arrays[name].append(array)
+    ranks = {spec.name: len(spec.shape) for spec in inputs}
+    whole = frozenset(name for name, chunks in arrays.items() if chunks and chunks[0].ndim == ranks[name] + 1)
+    mixed = [name for name, chunks in arrays.items() if len({c.ndim for c in chunks}) > 1]
+    if mixed:
+        raise CalibrationError(f"{path}: the files give input {mixed[0]} arrays of different ranks")
     counts = {name: sum(a.shape[0] for a in chunks) for name, chunks in arrays.items()}
     if len(set(counts.values())) > 1:
         raise CalibrationError(f"{path}: inputs have different sample counts: "
@@ -150,7 +169,7 @@ def open_source(path: str | Path, inputs: list[InputSpec], preprocess: Path | No
     label_array = np.concatenate(labels) if labels else None
     if label_array is not None and len(label_array) != n:
         raise CalibrationError(f"{path}: {len(label_array)} labels for {n} samples")
-    return ArraySource(arrays, label_array, str(path))
+    return ArraySource(arrays, label_array, str(path), whole=whole)
 
 
 def _read(file: Path, inputs: list[InputSpec]) -> dict[str, np.ndarray]:
@@ -178,9 +197,12 @@ def _read(file: Path, inputs: list[InputSpec]) -> dict[str, np.ndarray]:
 
 def _check(file: Path, spec: InputSpec, array: np.ndarray) -> np.ndarray:
     want = tuple(spec.shape)
-    if array.ndim != len(want) or any(isinstance(d, int) and d != a for d, a in zip(want[1:], array.shape[1:])):
+    # [N, *shape[1:]] (the batch axis holds the samples) or [N, *shape] (whole feeds)
+    fixed = want if array.ndim == len(want) + 1 else want[1:] if array.ndim == len(want) > 0 else None
+    if fixed is None or any(isinstance(d, int) and d > 0 and d != a for d, a in zip(fixed, array.shape[1:])):
         raise CalibrationError(f"{file}: array {spec.name} has shape {list(array.shape)}, expected "
-                               f"[N, {', '.join(str(d) for d in want[1:])}] for model input {spec.name} {list(want)}")
+                               f"[N, {', '.join(str(d) for d in want[1:])}] (or [N, {', '.join(str(d) for d in want)}], "
+                               f"whole feeds) for model input {spec.name} {list(want)}")
     if array.dtype != spec.dtype:
         if not (np.issubdtype(array.dtype, np.floating) and np.issubdtype(spec.dtype, np.floating)):
             raise CalibrationError(f"{file}: array {spec.name} is {array.dtype}, model input {spec.name} is {spec.dtype}")

@@ -68,6 +68,14 @@ def fixed_batch(model: onnx.ModelProto) -> int | None:
     return dims[0] if dims else None
 
 
+def feed_batch(model: onnx.ModelProto, source: DataSource, batch_size: int) -> tuple[int, bool]:
+    """The samples per run, and whether the model fixes that number (then only whole batches run)."""
+    if source.one_per_feed:
+        return 1, False
+    fixed = fixed_batch(model)
+    return fixed or batch_size, fixed is not None
+
+
 def observe(model: onnx.ModelProto, observers: dict[str, Observer], source: DataSource, batch_size: int,
             max_samples: int | None = None, quiet: bool = False, desc: str = "calibrating", optimize: bool = True) -> int:
     """Feed every batch of `source` through `model`, updating `observers[tensor]`; returns samples seen.
@@ -76,8 +84,7 @@ def observe(model: onnx.ModelProto, observers: dict[str, Observer], source: Data
     own int8 kernels."""
     names = sorted(observers)
     sess = session(with_outputs(model, names), optimize)
-    fixed = fixed_batch(model)
-    batch = fixed or batch_size
+    batch, fixed = feed_batch(model, source, batch_size)
     limit = len(source) if max_samples is None else min(max_samples, len(source))
     if fixed and limit % batch:
         limit -= limit % batch  # a fixed batch dimension takes only whole batches
@@ -96,16 +103,16 @@ def observe(model: onnx.ModelProto, observers: dict[str, Observer], source: Data
                 if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
                     raise CalibrationError(f"tensor {name} has NaN or Inf values on calibration batch {seen // batch}")
                 observers[name].update(value)
-            seen += len(next(iter(feeds.values())))
-            bar.update(len(next(iter(feeds.values()))))
+            n = 1 if source.one_per_feed else len(next(iter(feeds.values())))
+            seen += n
+            bar.update(n)
     return seen
 
 
 def run_outputs(model: onnx.ModelProto, source: DataSource, batch_size: int, optimize: bool = True) -> list[np.ndarray]:
     """All model outputs over `source`, concatenated along the batch axis."""
     sess = session(model, optimize)
-    fixed = fixed_batch(model)
-    batch = fixed or batch_size
+    batch, fixed = feed_batch(model, source, batch_size)
     outs: list[list[np.ndarray]] = []
     for feeds in source.batches(batch):
         if fixed and len(next(iter(feeds.values()))) != batch:

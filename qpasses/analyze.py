@@ -25,7 +25,7 @@ import onnx_graphsurgeon as gs
 from tqdm import tqdm
 
 from qpasses.calibration.data import DataSource, open_source
-from qpasses.calibration.runner import fixed_batch, input_specs, observe, run_outputs, session, with_outputs
+from qpasses.calibration.runner import feed_batch, input_specs, observe, run_outputs, session, with_outputs
 from qpasses.calibration.stats import TensorSummary
 from qpasses.errors import InputError
 from qpasses.targets.schema import Target
@@ -119,9 +119,9 @@ def tensor_sqnr(reference: onnx.ModelProto, candidate: onnx.ModelProto, names: l
     ref_sess = session(with_outputs(reference, names))
     got_sess = session(with_outputs(candidate, names), optimize=False)
     signal, noise = np.zeros(len(names)), np.zeros(len(names))
-    fixed = fixed_batch(reference)
-    for feeds in data.batches(fixed or batch_size):
-        if fixed and len(next(iter(feeds.values()))) != fixed:
+    batch, fixed = feed_batch(reference, data, batch_size)
+    for feeds in data.batches(batch):
+        if fixed and len(next(iter(feeds.values()))) != batch:
             break
         for i, (r, g) in enumerate(zip(ref_sess.run(names, feeds), got_sess.run(names, feeds))):
             r = r.astype(np.float64)

@@ -71,11 +71,24 @@ def normalize(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None 
     model = _upgrade_opset(model)
     graph = gs.import_onnx(model)
     _constants_to_initializers(graph)
-    _resolve_input_shapes(graph, input_shapes or {})
+    resized = _resolve_input_shapes(graph, input_shapes or {})
     graph.cleanup().toposort()
     _name_nodes(graph)
-    model = gs.export_onnx(graph)
-    return infer_shapes(model)
+    if resized:
+        _forget_shapes(graph)  # the exporter's value_info describes other input sizes: infer anew
+    try:
+        return infer_shapes(gs.export_onnx(graph))
+    except InputError:
+        _forget_shapes(graph)  # stale value_info contradicting the model itself: one retry without it
+        return infer_shapes(gs.export_onnx(graph))
+
+
+def _forget_shapes(graph: gs.Graph) -> None:
+    """Drop the shapes of every computed tensor (value_info and graph outputs); dtypes stay."""
+    inputs = {t.name for t in graph.inputs}
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Variable) and tensor.name not in inputs:
+            tensor.shape = None
 
 
 def resolve_inputs(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None) -> onnx.ModelProto:
@@ -208,7 +221,9 @@ def _constant_value(node: gs.Node) -> np.ndarray | None:
     return None
 
 
-def _resolve_input_shapes(graph: gs.Graph, given: dict[str, list[int]]) -> None:
+def _resolve_input_shapes(graph: gs.Graph, given: dict[str, list[int]]) -> bool:
+    """Apply the given sizes (a dynamic batch may stay a name); True when a shape changed."""
+    changed = False
     names = {t.name for t in graph.inputs}
     unknown = sorted(set(given) - names)
     if unknown:
@@ -222,13 +237,16 @@ def _resolve_input_shapes(graph: gs.Graph, given: dict[str, list[int]]) -> None:
             for dim, value in zip(shape, new):
                 if isinstance(dim, int) and dim > 0 and dim != value:
                     raise InputError(f"--input-shape {tensor.name}={_fmt(new)} contradicts the model's static shape {_fmt(shape)}")
-            tensor.shape = new
+            changed |= list(new) != shape
+            tensor.shape = list(new)
             continue
         dynamic = [i for i, d in enumerate(shape) if not (isinstance(d, int) and d > 0)]
         if [i for i in dynamic if i != 0]:
             raise InputError(
                 f"input {tensor.name} has dynamic dimensions {_fmt(shape)}; give its sizes with "
-                f"--input-shape {tensor.name}=" + "x".join(str(d) if isinstance(d, int) and d > 0 else "N" for d in shape))
+                f"--input-shape {tensor.name}=" + "x".join(str(d) if isinstance(d, int) and d > 0 else "N" for d in shape)
+                + " (or calibration data whose arrays all have one shape)")
+    return changed
 
 
 def _fmt(shape) -> str:

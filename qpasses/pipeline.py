@@ -15,6 +15,7 @@ import onnx_graphsurgeon as gs
 
 from qpasses.calibration.data import ArraySource, DataSource, open_source
 from qpasses.calibration.runner import input_specs, run_outputs
+from qpasses.errors import CalibrationError
 from qpasses.targets.schema import Target
 
 from . import graph as graph_io
@@ -102,15 +103,36 @@ def holdout_size(n: int) -> int:
 def prepare(model_path: str | Path, data: str | Path | None, ctx: PassContext,
             input_shapes: dict[str, list[int]] | None = None, holdout: int | None = None,
             preprocess: Path | None = None) -> tuple[onnx.ModelProto, DataSource]:
-    """Load and normalize the model; split the data into calibration (`ctx.data`) and held-back samples."""
-    model = graph_io.normalize(graph_io.load_model(model_path), input_shapes)
-    source: DataSource | None = open_source(data, input_specs(model), preprocess, ctx.seed) if data is not None else None
+    """Load and normalize the model; split the data into calibration (`ctx.data`) and held-back samples.
+
+    Dynamic input sizes not given in `input_shapes` are taken from the data when its arrays agree."""
+    raw = graph_io.load_model(model_path)
+    source: DataSource | None = open_source(data, input_specs(raw), preprocess, ctx.seed) if data is not None else None
+    shapes = {**(shapes_from_data(raw, source) if source is not None else {}), **(input_shapes or {})}
+    model = graph_io.normalize(raw, shapes)
     held: DataSource = ArraySource({}, rows=np.arange(0))
     if source is not None:
         n_hold = holdout_size(len(source)) if holdout is None else min(holdout, len(source) - 1)
         source, held = source.split(n_hold)
     ctx.data = source
     return model, held
+
+
+def shapes_from_data(model: onnx.ModelProto, source: DataSource) -> dict[str, list]:
+    """The sizes of the model's dynamic non-batch dimensions, read off the calibration arrays."""
+    found = source.sample_shapes() if isinstance(source, ArraySource) else {}
+    whole = source.whole if isinstance(source, ArraySource) else frozenset()
+    shapes = {}
+    for spec in input_specs(model):
+        if all(isinstance(d, int) and d > 0 for d in spec.shape[1:]) or spec.name not in found:
+            continue
+        if len(found[spec.name]) > 1:
+            raise CalibrationError(f"input {spec.name} has dynamic dimensions and the calibration arrays have "
+                                   f"different shapes ({', '.join(sorted(map(str, found[spec.name])))}): "
+                                   f"give its sizes with --input-shape")
+        sample = next(iter(found[spec.name]))
+        shapes[spec.name] = list(sample) if spec.name in whole else [spec.shape[0], *sample]
+    return shapes
 
 
 def quantize(model_path: str | Path, target: Target, data: str | Path | None, ctx: PassContext,

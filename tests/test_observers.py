@@ -162,7 +162,7 @@ def test_kl_observer_against_tensorrt_reference():
     x = data(3)
     lo, hi = stream("kl", x, batch=4).compute_range(SYM)
     threshold = ref_kl_threshold(x)
-    assert hi == pytest.approx(threshold, abs=0.01 * np.abs(x).max()) and lo == -hi
+    assert hi == pytest.approx(threshold, abs=float(0.01 * np.abs(x).max())) and lo == -hi
     assert hi < np.abs(x).max() * 0.9  # a real search: heavy tails are clipped, unlike MinMax
 
 

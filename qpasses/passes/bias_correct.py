@@ -154,11 +154,19 @@ def analytic_shifts(state: QuantState) -> dict[str, np.ndarray]:
 
 def _add_to_bias(node: gs.Node, delta: np.ndarray) -> None:
     if len(node.inputs) < 3 or node.inputs[2].name == "":
-        node.inputs[2:] = [gs.Constant(f"{node.name}.bias_correction", delta.astype(np.float32))]
+        created = gs.Constant(f"{node.name}.bias_correction", delta.astype(np.float32))
+        if len(node.inputs) < 3:
+            node.inputs.append(created)
+        else:
+            node.inputs[2] = created  # an omitted optional input ("")
         return
     bias = node.inputs[2]
     if isinstance(bias, gs.Constant):
-        bias.values = (bias.values + delta).astype(bias.values.dtype)
+        corrected = (bias.values + delta).astype(bias.values.dtype)
+        if len(bias.outputs) > 1:  # shared with other nodes: this node gets its own corrected copy
+            node.inputs[2] = gs.Constant(f"{bias.name}@{node.name}", corrected)
+        else:
+            bias.values = corrected
         return
     dq = bias.inputs[0]  # DequantizeLinear(int32 bias, scale, 0)
     stored, scale = dq.inputs[0], dq.inputs[1].values.astype(np.float64)

@@ -64,8 +64,11 @@ class InsertQDQ(Pass):
                     weight_outputs[w.tensor] = _qdq(graph, clipped, scale, zp, qp.zero_point.dtype, qp.axis)
             node.inputs[w.input_index] = weight_outputs[w.tensor]
 
+        bias_users = {b.tensor: len(tensors[b.tensor].outputs) for b in plan.biases}
         for b in plan.biases:
             node = nodes[b.node]
+            # a bias several nodes share gets one int32 copy per node: their input scales differ
+            base = b.tensor if bias_users[b.tensor] == 1 else f"{b.tensor}@{b.node}"
             s_x = plan.qparams[plan.quantizer_of(b.input_tensor)].scale
             w_qp = plan.qparams[b.weight_tensor]
             bias = tensors[b.tensor].values
@@ -75,9 +78,9 @@ class InsertQDQ(Pass):
             scale = np.asarray(s_x.astype(np.float64) * s_w, dtype=np.float32)
             q = np.clip(np.round(bias.astype(np.float64) / np.broadcast_to(scale, bias.shape)), INT32.min, INT32.max)
             axis = 0 if scale.ndim == 1 else None
-            stored = gs.Constant(f"{b.tensor}.quantized", q.astype(np.int32))
-            bias_params = (gs.Constant(f"{b.tensor}.scale", scale), gs.Constant(f"{b.tensor}.zero_point", np.zeros_like(scale, dtype=np.int32)))
-            node.inputs[2] = _dq(graph, stored, *bias_params, axis, bias.dtype, b.tensor)
+            stored = gs.Constant(f"{base}.quantized", q.astype(np.int32))
+            bias_params = (gs.Constant(f"{base}.scale", scale), gs.Constant(f"{base}.zero_point", np.zeros_like(scale, dtype=np.int32)))
+            node.inputs[2] = _dq(graph, stored, *bias_params, axis, bias.dtype, base)
 
         for name in plan.model_outputs:
             anchor = plan.quantizer_of(name)
