@@ -29,7 +29,8 @@ import onnx_graphsurgeon as gs
 
 from qpasses import graph as graph_io
 from qpasses.errors import InputError, UnsupportedModelError
-from qpasses.passes.annotate import build_plan, match_supergroups, weight_axis
+from qpasses.ops import BIASED_OPS, WEIGHTED_OPS, weight_axis
+from qpasses.passes.annotate import build_plan, match_supergroups
 from qpasses.plan import Edge, QuantPlan
 
 from .schema import Quantizer, Target
@@ -159,7 +160,7 @@ def check_model(model: onnx.ModelProto, target: Target) -> CheckResult:
     _check_placement(plan, read, nodes, graph, target, result)
     for (name, idx), qdq in actual.items():
         node = nodes.get(name)
-        is_weight = node is not None and idx == 1 and node.op in ("Conv", "ConvTranspose", "Gemm", "MatMul") and qdq.ints is not None
+        is_weight = node is not None and idx == 1 and node.op in WEIGHTED_OPS and qdq.ints is not None
         is_bias = qdq.ints is not None and not is_weight
         if is_bias:
             continue  # checked with its layer below
@@ -196,7 +197,7 @@ def _check_placement(plan: QuantPlan, read: _Read, nodes: dict[str, gs.Node], gr
     for edge in actual:
         node_name, idx = edge
         node = nodes[node_name]
-        if edge in wanted or (idx == 2 and node.op in ("Conv", "ConvTranspose", "Gemm")):
+        if edge in wanted or (node.op in BIASED_OPS and idx == WEIGHTED_OPS[node.op].bias_input):
             continue  # biases: _check_biases
         if edge in inner:
             why = "it sits inside a supergroup (" + " + ".join(_group_of(plan, node_name)) + ") and breaks its fusion"
@@ -270,9 +271,9 @@ def _check_biases(plan: QuantPlan, actual: dict[Edge, _QDQ], nodes: dict[str, gs
                   result: CheckResult) -> None:
     planned = {b.node for b in plan.biases}
     for name, node in nodes.items():
-        if node.op not in ("Conv", "ConvTranspose", "Gemm") or len(node.inputs) < 3:
+        if node.op not in BIASED_OPS or len(node.inputs) <= WEIGHTED_OPS[node.op].bias_input:
             continue
-        bias = actual.get((name, 2))
+        bias = actual.get((name, WEIGHTED_OPS[node.op].bias_input))
         if bias is None:
             if target.bias == "int32" and name in planned and (name, 1) in actual and (name, 0) in actual:
                 result.violations.append(Violation("bias", name, f"{target.name} wants an int32 bias; it is float"))
@@ -287,9 +288,7 @@ def _check_biases(plan: QuantPlan, actual: dict[Edge, _QDQ], nodes: dict[str, gs
         if x is None or w is None:
             result.violations.append(Violation("bias", name, "an int32 bias needs a quantized input and weight"))
             continue
-        s_w = w.scale.astype(np.float64)
-        if s_w.size > 1 and bias.scale.size % s_w.size == 0:  # grouped ConvTranspose: C_out / group weight scales
-            s_w = np.tile(s_w, bias.scale.size // s_w.size)
+        s_w = WEIGHTED_OPS[node.op].per_output_channel(w.scale.astype(np.float64), bias.scale.size)
         expected = x.scale.astype(np.float64) * s_w
         if expected.size not in (1, bias.scale.size) or not np.allclose(bias.scale.ravel(), expected.ravel(), rtol=1e-6, atol=0):
             result.violations.append(Violation("bias", name, "the int32 bias scale is not s_input * s_weight"))

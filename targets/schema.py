@@ -19,9 +19,9 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from qpasses.errors import InputError
+from qpasses.ops import WEIGHTED_OPS
 
 BUILTIN_DIR = Path(__file__).resolve().parent
-WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 @dataclass(frozen=True)

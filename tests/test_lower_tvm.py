@@ -114,6 +114,9 @@ def test_cli_errors(tmp_path):
     qdq = int8_model(tmp_path, EXAMPLE / "model.onnx", target="tvm-x86")
     assert_one_line_error(qpass("compile", str(qdq), "--engine", "tvm", "--target", "tensorrt", "-o", str(tmp_path / "x.so")),
                           2, "target tensorrt has no [tvm] device table")
+    for name in ("q.tar", "q"):  # TVM would read .tar as an object archive: refused before anything is written
+        assert_one_line_error(qpass("compile", str(qdq), "--engine", "tvm", "-o", str(tmp_path / name)), 2, "name it *.so")
+        assert not (tmp_path / name).exists() and not (tmp_path / f"{name}.json").exists()
     assert qpass("compile", str(qdq), "--engine", "tvm", "-o", str(tmp_path / "q.so"), "-q").returncode == 0
     shutil.copy(tmp_path / "q.so", tmp_path / "alone.so")
     assert_one_line_error(qpass("bench", str(tmp_path / "alone.so"), "--engine", "tvm"), 2, "alone.so.json is missing")

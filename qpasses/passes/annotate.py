@@ -3,7 +3,7 @@
 Rules, all read from the target file:
 - an op type listed under `ops` has its activation inputs quantized (`inputs = "all"` or indices);
   Conv/ConvTranspose/Gemm/MatMul also get their constant weight quantized, per channel on the
-  output-channel axis (Conv 0, ConvTranspose 1, Gemm 0 or 1 by transB, MatMul last);
+  output-channel axis (`qpasses.ops`);
 - a supergroup (e.g. Conv -> Add -> Relu) is one quantization unit: an edge inside a matched
   instance gets no Q/DQ. A TensorRT-style residual Add is such a group: the input the conv
   produces stays float and only the skip input is quantized (MQBench graph 2);
@@ -22,21 +22,10 @@ import onnx_graphsurgeon as gs
 from qpasses.errors import InputError
 from qpasses.pass_infra import Pass, PassContext, QuantState
 from qpasses.plan import ActivationQuant, BiasQuant, Edge, QuantPlan, WeightQuant
-from qpasses.targets.schema import WEIGHTED_OPS, Target
+from qpasses.ops import WEIGHTED_OPS, weight_axis
+from qpasses.targets.schema import Target
 
 FLOAT_DTYPES = (np.float32, np.float16)
-BIAS_INDEX = {"Conv": 2, "ConvTranspose": 2, "Gemm": 2}
-
-
-def weight_axis(node: gs.Node) -> int:
-    """The output-channel axis of a weighted op's weight (input 1)."""
-    if node.op == "Conv":
-        return 0
-    if node.op == "ConvTranspose":
-        return 1
-    if node.op == "Gemm":
-        return 0 if node.attrs.get("transB", 0) else 1
-    return len(node.inputs[1].shape) - 1  # MatMul: [..., K, N]
 
 
 def _is_float(tensor: gs.Tensor) -> bool:
@@ -169,7 +158,7 @@ def build_plan(graph: gs.Graph, target: Target) -> QuantPlan:
             elif node.op != "MatMul":
                 plan.float_nodes[node.name] = "its weight is computed at run time, not a constant"
                 continue
-            bias_idx = BIAS_INDEX.get(node.op)
+            bias_idx = WEIGHTED_OPS[node.op].bias_input
             if bias_idx is not None and len(node.inputs) > bias_idx:
                 skip.add(bias_idx)
                 bias = node.inputs[bias_idx]

@@ -28,9 +28,9 @@ import onnx_graphsurgeon as gs
 from qpasses.calibration.qparams import QParams, dequantize, fake_quantize
 from qpasses.calibration.runner import observe
 from qpasses.calibration.stats import ChannelMoments
+from qpasses.ops import BIASED_OPS, WEIGHTED_OPS
 from qpasses.pass_infra import Pass, PassContext, QuantState
 
-BIAS_OPS = ("Conv", "ConvTranspose", "Gemm")
 MAX_SAMPLES = 256
 
 
@@ -59,13 +59,14 @@ class BiasCorrect(Pass):
 
     def run(self, state: QuantState, ctx: PassContext) -> bool:
         nodes = {n.name: n for n in state.graph.nodes}
-        targets = {w.node: nodes[w.node] for w in state.plan.weights if w.op_type in BIAS_OPS and w.node in nodes}
+        targets = {w.node: nodes[w.node] for w in state.plan.weights if w.op_type in BIASED_OPS and w.node in nodes}
         if not targets:
             state.notes.append("bias correction: no conv/gemm is quantized")
             return False
+        int32 = state.target.bias == "int32"
         analytic = analytic_shifts(state) if self.mode == "analytic" else {}
         for name, shift in analytic.items():
-            _add_to_bias(targets.pop(name), -shift)
+            _add_to_bias(state.graph, targets.pop(name), -shift, int32)
         if targets and ctx.data is None:
             state.notes.append(f"bias correction: {len(targets)} layer(s) left uncorrected: no calibration data")
             targets = {}
@@ -75,7 +76,7 @@ class BiasCorrect(Pass):
             for _ in range(self.rounds):
                 current = channel_means(state.model(), outputs, ctx, quantized=True)
                 for node, name in zip(targets.values(), outputs):
-                    _add_to_bias(node, reference[name] - current[name])
+                    _add_to_bias(state.graph, node, reference[name] - current[name], int32)
         state.notes.append(f"bias correction: {len(analytic)} layer(s) analytic, {len(targets)} empirical")
         return bool(analytic or targets)
 
@@ -152,9 +153,26 @@ def analytic_shifts(state: QuantState) -> dict[str, np.ndarray]:
     return shifts
 
 
-def _add_to_bias(node: gs.Node, delta: np.ndarray) -> None:
+def _new_bias(graph: gs.Graph, node: gs.Node, delta: np.ndarray, int32: bool) -> gs.Tensor:
+    """A bias for a node that had none: int32 behind a DequantizeLinear of scale s_x * s_w when the
+    target keeps int32 biases and both operands are quantized, else float."""
+    x_dq, w_dq = (t.inputs[0] if isinstance(t, gs.Variable) and t.inputs else None for t in node.inputs[:2])
+    if not (int32 and x_dq is not None and w_dq is not None and x_dq.op == w_dq.op == "DequantizeLinear"):
+        return gs.Constant(f"{node.name}.bias_correction", delta.astype(np.float32))
+    s_w = WEIGHTED_OPS[node.op].per_output_channel(w_dq.inputs[1].values.astype(np.float64), delta.size)
+    scale = np.asarray(x_dq.inputs[1].values.astype(np.float64) * s_w, np.float32)
+    q = np.clip(np.round(delta / scale), np.iinfo(np.int32).min, np.iinfo(np.int32).max).astype(np.int32)
+    out = gs.Variable(f"{node.name}.bias_correction.dq", dtype=np.float32, shape=list(delta.shape))
+    dq = gs.Node("DequantizeLinear", f"{node.name}.bias_correction.DequantizeLinear", {"axis": 0} if scale.ndim else {},
+                 [gs.Constant(f"{node.name}.bias_correction.quantized", q), gs.Constant(f"{node.name}.bias_correction.scale", scale),
+                  gs.Constant(f"{node.name}.bias_correction.zero_point", np.zeros_like(scale, dtype=np.int32))], [out])
+    graph.nodes.append(dq)
+    return out
+
+
+def _add_to_bias(graph: gs.Graph, node: gs.Node, delta: np.ndarray, int32: bool) -> None:
     if len(node.inputs) < 3 or node.inputs[2].name == "":
-        created = gs.Constant(f"{node.name}.bias_correction", delta.astype(np.float32))
+        created = _new_bias(graph, node, delta, int32)
         if len(node.inputs) < 3:
             node.inputs.append(created)
         else:

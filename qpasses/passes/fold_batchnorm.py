@@ -16,9 +16,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from qpasses.ops import WEIGHTED_OPS
 from qpasses.pass_infra import Pass, PassContext, QuantState
 
-FOLDABLE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 class FoldBatchNorm(Pass):
@@ -64,7 +64,7 @@ def _foldable_producer(graph: gs.Graph, bn: gs.Node) -> gs.Node | None:
     if not x.inputs or len(x.outputs) != 1 or x in graph.outputs:
         return None
     producer = x.inputs[0]
-    if producer.op not in FOLDABLE or len(producer.inputs) < 2 or not isinstance(producer.inputs[1], gs.Constant):
+    if producer.op not in WEIGHTED_OPS or len(producer.inputs) < 2 or not isinstance(producer.inputs[1], gs.Constant):
         return None
     if producer.op == "MatMul" and (len(producer.inputs[1].shape) != 2 or len(x.shape or []) != 2):
         return None
@@ -93,22 +93,18 @@ def _fold_into(graph: gs.Graph, producer: gs.Node, bn: gs.Node, stats: dict) -> 
     if len(producer.inputs) > 2 and isinstance(producer.inputs[2], gs.Constant):
         bias = producer.inputs[2].values.astype(np.float64)
 
-    if producer.op == "Conv":
-        w = w * s.reshape(-1, *[1] * (w.ndim - 1))
-        new_bias = (bias if bias is not None else 0.0) * s + t
-    elif producer.op == "ConvTranspose":
-        groups = int(producer.attrs.get("group", 1))
-        cin_g, cout_g = w.shape[0] // groups, w.shape[1]
-        idx = (np.arange(w.shape[0]) // cin_g)[:, None] * cout_g + np.arange(cout_g)[None, :]
-        w = w * s[idx].reshape(*idx.shape, *[1] * (w.ndim - 2))
+    spec = WEIGHTED_OPS[producer.op]
+    scaled = w * s[spec.channel_index(producer.attrs, w.shape)]
+    if producer.op in ("Conv", "ConvTranspose"):
+        w = scaled
         new_bias = (bias if bias is not None else 0.0) * s + t
     elif producer.op == "Gemm":
         alpha, beta = float(producer.attrs.get("alpha", 1.0)), float(producer.attrs.get("beta", 1.0))
-        w = alpha * (w * s[:, None] if producer.attrs.get("transB", 0) else w * s[None, :])
+        w = alpha * scaled
         new_bias = (beta * bias if bias is not None else 0.0) * s + t
         producer.attrs["alpha"], producer.attrs["beta"] = 1.0, 1.0
     else:  # MatMul: scale B's columns, add the shift after it
-        _own_constant(producer, 1, w * s[None, :])
+        _own_constant(producer, 1, scaled)
         out = bn.outputs[0]
         mid = gs.Variable(f"{producer.outputs[0].name}.matmul", dtype=out.dtype, shape=out.shape)
         producer.outputs[0] = mid

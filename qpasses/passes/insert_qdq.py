@@ -19,6 +19,7 @@ import onnx_graphsurgeon as gs
 
 from qpasses import graph as graph_io
 from qpasses.calibration.qparams import QParams, on_axis, quantize
+from qpasses.ops import WEIGHTED_OPS
 from qpasses.pass_infra import Pass, PassContext, QuantState
 from qpasses.plan import QuantPlan
 from qpasses.targets.schema import Target
@@ -72,15 +73,13 @@ class InsertQDQ(Pass):
             s_x = plan.qparams[plan.quantizer_of(b.input_tensor)].scale
             w_qp = plan.qparams[b.weight_tensor]
             bias = tensors[b.tensor].values
-            s_w = w_qp.scale.astype(np.float64)
-            if s_w.ndim == 1 and s_w.size != bias.size:  # grouped ConvTranspose: weight axis 1 is C_out / group
-                s_w = np.tile(s_w, bias.size // s_w.size)
+            s_w = WEIGHTED_OPS[node.op].per_output_channel(w_qp.scale.astype(np.float64), bias.size)
             scale = np.asarray(s_x.astype(np.float64) * s_w, dtype=np.float32)
             q = np.clip(np.round(bias.astype(np.float64) / np.broadcast_to(scale, bias.shape)), INT32.min, INT32.max)
             axis = 0 if scale.ndim == 1 else None
             stored = gs.Constant(f"{base}.quantized", q.astype(np.int32))
             bias_params = (gs.Constant(f"{base}.scale", scale), gs.Constant(f"{base}.zero_point", np.zeros_like(scale, dtype=np.int32)))
-            node.inputs[2] = _dq(graph, stored, *bias_params, axis, bias.dtype, base)
+            node.inputs[WEIGHTED_OPS[node.op].bias_input] = _dq(graph, stored, *bias_params, axis, bias.dtype, base)
 
         for name in plan.model_outputs:
             anchor = plan.quantizer_of(name)

@@ -72,6 +72,9 @@ def compile_model(model_path: Path, output: Path, target: str = "tvm-x86", input
                   mcpu: str | None = None, mattr: str | None = None, int_kernel: str = "auto",
                   quiet: bool = True) -> CompileReport:
     """Build `model_path` for the target file's TVM device into `output` (atomically) plus `output`.json."""
+    if output.suffix != ".so":  # TVM's export_library reads .tar as an object archive, .so as a library
+        raise InputError(f"{output}: qpass writes the TVM module as a shared library: name it *.so "
+                         f"(not {output.suffix or 'no suffix'})")
     device = load_target(target).tvm
     if device is None:
         raise InputError(f"target {target} has no [tvm] device table: use tvm-x86 or tvm-arm, or add one to the file")
