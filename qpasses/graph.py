@@ -67,7 +67,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
 
 def normalize(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None) -> onnx.ModelProto:
     """Bring a float model into the form every pass expects (see the module docstring)."""
-    _refuse_quantized(model)
+    refuse_quantized(model)
     model = _upgrade_opset(model)
     graph = gs.import_onnx(model)
     _constants_to_initializers(graph)
@@ -155,7 +155,8 @@ def _save_with_external_data(model: onnx.ModelProto, path: Path) -> None:
         os.replace(tmp_model, path)
 
 
-def _refuse_quantized(model: onnx.ModelProto) -> None:
+def refuse_quantized(model: onnx.ModelProto) -> None:
+    """qpass takes float models: one already quantized (Q/DQ or integer ops) is refused."""
     found = sorted({n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS})
     if found:
         raise UnsupportedModelError(

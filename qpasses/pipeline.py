@@ -107,6 +107,7 @@ def prepare(model_path: str | Path, data: str | Path | None, ctx: PassContext,
 
     Dynamic input sizes not given in `input_shapes` are taken from the data when its arrays agree."""
     raw = graph_io.load_model(model_path)
+    graph_io.refuse_quantized(raw)  # before reading any data: the model itself is the problem
     source: DataSource | None = open_source(data, input_specs(raw), preprocess, ctx.seed) if data is not None else None
     shapes = {**(shapes_from_data(raw, source) if source is not None else {}), **(input_shapes or {})}
     model = graph_io.normalize(raw, shapes)

@@ -115,3 +115,20 @@ def test_identity_aliased_weights_become_initializers():
     model = graph_io.normalize(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
     assert [n.op_type for n in model.graph.node] == ["Conv"]
     assert "w_alias" in {i.name for i in model.graph.initializer}
+
+
+def stale_value_info_model() -> onnx.ModelProto:
+    """As Paddle exports it: opset 11, input -1x3x?x?, and value_info written for other sizes."""
+    w = onnx.numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3, "H", "W"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 4, 32, 32])], [w],
+                              value_info=[helper.make_tensor_value_info("c", TensorProto.FLOAT, [-1, 4, 32, 32])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+
+
+def test_stale_value_info_is_inferred_anew_for_the_given_sizes():
+    model = graph_io.normalize(stale_value_info_model(), {"x": [1, 3, 48, 192]})
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in list(model.graph.value_info) + list(model.graph.output)}
+    assert shapes["c"] == [1, 4, 48, 192] and shapes["y"] == [1, 4, 48, 192]

@@ -12,7 +12,7 @@ import onnx
 import pytest
 
 from conftest import EXAMPLE, ZOO_NAMES
-from qpasses.calibration.runner import session
+from qpasses.calibration.runner import session, with_outputs
 from qpasses.errors import EngineError
 from qpasses.targets.lower.tvm import Runner, compile_model, elf_machine, lower, static_inputs
 from qpasses.targets.lower.tvm_schedule import schedule_cpu
@@ -36,10 +36,37 @@ def test_library_matches_the_qdq_reference(tmp_path, zoo_dir, name, target):
     assert report.integer_nodes, report
     runner = Runner(tmp_path / "m.so")
     got, want = runner.outputs(), reference(qdq, runner.feeds)
-    for g, w in zip(got, want):
+    model = onnx.load(qdq)
+    for g, w, tie in zip(got, want, tie_bound(model, runner.feeds)):
         # integer kernels compute exactly what the Q/DQ graph computes; only the float output
-        # dequantize and ORT's float32 re-association differ
-        np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * max(1.0, float(np.abs(w).max())))
+        # dequantize and ORT's float32 re-association differ. One exception: where a pooled
+        # channel's integer mean sits exactly on a rounding tie, ORT's float average (its
+        # summation order follows the CPU's vector width) can land 1 ulp off it, while TVM's
+        # integer average rounds half to even: that channel flips one step (tie_bound).
+        allowed = 1e-5 * max(1.0, float(np.abs(w).max())) + np.broadcast_to(tie, g.shape[-1:])
+        assert np.all(np.abs(g - w) <= allowed), f"max excess {float((np.abs(g - w) - allowed).max()):.3g}"
+
+
+def tie_bound(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
+    """Per output, how far one-step flips of the exact ties of the last GlobalAveragePool can move
+    the Gemm head after it: s_x * sum over tied channels of |W[o, c]|; zeros without such a head."""
+    nodes = list(model.graph.node)
+    pools = [n for n in nodes if n.op_type == "GlobalAveragePool"]
+    heads = [n for n in nodes if n.op_type == "Gemm"]
+    outputs = [np.zeros(1)] * len(model.graph.output)
+    if not pools or not heads:
+        return outputs
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    producer = {o: n for n in nodes for o in n.output}
+    dq = producer[pools[-1].input[0]]
+    q = session(with_outputs(model, [dq.input[0]]), optimize=False).run([dq.input[0]], feeds)[0].astype(np.int64)
+    sums = (q - inits[dq.input[2]].astype(np.int64)).sum(axis=(2, 3))[0]
+    area = q.shape[2] * q.shape[3]
+    tied = (2 * sums) % (2 * area) == area
+    w_dq = producer[heads[-1].input[1]]
+    w = inits[w_dq.input[0]].astype(np.float64) * inits[w_dq.input[1]].reshape(-1, 1)  # transB: [N, K]
+    bound = float(inits[dq.input[1]]) * np.abs(w[:, tied]).sum(axis=1)
+    return [bound if o.name == heads[-1].output[0] else np.zeros(1) for o in model.graph.output]
 
 
 def test_report_lists_what_stays_float(tmp_path, zoo_dir):

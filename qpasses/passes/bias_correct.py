@@ -77,6 +77,7 @@ class BiasCorrect(Pass):
                 current = channel_means(state.model(), outputs, ctx, quantized=True)
                 for node, name in zip(targets.values(), outputs):
                     _add_to_bias(state.graph, node, reference[name] - current[name], int32)
+        state.graph.toposort()  # new int32 bias DQs were appended at the end
         state.notes.append(f"bias correction: {len(analytic)} layer(s) analytic, {len(targets)} empirical")
         return bool(analytic or targets)
 

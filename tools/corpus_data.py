@@ -1,0 +1,147 @@
+"""Real data for the corpus models, preprocessed as each package's own code does it (tools/corpus.toml).
+
+Images come from scikit-image's bundled samples and scikit-learn's `load_sample_images`, several
+crops of each; calibration and evaluation never share a source image (every fourth source is for
+evaluation). OCR text is rendered with Pillow; speech is synthesised by espeak-ng (Debian's
+`espeak-ng`). Everything is seeded: the same call gives the same arrays.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import wave
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+CROPS_PER_IMAGE = 4
+
+
+def source_images() -> list[tuple[str, np.ndarray]]:
+    """(name, HxWx3 uint8 RGB) of every bundled photo; grayscale ones are repeated to 3 channels."""
+    import skimage.data
+    from sklearn.datasets import load_sample_images
+
+    names = ["astronaut", "camera", "cat", "coffee", "coins", "hubble_deep_field", "immunohistochemistry",
+             "page", "rocket", "text", "clock", "horse", "moon", "retina", "brick", "grass", "gravel", "colorwheel"]
+    images = []
+    for name in names:
+        image = np.asarray(getattr(skimage.data, name)())
+        if image.dtype == bool:
+            image = image.astype(np.uint8) * 255
+        if image.ndim == 2:
+            image = np.repeat(image[..., None], 3, axis=2)
+        images.append((name, np.ascontiguousarray(image[..., :3]).astype(np.uint8)))
+    for i, image in enumerate(load_sample_images().images):
+        images.append((f"sklearn-{i}", image))
+    return images
+
+
+def crops(image: np.ndarray, rng: np.random.Generator, n: int) -> list[np.ndarray]:
+    """The whole image and n-1 random crops of 50-90% of each side, some mirrored."""
+    out = [image]
+    h, w = image.shape[:2]
+    for _ in range(n - 1):
+        ch, cw = int(h * rng.uniform(0.5, 0.9)), int(w * rng.uniform(0.5, 0.9))
+        y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+        crop = image[y:y + ch, x:x + cw]
+        out.append(crop[:, ::-1] if rng.random() < 0.5 else crop)
+    return out
+
+
+def letterbox(image: np.ndarray, size: tuple[int, int], fill: int) -> np.ndarray:
+    """Resize keeping the aspect ratio into the top-left of a size[0] x size[1] canvas."""
+    h, w = image.shape[:2]
+    r = min(size[0] / h, size[1] / w)
+    resized = np.asarray(Image.fromarray(image).resize((max(1, int(w * r)), max(1, int(h * r))), Image.BILINEAR))
+    canvas = np.full((size[0], size[1], 3), fill, np.uint8)
+    canvas[:resized.shape[0], :resized.shape[1]] = resized
+    return canvas
+
+
+def normalise(image: np.ndarray, entry: dict) -> np.ndarray:
+    """HxWx3 RGB uint8 -> 3xHxW float32 as the package feeds it."""
+    x = image[..., ::-1] if entry.get("channels") == "BGR" else image
+    x = (x.astype(np.float32) * entry["scale"] - np.asarray(entry["mean"], np.float32)) / np.asarray(entry["std"], np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)
+
+
+def image_split(entry: dict, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(calibration, evaluation) batches [N, 3, H, W] for an image model."""
+    rng = np.random.default_rng(seed)
+    size = tuple(entry["size"])
+    calib, evals = [], []
+    for i, (_, image) in enumerate(source_images()):
+        for crop in crops(image, rng, CROPS_PER_IMAGE):
+            if entry["task"] == "detection-picodet":
+                prepared = np.asarray(Image.fromarray(crop).resize((size[1], size[0]), Image.BILINEAR))
+            else:
+                prepared = letterbox(crop, size, 114 if entry["task"] == "detection-yolox" else 255)
+            (evals if i % 4 == 3 else calib).append(normalise(prepared, entry))
+    return np.stack(calib), np.stack(evals)
+
+
+def rotations(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each square image in its four rotations (what an orientation classifier sees), and the labels."""
+    out = [np.rot90(batch, k, axes=(2, 3)) for k in range(4)]
+    labels = np.repeat(np.arange(4), len(batch))
+    return np.ascontiguousarray(np.concatenate(out)), labels
+
+
+ALPHABET = "0123456789abcdefghijkmnpqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ"
+
+
+def text_images(entry: dict, count: int, seed: int) -> np.ndarray:
+    """Captcha-like text lines [N, 1, 64, W]: 4-6 random characters, random size, offset and noise."""
+    rng = np.random.default_rng(seed)
+    h, w = entry["size"]
+    out = []
+    for _ in range(count):
+        text = "".join(rng.choice(list(ALPHABET), rng.integers(4, 7)))
+        canvas = Image.new("L", (w, h), int(rng.integers(200, 256)))
+        font = ImageFont.load_default(size=int(rng.integers(30, 44)))
+        draw = ImageDraw.Draw(canvas)
+        draw.text((int(rng.integers(2, 20)), int(rng.integers(0, 12))), text, fill=int(rng.integers(0, 80)), font=font)
+        for _ in range(int(rng.integers(1, 4))):  # a few strike lines, as captchas have
+            draw.line([tuple(rng.integers(0, [w, h])) for _ in range(2)], fill=int(rng.integers(60, 160)), width=1)
+        x = np.asarray(canvas, np.float32) + rng.normal(0, 6, (h, w))
+        out.append(np.clip(x, 0, 255)[None] * entry["scale"])
+    return np.stack(out).astype(np.float32)
+
+
+PHRASES = ["the quick brown fox jumps over the lazy dog", "quantization keeps the model small and fast",
+           "please call me back tomorrow morning", "it is raining in the north of the country",
+           "seven hundred and twenty three", "voice activity detection finds the speech",
+           "open the window and let the air in", "we measured the latency on two cores",
+           "the meeting starts at nine", "turn left at the next street", "a cup of coffee with milk",
+           "this sentence is for evaluation only", "numbers like four five six", "goodbye and thank you"]
+
+
+def speech(seed: int, phrases: list[str]) -> np.ndarray:
+    """16 kHz float audio: the phrases spoken by espeak-ng with silences and noise between them."""
+    if shutil.which("espeak-ng") is None:
+        raise SystemExit("corpus data: the VAD model needs espeak-ng (Debian: apt-get install espeak-ng)")
+    rng = np.random.default_rng(seed)
+    parts = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, phrase in enumerate(phrases):
+            path = Path(tmp) / f"{i}.wav"
+            voice = ["en", "en-us", "en-gb"][i % 3]
+            subprocess.run(["espeak-ng", "-v", voice, "-s", str(int(rng.integers(130, 190))), "-w", str(path), phrase],
+                           check=True, capture_output=True)
+            with wave.open(str(path)) as f:
+                rate, raw = f.getframerate(), f.readframes(f.getnframes())
+            audio = np.frombuffer(raw, np.int16).astype(np.float32) / 32768.0
+            n = int(len(audio) * 16000 / rate)  # resample to 16 kHz (linear)
+            audio = np.interp(np.linspace(0, len(audio) - 1, n), np.arange(len(audio)), audio)
+            gap = rng.normal(0, 0.003, int(rng.integers(4000, 16000)))
+            parts += [gap, audio * rng.uniform(0.4, 1.0)]
+    return np.concatenate(parts + [rng.normal(0, 0.003, 8000)]).astype(np.float32)
+
+
+def windows(audio: np.ndarray, size: int = 512) -> np.ndarray:
+    n = len(audio) // size
+    return audio[:n * size].reshape(n, size)
