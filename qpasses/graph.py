@@ -72,15 +72,32 @@ def normalize(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None 
     graph = gs.import_onnx(model)
     _constants_to_initializers(graph)
     resized = _resolve_input_shapes(graph, input_shapes or {})
+    ranks = {t.name: len(t.shape) for t in graph.outputs if t.shape is not None}  # as the exporter declared them
     graph.cleanup().toposort()
     _name_nodes(graph)
     if resized:
         _forget_shapes(graph)  # the exporter's value_info describes other input sizes: infer anew
     try:
-        return infer_shapes(gs.export_onnx(graph))
+        model = infer_shapes(gs.export_onnx(graph))
     except InputError:
         _forget_shapes(graph)  # stale value_info contradicting the model itself: one retry without it
-        return infer_shapes(gs.export_onnx(graph))
+        model = infer_shapes(gs.export_onnx(graph))
+    _outputs_from_value_info(model, ranks)
+    return model
+
+
+def _outputs_from_value_info(model: onnx.ModelProto, ranks: dict[str, int]) -> None:
+    """Shape inference leaves graph outputs as they were; give a shapeless one the inferred shape."""
+    inferred = {v.name: v for v in model.graph.value_info}
+    for out in model.graph.output:
+        if not out.type.tensor_type.HasField("shape") and out.name in inferred:
+            out.type.CopyFrom(inferred[out.name].type)
+    for out in model.graph.output:
+        if not out.type.tensor_type.HasField("shape") and out.name in ranks:
+            # not inferable (e.g. a Reshape to a computed shape): the declared rank, sizes unknown
+            shape = out.type.tensor_type.shape
+            for _ in range(ranks[out.name]):
+                shape.dim.add()
 
 
 def _forget_shapes(graph: gs.Graph) -> None:

@@ -142,6 +142,9 @@ def speech(seed: int, phrases: list[str]) -> np.ndarray:
     return np.concatenate(parts + [rng.normal(0, 0.003, 8000)]).astype(np.float32)
 
 
-def windows(audio: np.ndarray, size: int = 512) -> np.ndarray:
+def windows(audio: np.ndarray, size: int = 512, context: int = 64) -> np.ndarray:
+    """[n, context + size]: each window of `size` samples after the last `context` samples before it
+    (zeros for the first), as silero_vad's OnnxWrapper feeds the 16 kHz model."""
     n = len(audio) // size
-    return audio[:n * size].reshape(n, size)
+    padded = np.concatenate([np.zeros(context, audio.dtype), audio[:n * size]])
+    return np.stack([padded[i * size:i * size + context + size] for i in range(n)])
