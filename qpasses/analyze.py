@@ -31,6 +31,7 @@ from qpasses.errors import InputError
 from qpasses.targets.schema import Target
 
 from .pass_infra import PassContext, QuantState
+from .ops import WEIGHTED_OPS
 from .passes.insert_qdq import realize
 from .pipeline import build_pipeline, prepare, sqnr, sqnr_db
 from .plan import QuantPlan
@@ -110,7 +111,91 @@ class Evaluator:
 
     def __call__(self, model: onnx.ModelProto) -> Score:
         got = run_outputs(model, self.data, self.batch_size, optimize=False)
+        return self.score(got)
+
+    def score(self, got: list[np.ndarray]) -> Score:
         return Score(min(sqnr(r, g) for r, g in zip(self.reference, got)), self.top1(got))
+
+
+class Variants:
+    """Every keep-float variant of one calibrated plan, scored without building a model per variant.
+
+    Each Q/DQ edge of a quantized layer (activation input, weight, int32 bias) is read through
+    Where(flag, quantized, float), with one boolean graph input per layer: a variant is a feed. Op
+    by op it computes what `realize(plan.keep_float(...))` computes, so the scores are the same.
+    A layer's two sensitivity variants differ from the all-float and the all-quantized model only
+    from that layer on: the tensors entering it are computed once for both (`_prefixes`) and each
+    variant runs only the rest of the graph."""
+
+    def __init__(self, float_model: onnx.ModelProto, target: Target, plan: QuantPlan, evaluator: Evaluator):
+        self.evaluator, self.float_model, self.plan = evaluator, float_model, plan
+        names = {layer: f"qpass.quantize.{i}" for i, layer in enumerate(plan.layers())}
+        self.model, self.flags = _switchable(realize(float_model, target, plan), float_model, plan, names)
+        self.sess = session(self.model, optimize=False)
+        self.batches = self._batches()
+        self.prefix: dict[bool, list[dict[str, np.ndarray]]] | None = None
+
+    def _batches(self) -> list[dict[str, np.ndarray]]:
+        data, batch_size = self.evaluator.data, self.evaluator.batch_size
+        batch, fixed = feed_batch(self.float_model, data, batch_size)
+        return [feeds for feeds in data.batches(batch) if not fixed or len(next(iter(feeds.values()))) == batch]
+
+    def _switches(self, quantized: set[str], names: set[str] | None = None) -> dict[str, np.ndarray]:
+        return {flag: np.array(layer in quantized) for layer, flag in self.flags.items() if names is None or flag in names}
+
+    def __call__(self, floats: list[str]) -> Score:
+        quantized = set(self.flags) - set(floats)
+        return self.evaluator.score(_concat([self.sess.run(None, {**feeds, **self._switches(quantized)})
+                                             for feeds in self.batches]))
+
+    def sensitivity(self, layer: str) -> tuple[Score, Score]:
+        """(only this layer quantized, every layer but this one quantized)."""
+        if self.prefix is None:
+            self.prefix = self._prefixes()
+        cut, frontier = self._cut(layer)
+        sess = session(cut, optimize=False)
+        wanted = {i.name for i in sess.get_inputs()}
+        scores = []
+        for quantized, others in ((False, {layer}), (True, set(self.flags) - {layer})):
+            outs = [sess.run(None, {**{n: cache[n] for n in frontier}, **self._switches(others, wanted)})
+                    for cache in self.prefix[quantized]]
+            scores.append(self.evaluator.score(_concat(outs)))
+        return scores[0], scores[1]
+
+    def _prefixes(self) -> dict[bool, list[dict[str, np.ndarray]]]:
+        """Every float-graph tensor on the evaluation batches, all layers float and all quantized."""
+        names = [o for n in self.float_model.graph.node for o in n.output if o]
+        sess = session(with_outputs(self.model, names), optimize=False)
+        inputs = {i.name for i in self.float_model.graph.input}
+        result = {}
+        for quantized in (False, True):
+            switches = self._switches(set(self.flags) if quantized else set())
+            result[quantized] = [{**{k: v for k, v in feeds.items() if k in inputs},
+                                  **dict(zip(names, sess.run(names, {**feeds, **switches})))} for feeds in self.batches]
+        return result
+
+    def _cut(self, layer: str) -> tuple[onnx.ModelProto, list[str]]:
+        """The switchable model from `layer`'s first node on, fed by the float-graph tensors that cross
+        into it; returns the model and those tensors' names."""
+        order = [n.name for n in self.float_model.graph.node]
+        group = next((g for g in self.plan.groups if g[0] == layer), [layer])
+        start = min(order.index(n) for n in group)
+        before = {o for n in self.float_model.graph.node[:start] for o in n.output}
+        before |= {i.name for i in self.float_model.graph.input}
+        graph = gs.import_onnx(self.model)
+        tensors = graph.tensors()
+        frontier = sorted(name for name in before if name in tensors and isinstance(tensors[name], gs.Variable)
+                          and any(c.name not in set(order[:start]) for c in tensors[name].outputs))
+        for name in frontier:
+            tensors[name].inputs.clear()
+        flags = [t for t in graph.inputs if t.name in set(self.flags.values())]
+        graph.inputs = [tensors[n] for n in frontier] + flags
+        graph.cleanup(remove_unused_graph_inputs=True).toposort()
+        return gs.export_onnx(graph), [t.name for t in graph.inputs if t.name in set(frontier)]
+
+
+def _concat(batches: list[list[np.ndarray]]) -> list[np.ndarray]:
+    return [np.concatenate(parts) for parts in zip(*batches)]
 
 
 def tensor_sqnr(reference: onnx.ModelProto, candidate: onnx.ModelProto, names: list[str], data: DataSource,
@@ -151,6 +236,7 @@ def analyze(model_path: str | Path, target: Target, data: str | Path, ctx: PassC
     if goal is not None and goal.max_drop is not None and not evaluate.classifier:
         raise InputError("--max-drop needs a classifier (first output [N, classes]); use --min-sqnr")
     variant = lambda floats: realize(float_model, target, plan.keep_float(floats, "kept in float by analysis"))  # noqa: E731
+    score = Variants(float_model, target, plan, evaluate)
 
     full = realize(float_model, target, plan)
     quantized = evaluate(full)
@@ -161,8 +247,8 @@ def analyze(model_path: str | Path, target: Target, data: str | Path, ctx: PassC
     reports = []
     for layer in tqdm(layers, desc="analyzing layers", unit="layer", disable=True if ctx.quiet else None, leave=False):
         group = members.get(layer, [layer])
-        only = evaluate(variant([other for other in layers if other != layer])).sqnr_db
-        all_but = evaluate(variant([layer])).sqnr_db
+        only_score, all_but_score = score.sensitivity(layer)
+        only, all_but = only_score.sqnr_db, all_but_score.sqnr_db
         reports.append(LayerReport(layer, "+".join(nodes[n] for n in group), group, outputs[layer], only, all_but,
                                    output_db[outputs[layer]]))
     analysis = Analysis(target.name, plan.calibration_samples, len(evaluate.reference[0]), evaluate.metric,
@@ -171,15 +257,53 @@ def analyze(model_path: str | Path, target: Target, data: str | Path, ctx: PassC
         return analysis, full
     analysis.goal = goal
     ranked = sorted(reports, key=lambda r: -r.all_but_db)
-    score, chosen = quantized, []
+    result, chosen = quantized, []
     for report in ranked:
-        if _meets(score, analysis.float_top1, goal):
+        if _meets(result, analysis.float_top1, goal):
             break
         chosen.append(report.layer)
-        score = evaluate(variant(chosen))
-    analysis.fallback, analysis.fallback_score = chosen, score
-    analysis.goal_met = _meets(score, analysis.float_top1, goal)
+        result = score(chosen)
+    analysis.fallback, analysis.fallback_score = chosen, result
+    analysis.goal_met = _meets(result, analysis.float_top1, goal)
     return analysis, variant(chosen)
+
+
+def _switchable(qdq: onnx.ModelProto, float_model: onnx.ModelProto, plan: QuantPlan,
+                names: dict[str, str]) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """`qdq` with each quantized input of a layer behind Where(flag of the layer, quantized, float);
+    returns the model and the flags it reads (layer -> boolean input name)."""
+    graph = gs.import_onnx(qdq)
+    layer_of = plan.layer_of()
+    originals = {i.name: i for i in float_model.graph.initializer}
+    constants: dict[str, gs.Constant] = {}
+    weights = {(w.node, w.input_index): w.tensor for w in plan.weights}
+    biases = {b.node: b.tensor for b in plan.biases}
+    flags: dict[str, gs.Variable] = {}
+    for node in list(graph.nodes):
+        layer = layer_of.get(node.name)
+        if layer not in names:
+            continue
+        for idx, tensor in enumerate(node.inputs):
+            if not (isinstance(tensor, gs.Variable) and tensor.inputs and tensor.inputs[0].op == "DequantizeLinear"):
+                continue
+            name = weights.get((node.name, idx))
+            if name is None and node.name in biases and idx == WEIGHTED_OPS[node.op].bias_input:
+                name = biases[node.name]
+            if name is not None:  # a weight or bias: the float original
+                if name not in constants:
+                    constants[name] = gs.Constant(f"{name}.float", onnx.numpy_helper.to_array(originals[name]))
+                source = constants[name]
+            else:  # an activation: what its QuantizeLinear reads
+                q = tensor.inputs[0].inputs[0]
+                if not (isinstance(q, gs.Variable) and q.inputs and q.inputs[0].op == "QuantizeLinear"):
+                    continue
+                source = q.inputs[0].inputs[0]
+            flag = flags.setdefault(layer, gs.Variable(names[layer], dtype=np.bool_, shape=[]))
+            out = gs.Variable(f"{tensor.name}.{node.name}.{idx}.switch", dtype=tensor.dtype, shape=tensor.shape)
+            graph.nodes.append(gs.Node("Where", f"{node.name}.switch.{idx}", inputs=[flag, tensor, source], outputs=[out]))
+            node.inputs[idx] = out
+    graph.inputs += list(flags.values())
+    return gs.export_onnx(graph.toposort()), {layer: var.name for layer, var in flags.items()}
 
 
 def _meets(score: Score, float_top1: float | None, goal: Goal) -> bool:
