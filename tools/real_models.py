@@ -4,7 +4,8 @@ user of that model cares about, against the float model on held-out real data.
     python tools/real_models.py [--ci] [--only NAME ...] [--adaround] [--out table.md] [--work DIR]
 
 For each model: `qpass quantize` for every shipped target (minmax), every calibrator and the
-techniques on the onnxruntime target, `qpass check` of each output, and a float-vs-int8 evaluation
+techniques on the onnxruntime target, `qpass check` of each output, `qpass compile` of the
+onnxruntime int8 model for ONNX Runtime and TVM (x86, aarch64), and a float-vs-int8 evaluation
 (int8 run by ONNX Runtime with its optimisations, as deployed):
   detectors   the fraction of float detections kept (same class, IoU >= 0.5, score above the package's threshold)
   OCR         exact text agreement and character error rate against the float model's text
@@ -330,7 +331,29 @@ def run_model(name: str, entry: dict, model: Path, work: Path, rows: list[tuple[
         out.append(row)
         print(f"{name:18s} {label:34s} {row.metric}; SQNR {row.sqnr_db:.1f} dB; {secs:.1f} s, {peak:.0f} MiB"
               + ("" if row.conforms else f"; CHECK FAILED: {check_err.strip().splitlines()[-1:]}"), file=sys.stderr)
+        if label == "onnxruntime minmax":
+            out += compile_rows(name, int8, work)
     return out
+
+
+ENGINES = (("onnxruntime", [], ".ort.onnx"), ("tvm-x86", ["--engine", "tvm", "--target", "tvm-x86"], ".x86.so"),
+           ("tvm-arm", ["--engine", "tvm", "--target", "tvm-arm"], ".arm.so"))
+
+
+def compile_rows(name: str, int8: Path, work: Path) -> list[Row]:
+    """`qpass compile` of the onnxruntime int8 model for each engine. A model an engine cannot take
+    (TVM's frontend has no LSTM or If) must be refused with one line and exit 2, never a crash."""
+    rows = []
+    for engine, options, suffix in ENGINES:
+        artifact = work / f"{int8.stem}{suffix}"
+        code, err, secs, peak = qpass("compile", str(int8), *(options or ["--engine", "onnxruntime"]), "-o", str(artifact),
+                                      "--force", "--quiet")
+        lines = [line for line in err.strip().splitlines() if line.startswith("qpass:")]
+        refused = code == 2 and len(lines) == 1 and "no converter" in lines[0]
+        note = "compiled" if code == 0 else (lines[-1] if lines else f"exit {code}")
+        rows.append(Row(name, f"compile {engine}", 0 if code == 0 or refused else code, metric=note, seconds=secs, peak_mib=peak))
+        print(f"{name:18s} {'compile ' + engine:34s} exit {code}: {note}", file=sys.stderr)
+    return rows
 
 
 def table(rows: list[Row]) -> str:

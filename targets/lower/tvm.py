@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from qpasses import graph as graph_io
 from qpasses.bench import cpu_description, seeded_inputs, static_shapes
-from qpasses.errors import EngineError, InputError
+from qpasses.errors import EngineError, InputError, UnsupportedModelError
 from qpasses.targets import load_target
 
 try:
@@ -134,13 +134,36 @@ def static_inputs(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> list[
 
 
 def lower(model: onnx.ModelProto, inputs: list[dict]) -> tvm.IRModule:
-    """The Relax module `compile_model` builds: the imported model after qpass's integer lowering."""
+    """The Relax module `compile_model` builds: the imported model after qpass's integer lowering.
+
+    A valid model that TVM's ONNX frontend cannot take (an op it has no converter for, such as LSTM
+    or If, or a shape it cannot resolve) is an unsupported model for this engine, not an engine crash."""
+    missing = sorted(unsupported_ops(model))
+    if missing:
+        raise UnsupportedModelError(f"TVM's ONNX frontend has no converter for {', '.join(missing)}: this model "
+                                    "cannot be compiled for TVM (ONNX Runtime runs it: --engine onnxruntime)")
     try:
         mod = from_onnx(model, shape_dict={i["name"]: i["shape"] for i in inputs},
                         dtype_dict={i["name"]: i["dtype"] for i in inputs}, keep_params_in_input=False)
     except Exception as exc:
-        raise EngineError(f"TVM's ONNX frontend cannot import the model: {last_line(exc)}") from None
+        raise UnsupportedModelError(f"TVM's ONNX frontend cannot import the model: {last_line(exc)}") from None
     return integer_lowering()(mod)
+
+
+def unsupported_ops(model: onnx.ModelProto) -> set[str]:
+    """Op types in the model (subgraphs included) that TVM's ONNX frontend cannot convert."""
+    from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
+
+    known = _get_convert_map()
+    found: set[str] = set()
+    graphs = [model.graph]
+    while graphs:
+        graph = graphs.pop()
+        for node in graph.node:
+            if node.domain in ("", "ai.onnx") and node.op_type not in known:
+                found.add(node.op_type)
+            graphs += [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
+    return found
 
 
 def _describe(mod: tvm.IRModule, report: CompileReport) -> None:
