@@ -90,6 +90,26 @@ def test_rounding_is_floor_or_ceil_and_beats_nearest(case, quantizer, quantized_
     assert error(dequantize(q, qp)) < 0.95 * error(dequantize(quantize(w, qp), qp))
 
 
+def test_a_large_conv_map_is_sampled_in_windows_with_the_same_benefit():
+    """A 40x40 output (stride 2, uneven padding) is reconstructed on 16x16 windows: the rounding
+    must help as much as on whole maps, measured on whole held-out maps."""
+    rng = np.random.default_rng(1)
+    w = (rng.standard_normal((16, 8, 3, 3)) * 0.2).astype(np.float32)
+    x = np.maximum(rng.standard_normal((48, 8, 80, 80)), 0).astype(np.float32)
+    op = ConvOp(strides=(2, 2), pads=(1, 0, 0, 1), dilations=(1, 1))
+    qp = weight_qparams(w, PER_CHANNEL_INT8, 0)
+    q = adaround_weight(w, qp, op, x[:40], config=AdaRoundConfig(iterations=300), seed=0)
+    down, up = floor_ceil(w, qp)
+    assert np.all((q == down) | (q == up)) and np.any(q != quantize(w, qp))
+
+    def error(weight: np.ndarray) -> float:
+        with torch.no_grad():
+            held = torch.from_numpy(x[40:])
+            return float((op(held, torch.from_numpy(weight)) - op(held, torch.from_numpy(w))).pow(2).sum(1).mean())
+
+    assert error(dequantize(q, qp)) < 0.95 * error(dequantize(quantize(w, qp), qp))
+
+
 def test_rounding_compensates_the_error_of_layers_rounded_before(tmp_path):
     """Asymmetric reconstruction on the bundled (trained) example with 4-bit weights: each layer
     learns from the inputs the Q/DQ model really gives it, behind the layers rounded before, so

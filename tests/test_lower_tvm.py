@@ -69,6 +69,22 @@ def tie_bound(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
     return [bound if o.name == heads[-1].output[0] else np.zeros(1) for o in model.graph.output]
 
 
+def test_ops_tvm_cannot_import_are_refused_with_one_line(tmp_path):
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    w, r = (onnx.numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+            for n, s in (("W", (1, 16, 3)), ("R", (1, 16, 4))))
+    graph = helper.make_graph([helper.make_node("LSTM", ["x", "W", "R"], ["y"], hidden_size=4)], "lstm",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 1, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, 1, 1, 4])], [w, r])
+    path = tmp_path / "lstm.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    assert_one_line_error(qpass("compile", str(path), "--engine", "tvm", "-o", str(tmp_path / "l.so")), 2,
+                          "no converter for LSTM")
+    assert not (tmp_path / "l.so").exists()
+
+
 def test_report_lists_what_stays_float(tmp_path, zoo_dir):
     """conv_transpose: the lowering has no ConvTranspose rule yet; the report says so instead of hiding it."""
     qdq = int8_model(tmp_path, zoo_dir / "conv_transpose.onnx", target="tvm-x86", data=zoo_dir / "calib.npy")

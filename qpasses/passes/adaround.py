@@ -13,7 +13,9 @@ where x is the layer's input in the float model and x_q the same sample's input 
 as it stands when the layer is rounded: behind every quantized tensor and every layer rounded
 before it ("asymmetric reconstruction", AdaRound paper sec. 4; AIMET does the same). So a layer
 learns to compensate the error its inputs already carry, not only its own. The norm sums over output channels and the mean runs
-over samples and spatial positions (the bias cancels). V starts where h(V) = frac(W / s);
+over samples and spatial positions (the bias cancels; on a conv output larger than 16x16 each
+minibatch samples one 16x16 window of positions, the same estimate at real-model sizes for a
+fraction of the cost). V starts where h(V) = frac(W / s);
 lambda = 0.01; the regulariser is off for the first 20% of the iterations (warm-up), then beta
 anneals linearly from 20 to 2, which drives every h(V) to 0 or 1. Adam (lr 1e-3) on V only,
 minibatches of 32 samples (whole samples for a conv). The final integer is
@@ -95,15 +97,29 @@ class ConvOp:
     dilations: tuple[int, ...]
     group: int = 1
 
-    def __call__(self, x: "torch.Tensor", w: "torch.Tensor") -> "torch.Tensor":
+    def __call__(self, x: "torch.Tensor", w: "torch.Tensor", padded: bool = False) -> "torch.Tensor":
         import torch.nn.functional as F
 
         nd = w.ndim - 2
-        if any(self.pads):
+        if any(self.pads) and not padded:
             # F.pad lists (begin, end) pairs from the last axis backwards
             x = F.pad(x, [p for i in reversed(range(nd)) for p in (self.pads[i], self.pads[nd + i])])
         conv = F.conv1d if nd == 1 else F.conv2d
         return conv(x, w, stride=self.strides, dilation=self.dilations, groups=self.group)
+
+    def pad(self, x: np.ndarray) -> np.ndarray:
+        nd = x.ndim - 2
+        return np.pad(x, [(0, 0), (0, 0)] + [(self.pads[i], self.pads[nd + i]) for i in range(nd)])
+
+    def window(self, x_padded: np.ndarray, kernel: tuple[int, ...], start: tuple[int, ...],
+               size: tuple[int, ...]) -> tuple[slice, ...]:
+        """The slice of a padded input that output positions start .. start + size - 1 read."""
+        return (slice(None), slice(None)) + tuple(
+            slice(o * s, (o + n - 1) * s + d * (k - 1) + 1)
+            for o, n, s, d, k in zip(start, size, self.strides, self.dilations, kernel))
+
+
+PATCH = 16  # output positions per spatial axis a conv's reconstruction loss is sampled on
 
 
 LayerOp = LinearOp | ConvOp
@@ -139,15 +155,27 @@ def adaround_weight(w: np.ndarray, qp: QParams, op: LayerOp, x: np.ndarray, x_q:
     def h() -> "torch.Tensor":
         return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0, 1)
 
+    # A conv's objective is a mean over output positions: on a large map, each minibatch samples
+    # one PATCH x PATCH window of them (an unbiased estimate at a fraction of the cost)
+    patches = isinstance(op, ConvOp) and _output_size(op, x.shape[2:], w.shape[2:]) is not None \
+        and any(n > PATCH for n in _output_size(op, x.shape[2:], w.shape[2:]))
+    if patches:
+        x, x_q = op.pad(x), op.pad(x_q)
+        out_size = _output_size(op, x.shape[2:], w.shape[2:], padded=True)
     warm = int(config.warmup * config.iterations)
     start, end = config.beta
     for it in range(config.iterations):
         rows = rng.choice(len(x), size=min(config.batch_size, len(x)), replace=False)
+        region: tuple = (slice(None),)
+        if patches:
+            size = tuple(min(PATCH, n) for n in out_size)
+            region = op.window(x, w.shape[2:], tuple(int(rng.integers(0, n - m + 1)) for n, m in zip(out_size, size)), size)
+        run = (lambda a, b: op(a, b, padded=True)) if patches else op
         with torch.no_grad():
-            target = op(t(x[rows]), w_t)
+            target = run(t(x[rows][region]), w_t)
         up = h()
         soft = s_t * torch.clamp(floor_t + up * movable_t, lo_t, hi_t)
-        out = op(t(x_q[rows]), soft)
+        out = run(t(x_q[rows][region]), soft)
         loss = (out - target).pow(2).sum(1).mean()
         if it >= warm:
             beta = end + (start - end) * (1 - (it - warm) / max(config.iterations - warm, 1))
@@ -158,6 +186,15 @@ def adaround_weight(w: np.ndarray, qp: QParams, op: LayerOp, x: np.ndarray, x_q:
     with torch.no_grad():
         up = (h().numpy() >= 0.5) & movable
     return np.clip(floor + up + zp, qp.qmin, qp.qmax).astype(qp.zero_point.dtype)
+
+
+def _output_size(op: ConvOp, spatial: tuple[int, ...], kernel: tuple[int, ...], padded: bool = False) -> tuple[int, ...] | None:
+    nd = len(spatial)
+    sizes = []
+    for i, (n, k) in enumerate(zip(spatial, kernel)):
+        total = n if padded else n + op.pads[i] + op.pads[nd + i]
+        sizes.append((total - op.dilations[i] * (k - 1) - 1) // op.strides[i] + 1)
+    return tuple(sizes) if all(v > 0 for v in sizes) else None
 
 
 @dataclass
