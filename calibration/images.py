@@ -77,6 +77,9 @@ def read_preprocess(path: Path, spec: InputSpec) -> Preprocess:
     if len(spec.shape) != 4:
         raise InputError(f"{path}: image data needs a 4-D model input, {spec.name} is {list(spec.shape)}")
     h, w = (spec.shape[2], spec.shape[3]) if layout == "NCHW" else (spec.shape[1], spec.shape[2])
+    dynamic = not (isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0)
+    if dynamic and "crop" not in data:
+        raise InputError(f"{path}: model input {spec.name} is {list(spec.shape)}: give the image size as crop = [H, W]")
     crop = data.pop("crop", [h, w])
     crop = (crop, crop) if isinstance(crop, int) else tuple(crop)
     channels = data.pop("channels", "RGB")
@@ -88,7 +91,7 @@ def read_preprocess(path: Path, spec: InputSpec) -> Preprocess:
     if data:
         raise InputError(f"{path}: {sorted(data)[0]}: unknown field")
     n_channels = spec.shape[1] if layout == "NCHW" else spec.shape[3]
-    if (1 if channels == "L" else 3) != n_channels or crop != (h, w):
+    if (1 if channels == "L" else 3) != n_channels or (crop != (h, w) and not dynamic):
         raise InputError(f"{path}: preprocessing gives {crop[0]}x{crop[1]} {channels} images, model input "
                          f"{spec.name} is {list(spec.shape)} ({layout})")
     return prep
@@ -111,6 +114,12 @@ class ImageSource(RowSelection):
     def batches(self, batch_size: int, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
         for take in self.batch_rows(batch_size, limit):
             yield {self.name: np.stack([self.prep.apply(self.files[r]) for r in take])}
+
+    def sample_shapes(self) -> dict[str, set[tuple[int, ...]]]:
+        """The one sample shape the preprocessing gives (what a model with dynamic H/W is sized to)."""
+        c = 1 if self.prep.channels == "L" else 3
+        h, w = self.prep.crop
+        return {self.name: {(c, h, w) if self.prep.layout == "NCHW" else (h, w, c)}}
 
 
 def open_images(directory: Path, inputs: list[InputSpec], preprocess: Path | None) -> ImageSource:

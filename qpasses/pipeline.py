@@ -121,8 +121,8 @@ def prepare(model_path: str | Path, data: str | Path | None, ctx: PassContext,
 
 def shapes_from_data(model: onnx.ModelProto, source: DataSource) -> dict[str, list]:
     """The sizes of the model's dynamic non-batch dimensions, read off the calibration arrays."""
-    found = source.sample_shapes() if isinstance(source, ArraySource) else {}
-    whole = source.whole if isinstance(source, ArraySource) else frozenset()
+    found = source.sample_shapes()
+    whole = getattr(source, "whole", frozenset())  # only arrays can hold whole feeds
     shapes = {}
     for spec in input_specs(model):
         if all(isinstance(d, int) and d > 0 for d in spec.shape[1:]) or spec.name not in found:

@@ -57,3 +57,14 @@ def test_quantize_from_images(digit_images, tmp_path):
                            "-o", str(tmp_path / "out.onnx")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "calibrated on 35 samples" in proc.stderr
+
+
+def test_a_model_with_dynamic_size_takes_it_from_the_crop(digit_images, tmp_path):
+    directory, _, _ = digit_images
+    dynamic = [InputSpec("input", ("N", 1, "H", "W"), np.dtype(np.float32))]
+    with pytest.raises(InputError, match=r"crop = \[H, W\]"):
+        open_source(directory, dynamic)
+    (directory / "preprocess.toml").write_text(PREP + "crop = [8, 8]\n")
+    source = open_source(directory, dynamic)
+    assert source.sample_shapes() == {"input": {(1, 8, 8)}}
+    assert next(source.batches(4))["input"].shape == (4, 1, 8, 8)
