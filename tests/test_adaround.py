@@ -91,7 +91,7 @@ def test_rounding_is_floor_or_ceil_and_beats_nearest(case, quantizer, quantized_
 
 
 def test_a_large_conv_map_is_sampled_in_windows_with_the_same_benefit():
-    """A 40x40 output (stride 2, uneven padding) is reconstructed on 16x16 windows: the rounding
+    """A 40x40 output (stride 2, uneven padding) is reconstructed on 4x4 windows: the rounding
     must help as much as on whole maps, measured on whole held-out maps."""
     rng = np.random.default_rng(1)
     w = (rng.standard_normal((16, 8, 3, 3)) * 0.2).astype(np.float32)

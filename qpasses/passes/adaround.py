@@ -13,9 +13,9 @@ where x is the layer's input in the float model and x_q the same sample's input 
 as it stands when the layer is rounded: behind every quantized tensor and every layer rounded
 before it ("asymmetric reconstruction", AdaRound paper sec. 4; AIMET does the same). So a layer
 learns to compensate the error its inputs already carry, not only its own. The norm sums over output channels and the mean runs
-over samples and spatial positions (the bias cancels; on a conv output larger than 16x16 each
-minibatch samples one 16x16 window of positions, the same estimate at real-model sizes for a
-fraction of the cost). V starts where h(V) = frac(W / s);
+over samples and spatial positions (the bias cancels; on a conv output of more than 16x16
+positions, each sample of a minibatch contributes one random 4x4 window of them: the same
+estimate at real-model sizes for a fraction of the cost). V starts where h(V) = frac(W / s);
 lambda = 0.01; the regulariser is off for the first 20% of the iterations (warm-up), then beta
 anneals linearly from 20 to 2, which drives every h(V) to 0 or 1. Adam (lr 1e-3) on V only,
 minibatches of 32 samples (whole samples for a conv). The final integer is
@@ -111,15 +111,14 @@ class ConvOp:
         nd = x.ndim - 2
         return np.pad(x, [(0, 0), (0, 0)] + [(self.pads[i], self.pads[nd + i]) for i in range(nd)])
 
-    def window(self, x_padded: np.ndarray, kernel: tuple[int, ...], start: tuple[int, ...],
-               size: tuple[int, ...]) -> tuple[slice, ...]:
-        """The slice of a padded input that output positions start .. start + size - 1 read."""
-        return (slice(None), slice(None)) + tuple(
-            slice(o * s, (o + n - 1) * s + d * (k - 1) + 1)
-            for o, n, s, d, k in zip(start, size, self.strides, self.dilations, kernel))
+    def window(self, kernel: tuple[int, ...], start: tuple[int, ...], size: tuple[int, ...]) -> tuple[slice, ...]:
+        """The spatial slice of a padded input that output positions start .. start + size - 1 read."""
+        return tuple(slice(o * s, (o + n - 1) * s + d * (k - 1) + 1)
+                     for o, n, s, d, k in zip(start, size, self.strides, self.dilations, kernel))
 
 
-PATCH = 16  # output positions per spatial axis a conv's reconstruction loss is sampled on
+PATCH = 4  # output positions per spatial axis of the window each sample contributes on a large map
+WHOLE_MAP = 256  # output positions up to which a sample contributes its whole map
 
 
 LayerOp = LinearOp | ConvOp
@@ -155,27 +154,31 @@ def adaround_weight(w: np.ndarray, qp: QParams, op: LayerOp, x: np.ndarray, x_q:
     def h() -> "torch.Tensor":
         return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0, 1)
 
-    # A conv's objective is a mean over output positions: on a large map, each minibatch samples
-    # one PATCH x PATCH window of them (an unbiased estimate at a fraction of the cost)
-    patches = isinstance(op, ConvOp) and _output_size(op, x.shape[2:], w.shape[2:]) is not None \
-        and any(n > PATCH for n in _output_size(op, x.shape[2:], w.shape[2:]))
+    # A conv's objective is a mean over output positions: on a large map each sample of a
+    # minibatch contributes one random PATCH x PATCH window of them (an unbiased estimate; a whole
+    # map per sample made a real model's big convs take minutes each)
+    out_size = _output_size(op, x.shape[2:], w.shape[2:]) if isinstance(op, ConvOp) else None
+    patches = out_size is not None and int(np.prod(out_size)) > WHOLE_MAP
     if patches:
         x, x_q = op.pad(x), op.pad(x_q)
-        out_size = _output_size(op, x.shape[2:], w.shape[2:], padded=True)
+        size = tuple(min(PATCH, n) for n in out_size)
     warm = int(config.warmup * config.iterations)
     start, end = config.beta
     for it in range(config.iterations):
         rows = rng.choice(len(x), size=min(config.batch_size, len(x)), replace=False)
-        region: tuple = (slice(None),)
         if patches:
-            size = tuple(min(PATCH, n) for n in out_size)
-            region = op.window(x, w.shape[2:], tuple(int(rng.integers(0, n - m + 1)) for n, m in zip(out_size, size)), size)
-        run = (lambda a, b: op(a, b, padded=True)) if patches else op
+            regions = [(r, slice(None), *op.window(w.shape[2:], tuple(int(rng.integers(0, n - m + 1))
+                                                                       for n, m in zip(out_size, size)), size))
+                       for r in rows]
+            x_in, xq_in = (np.stack([a[region] for region in regions]) for a in (x, x_q))
+            run = lambda a, b: op(a, b, padded=True)  # noqa: E731
+        else:
+            x_in, xq_in, run = x[rows], x_q[rows], op
         with torch.no_grad():
-            target = run(t(x[rows][region]), w_t)
+            target = run(t(x_in), w_t)
         up = h()
         soft = s_t * torch.clamp(floor_t + up * movable_t, lo_t, hi_t)
-        out = run(t(x_q[rows][region]), soft)
+        out = run(t(xq_in), soft)
         loss = (out - target).pow(2).sum(1).mean()
         if it >= warm:
             beta = end + (start - end) * (1 - (it - warm) / max(config.iterations - warm, 1))
