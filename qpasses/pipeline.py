@@ -109,7 +109,8 @@ def prepare(model_path: str | Path, data: str | Path | None, ctx: PassContext,
     raw = graph_io.load_model(model_path)
     graph_io.refuse_quantized(raw)  # before reading any data: the model itself is the problem
     source: DataSource | None = open_source(data, input_specs(raw), preprocess, ctx.seed) if data is not None else None
-    shapes = {**(shapes_from_data(raw, source) if source is not None else {}), **(input_shapes or {})}
+    given = input_shapes or {}
+    shapes = {**(shapes_from_data(raw, source, set(given)) if source is not None else {}), **given}
     model = graph_io.normalize(raw, shapes)
     held: DataSource = ArraySource({}, rows=np.arange(0))
     if source is not None:
@@ -119,13 +120,14 @@ def prepare(model_path: str | Path, data: str | Path | None, ctx: PassContext,
     return model, held
 
 
-def shapes_from_data(model: onnx.ModelProto, source: DataSource) -> dict[str, list]:
-    """The sizes of the model's dynamic non-batch dimensions, read off the calibration arrays."""
+def shapes_from_data(model: onnx.ModelProto, source: DataSource, given: frozenset[str] | set[str] = frozenset()) -> dict[str, list]:
+    """The sizes of the model's dynamic non-batch dimensions, read off the calibration arrays
+    (inputs in `given` are sized by --input-shape instead)."""
     found = source.sample_shapes()
     whole = getattr(source, "whole", frozenset())  # only arrays can hold whole feeds
     shapes = {}
     for spec in input_specs(model):
-        if all(isinstance(d, int) and d > 0 for d in spec.shape[1:]) or spec.name not in found:
+        if spec.name in given or all(isinstance(d, int) and d > 0 for d in spec.shape[1:]) or spec.name not in found:
             continue
         if len(found[spec.name]) > 1:
             raise CalibrationError(f"input {spec.name} has dynamic dimensions and the calibration arrays have "
