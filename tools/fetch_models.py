@@ -10,7 +10,6 @@ per model, named after its registry entry, so a second run downloads nothing.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import subprocess
 import sys
@@ -18,6 +17,8 @@ import tempfile
 import tomllib
 import zipfile
 from pathlib import Path
+
+from qpasses.report import sha256
 
 REGISTRY = Path(__file__).with_name("corpus.toml")
 
@@ -32,14 +33,6 @@ def registry(only: list[str] | None = None, ci: bool = False) -> dict[str, dict]
     if unknown:
         raise SystemExit(f"fetch_models: no model named {', '.join(unknown)} in {REGISTRY.name}")
     return {name: e for name, e in entries.items() if (not only or name in only) and (not ci or e.get("ci"))}
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def fetch(name: str, entry: dict, cache: Path) -> Path:
