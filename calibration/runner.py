@@ -62,6 +62,42 @@ def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProt
     return model
 
 
+def reads(node: onnx.NodeProto) -> set[str]:
+    """The tensors a node reads: its inputs and what its subgraphs take from the enclosing scope."""
+    names = {name for name in node.input if name}
+    for attr in node.attribute:
+        for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+            inner = {i.name for i in sub.initializer} | {i.name for i in sub.input}
+            for n in sub.node:
+                names |= reads(n) - inner
+                inner |= set(n.output)
+    return names
+
+
+def only_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
+    """A copy of `model` that outputs just the named tensors and keeps only the nodes they need
+    (ONNX Runtime runs every node of a graph, whatever outputs are asked for)."""
+    names = list(names)
+    model = with_outputs(model, names)
+    graph = model.graph
+    wanted = set(names)
+    kept = [o for o in graph.output if o.name in wanted]
+    producer = {o: i for i, node in enumerate(graph.node) for o in node.output if o}
+    keep: set[int] = set()
+    pending = [producer[name] for name in wanted if name in producer]
+    while pending:
+        i = pending.pop()
+        if i not in keep:
+            keep.add(i)
+            pending += [producer[name] for name in reads(graph.node[i]) if name in producer]
+    nodes = [onnx.NodeProto.FromString(n.SerializeToString()) for i, n in enumerate(graph.node) if i in keep]
+    del graph.output[:]
+    graph.output.extend(kept)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return model
+
+
 def fixed_batch(model: onnx.ModelProto) -> int | None:
     """The model's static batch size, or None when the batch dimension is dynamic."""
     dims = [s.shape[0] for s in input_specs(model) if s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0]
@@ -83,7 +119,7 @@ def observe(model: onnx.ModelProto, observers: dict[str, Observer], source: Data
     `optimize=False` for a Q/DQ model, so that it is simulated op by op rather than run on ORT's
     own int8 kernels."""
     names = sorted(observers)
-    sess = session(with_outputs(model, names), optimize)
+    sess = session(only_outputs(model, names), optimize)
     batch, fixed = feed_batch(model, source, batch_size)
     limit = len(source) if max_samples is None else min(max_samples, len(source))
     if fixed and limit % batch:

@@ -27,7 +27,7 @@ import onnx_graphsurgeon as gs
 from tqdm import tqdm
 
 from qpasses.calibration.data import DataSource, open_source
-from qpasses.calibration.runner import feed_batch, input_specs, observe, run_outputs, session, with_outputs
+from qpasses.calibration.runner import feed_batch, input_specs, observe, reads, run_outputs, session, with_outputs
 from qpasses.calibration.stats import TensorSummary
 from qpasses.errors import InputError
 from qpasses.targets.schema import Target
@@ -157,23 +157,21 @@ class Variants:
         self.model = realize(float_model, target, plan)
         self.constants: dict[str, onnx.TensorProto] = {}
         self.switches = self._find_switches(float_model)
-        self.reads = [_reads(node) for node in self.model.graph.node]
+        self.reads = [reads(node) for node in self.model.graph.node]
         self.graph_inputs = {i.name: i for i in self.model.graph.input}
         self.types = {v.name: v for v in [*self.model.graph.value_info, *self.model.graph.output]}
         self.outputs = [o.name for o in self.model.graph.output]
         # the float graph: its nodes' reads and outputs, named as in the realized model
         alias = {name: float_output_name(name) for name in plan.model_outputs}
-        float_nodes = [(n.name, {alias.get(r, r) for r in _reads(n)}, [alias.get(o, o) for o in n.output if o])
-                       for n in float_model.graph.node]
+        self.float_nodes = [(n.name, {alias.get(r, r) for r in reads(n)}, [alias.get(o, o) for o in n.output if o])
+                            for n in float_model.graph.node]
         data, batch_size = evaluator.data, evaluator.batch_size
         batch, fixed = feed_batch(float_model, data, batch_size)
         self.batches = [feeds for feeds in data.batches(batch) if not fixed or len(next(iter(feeds.values()))) == batch]
         everything = set(plan.layers())
         self.cuts = []
         for unit in units:
-            affected = _descendants(float_nodes, {n for layer in unit for n in plan.members(layer)})
-            available = frozenset(self.graph_inputs) | frozenset(
-                o for _, _, outs in float_nodes for o in outs if o not in affected)
+            available = self._outside(unit)
             self.cuts.append((self._cut(set(unit), available), self._cut(everything - set(unit), available)))
         cached = sorted({*tensors, *(n for pair in self.cuts for cut in pair for n in cut.inputs)} - set(self.graph_inputs))
         self.cache = {quantized: self._run(self._cut(everything if quantized else set(), extra=cached), None)
@@ -271,8 +269,19 @@ class Variants:
     def score(self, runs: list[dict[str, np.ndarray]]) -> Score:
         return self.evaluator.score([np.concatenate([run[o] for run in runs]) for o in self.outputs])
 
+    def _outside(self, layers: list[str]) -> frozenset[str]:
+        """The model inputs and the float-graph tensors that the layers' nodes neither compute nor feed."""
+        affected = _descendants(self.float_nodes, {n for layer in layers for n in self.plan.members(layer)})
+        return frozenset(self.graph_inputs) | frozenset(o for _, _, outs in self.float_nodes for o in outs
+                                                        if o not in affected)
+
     def __call__(self, floats: list[str]) -> Score:
-        return self.score(self._run(self._cut(set(self.plan.layers()) - set(floats)), None))
+        """The score with the `floats` layers in float: only their cone runs, from the quantized cache."""
+        quantized = set(self.plan.layers()) - set(floats)
+        cut = self._cut(quantized, self._outside(floats))
+        if set(cut.inputs) <= set(self.cache[True][0]) | set(self.graph_inputs):
+            return self.score(self._run(cut, True))
+        return self.score(self._run(self._cut(quantized), None))
 
     def sensitivity(self, unit: int) -> tuple[Score, Score]:
         """(only the unit's layers quantized, every layer but the unit's quantized)."""
@@ -295,8 +304,8 @@ class Variants:
 def _descendants(float_nodes: list[tuple[str, set[str], list[str]]], members: set[str]) -> set[str]:
     """The float-graph tensors that the member nodes compute or feed."""
     affected: set[str] = set()
-    for name, reads, outs in float_nodes:
-        if name in members or reads & affected:
+    for name, inputs, outs in float_nodes:
+        if name in members or inputs & affected:
             affected.update(outs)
     return affected
 
@@ -370,18 +379,6 @@ def analyze(model_path: str | Path, target: Target, data: str | Path, ctx: PassC
     return analysis, realize(float_model, target, plan.keep_float(chosen, "kept in float by analysis"))
 
 
-def _reads(node: onnx.NodeProto) -> set[str]:
-    """The tensors a node reads: its inputs and what its subgraphs take from the enclosing scope."""
-    reads = {name for name in node.input if name}
-    for attr in node.attribute:
-        for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-            inner = {i.name for i in sub.initializer} | {i.name for i in sub.input}
-            for n in sub.node:
-                reads |= _reads(n) - inner
-                inner |= set(n.output)
-    return reads
-
-
 def _units(plan: QuantPlan, float_model: onnx.ModelProto) -> list[list[str]]:
     """The layers scored as one: a layer without weights joins the unit that produces all of its
     quantized inputs, directly or through float ops (a conv's activation, SiLU's or hard-swish's
@@ -390,19 +387,19 @@ def _units(plan: QuantPlan, float_model: onnx.ModelProto) -> list[list[str]]:
     layer_of = plan.layer_of()
     quantized = set(plan.quantized_nodes)
     weighted = {layer_of[w.node] for w in plan.weights}
-    reads: dict[str, set[str]] = {}
+    quantized_inputs: dict[str, set[str]] = {}
     for act in plan.activations.values():
         for node, _ in act.consumers:
-            reads.setdefault(layer_of.get(node, node), set()).add(act.tensor)
+            quantized_inputs.setdefault(layer_of.get(node, node), set()).add(act.tensor)
     origin: dict[str, frozenset] = {i.name: frozenset([None]) for i in float_model.graph.input}
     for node in float_model.graph.node:  # the quantized layers (None: a model input) a tensor comes from through float ops
         here = (frozenset([layer_of[node.name]]) if node.name in quantized else
-                frozenset().union(*(origin.get(t, frozenset()) for t in _reads(node))))
+                frozenset().union(*(origin.get(t, frozenset()) for t in reads(node))))
         origin.update((o, here) for o in node.output)
     unit_of: dict[str | None, int | None] = {None: None}
     units: list[list[str]] = []
     for layer in plan.layers():
-        sources = {unit_of.get(source) for t in reads.get(layer, ()) for source in origin.get(t, ())}
+        sources = {unit_of.get(source) for t in quantized_inputs.get(layer, ()) for source in origin.get(t, ())}
         if layer in weighted or len(sources) != 1 or None in sources:
             sources = {len(units)}
             units.append([])

@@ -34,7 +34,8 @@ def test_every_ci_corpus_model_quantizes_conforms_and_keeps_its_task(tmp_path):
         for row in by_model[model]:
             assert row["exit_code"] == 0, row  # compile rows: compiled, or refused with one line by TVM
             assert row["conforms"] is not False, row
-        assert all(r["conforms"] for r in by_model[model] if not r["config"].startswith("compile")), by_model[model]
+        quantized = [r for r in by_model[model] if not r["config"].startswith(("compile", "analyze"))]
+        assert all(r["conforms"] for r in quantized), quantized  # an all-float fallback model has nothing to check
         assert {r["config"] for r in by_model[model]} >= {"compile onnxruntime", "compile tvm-x86", "compile tvm-arm"}
         minmax = next(r for r in by_model[model] if r["config"] == "onnxruntime minmax")
         assert minmax["extra"][key] >= floor, minmax

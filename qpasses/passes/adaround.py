@@ -12,10 +12,10 @@ broadcast on its per-channel axis:
 where x is the layer's input in the float model and x_q the same sample's input in the Q/DQ model
 as it stands when the layer is rounded: behind every quantized tensor and every layer rounded
 before it ("asymmetric reconstruction", AdaRound paper sec. 4; AIMET does the same). So a layer
-learns to compensate the error its inputs already carry, not only its own. The norm sums over output channels and the mean runs
-over samples and spatial positions (the bias cancels; on a conv output of more than 16x16
-positions, each sample of a minibatch contributes one random 4x4 window of them: the same
-estimate at real-model sizes for a fraction of the cost). V starts where h(V) = frac(W / s);
+learns to compensate the error its inputs already carry, not only its own. The norm sums over
+output channels and the mean runs over samples and spatial positions (the bias cancels; on a conv
+output larger than 4x4 positions each sample of a minibatch contributes one random 4x4 window of
+them: the same estimate at real-model sizes for a fraction of the cost). V starts where h(V) = frac(W / s);
 lambda = 0.01; the regulariser is off for the first 20% of the iterations (warm-up), then beta
 anneals linearly from 20 to 2, which drives every h(V) to 0 or 1. Adam (lr 1e-3) on V only,
 minibatches of 32 samples (whole samples for a conv). The final integer is
@@ -118,7 +118,6 @@ class ConvOp:
 
 
 PATCH = 4  # output positions per spatial axis of the window each sample contributes on a large map
-WHOLE_MAP = 256  # output positions up to which a sample contributes its whole map
 
 
 LayerOp = LinearOp | ConvOp
@@ -145,20 +144,23 @@ def adaround_weight(w: np.ndarray, qp: QParams, op: LayerOp, x: np.ndarray, x_q:
     def t(a: np.ndarray) -> "torch.Tensor":
         return torch.as_tensor(np.asarray(a, np.float32))
 
-    s_t, floor_t, movable_t = t(scale), t(floor), t(movable)
-    lo_t, hi_t = t(np.broadcast_to(qp.qmin - zp, w.shape)), t(np.broadcast_to(qp.qmax - zp, w.shape))
+    # a weight whose ceil would leave [qmin, qmax] (or whose floor already has) has one choice too
+    movable &= (floor + zp >= qp.qmin) & (floor + 1 + zp <= qp.qmax)
+    # soft weight W~ = base + s * h(V) on the movable weights, the clipped floor elsewhere
+    base = t(scale * np.clip(floor, qp.qmin - zp, qp.qmax - zp))
+    step_t, movable_t = t(scale * movable), t(movable)
     w_t = t(w)
     v = torch.nn.Parameter(t(np.log(p / (1 - p))))
-    optimizer = torch.optim.Adam([v], lr=config.lr)
+    optimizer = torch.optim.Adam([v], lr=config.lr, fused=True)
 
     def h() -> "torch.Tensor":
         return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0, 1)
 
-    # A conv's objective is a mean over output positions: on a large map each sample of a
-    # minibatch contributes one random PATCH x PATCH window of them (an unbiased estimate; a whole
-    # map per sample made a real model's big convs take minutes each)
+    # A conv's objective is a mean over output positions: on a map larger than a window each
+    # sample of a minibatch contributes one random PATCH x PATCH window of them (an unbiased
+    # estimate; whole maps made a real model's convs take minutes each)
     out_size = _output_size(op, x.shape[2:], w.shape[2:]) if isinstance(op, ConvOp) else None
-    patches = out_size is not None and int(np.prod(out_size)) > WHOLE_MAP
+    patches = out_size is not None and int(np.prod(out_size)) > PATCH ** len(out_size)
     if patches:
         x, x_q = op.pad(x), op.pad(x_q)
         size = tuple(min(PATCH, n) for n in out_size)
@@ -174,17 +176,25 @@ def adaround_weight(w: np.ndarray, qp: QParams, op: LayerOp, x: np.ndarray, x_q:
             run = lambda a, b: op(a, b, padded=True)  # noqa: E731
         else:
             x_in, xq_in, run = x[rows], x_q[rows], op
+        # autograd only through the layer; the chain rule down to V is written out below, in place:
+        # on a large weight (an 8M-weight classifier) the elementwise part dominates each step
         with torch.no_grad():
             target = run(t(x_in), w_t)
-        up = h()
-        soft = s_t * torch.clamp(floor_t + up * movable_t, lo_t, hi_t)
-        out = run(t(xq_in), soft)
-        loss = (out - target).pow(2).sum(1).mean()
-        if it >= warm:
-            beta = end + (start - end) * (1 - (it - warm) / max(config.iterations - warm, 1))
-            loss = loss + config.reg_weight * (movable_t * (1 - (2 * up - 1).abs().pow(beta))).sum()
-        optimizer.zero_grad()
-        loss.backward()
+            sig = torch.sigmoid(v)
+            ramp = torch.add(sig, GAMMA / (ZETA - GAMMA)).mul_(ZETA - GAMMA)  # h before its clamp to [0, 1]
+            up = ramp.clamp(0, 1)
+            inside = up == ramp
+            soft = torch.addcmul(base, step_t, up).requires_grad_()
+        loss = (run(t(xq_in), soft) - target).pow(2).sum(1).mean()
+        (grad,) = torch.autograd.grad(loss, soft)
+        with torch.no_grad():
+            grad.mul_(step_t)  # d loss / d h
+            if it >= warm:  # d/dh of lambda * (1 - |a|^beta), a = 2h - 1: -2 beta lambda a |a|^(beta - 2)
+                beta = end + (start - end) * (1 - (it - warm) / max(config.iterations - warm, 1))
+                a = up.mul_(2).sub_(1)
+                grad.sub_(a.abs().pow_(beta - 2).mul_(a).mul_(movable_t), alpha=2 * beta * config.reg_weight)
+            grad.mul_(inside).mul_(sig.mul_(torch.sub(1.0, sig)).mul_(ZETA - GAMMA))  # d h / d V
+        v.grad = grad
         optimizer.step()
     with torch.no_grad():
         up = (h().numpy() >= 0.5) & movable
