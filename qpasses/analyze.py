@@ -220,7 +220,7 @@ class Variants:
                 rewired.setdefault(s.node, list(graph.node[s.node].input))[s.index] = s.original
         outputs = [o for o in dict.fromkeys([*self.outputs, *extra]) if o not in available]
         needed, keep = set(outputs), []
-        for i in reversed(range(len(graph.node))):
+        for i in reversed(range(len(graph.node))):  # realize() leaves the nodes in topological order
             outs = [o for o in graph.node[i].output if o]
             if not needed.intersection(outs) or available.issuperset(outs):
                 continue
@@ -230,7 +230,8 @@ class Variants:
         produced = {o for i in keep for o in graph.node[i].output}
         initializers = [t.name for t in graph.initializer if t.name in needed] + [n for n in self.constants if n in needed]
         inputs = sorted(needed - produced - set(initializers))
-        return _Cut(keep[::-1], {i: r for i, r in rewired.items() if i in set(keep)}, inputs, outputs, initializers)
+        kept = set(keep)
+        return _Cut(keep[::-1], {i: r for i, r in rewired.items() if i in kept}, inputs, outputs, initializers)
 
     def _model(self, cut: _Cut) -> onnx.ModelProto:
         graph = self.model.graph

@@ -111,10 +111,17 @@ class ConvOp:
         nd = x.ndim - 2
         return np.pad(x, [(0, 0), (0, 0)] + [(self.pads[i], self.pads[nd + i]) for i in range(nd)])
 
-    def window(self, kernel: tuple[int, ...], start: tuple[int, ...], size: tuple[int, ...]) -> tuple[slice, ...]:
-        """The spatial slice of a padded input that output positions start .. start + size - 1 read."""
-        return tuple(slice(o * s, (o + n - 1) * s + d * (k - 1) + 1)
-                     for o, n, s, d, k in zip(start, size, self.strides, self.dilations, kernel))
+    def windows(self, x: np.ndarray, rows: np.ndarray, starts: list[np.ndarray], size: tuple[int, ...],
+                kernel: tuple[int, ...]) -> np.ndarray:
+        """Per row, the part of a padded, channels-last input `x` that output positions start ..
+        start + size - 1 read, channels first: [rows, C, ...], in one gather."""
+        nd = len(size)
+        index = [rows.reshape(-1, *[1] * nd)]
+        for axis, (o, n, s, d, k) in enumerate(zip(starts, size, self.strides, self.dilations, kernel)):
+            span = np.arange((n - 1) * s + d * (k - 1) + 1)
+            shape = [-1] + [1] * axis + [len(span)] + [1] * (nd - 1 - axis)
+            index.append((o[:, None] * s + span[None, :]).reshape(shape))
+        return np.ascontiguousarray(np.moveaxis(x[tuple(index)], -1, 1))
 
 
 PATCH = 4  # output positions per spatial axis of the window each sample contributes on a large map
@@ -161,18 +168,16 @@ def adaround_weight(w: np.ndarray, qp: QParams, op: LayerOp, x: np.ndarray, x_q:
     # estimate; whole maps made a real model's convs take minutes each)
     out_size = _output_size(op, x.shape[2:], w.shape[2:]) if isinstance(op, ConvOp) else None
     patches = out_size is not None and int(np.prod(out_size)) > PATCH ** len(out_size)
-    if patches:
-        x, x_q = op.pad(x), op.pad(x_q)
+    if patches:  # padded once, channels last so that a window's gather reads whole pixels
+        x, x_q = (np.ascontiguousarray(np.moveaxis(op.pad(a), 1, -1)) for a in (x, x_q))
         size = tuple(min(PATCH, n) for n in out_size)
     warm = int(config.warmup * config.iterations)
     start, end = config.beta
     for it in range(config.iterations):
         rows = rng.choice(len(x), size=min(config.batch_size, len(x)), replace=False)
         if patches:
-            regions = [(r, slice(None), *op.window(w.shape[2:], tuple(int(rng.integers(0, n - m + 1))
-                                                                       for n, m in zip(out_size, size)), size))
-                       for r in rows]
-            x_in, xq_in = (np.stack([a[region] for region in regions]) for a in (x, x_q))
+            starts = [rng.integers(0, n - m + 1, size=len(rows)) for n, m in zip(out_size, size)]
+            x_in, xq_in = (op.windows(a, rows, starts, size, w.shape[2:]) for a in (x, x_q))
             run = lambda a, b: op(a, b, padded=True)  # noqa: E731
         else:
             x_in, xq_in, run = x[rows], x_q[rows], op
@@ -194,7 +199,7 @@ def adaround_weight(w: np.ndarray, qp: QParams, op: LayerOp, x: np.ndarray, x_q:
                 a = up.mul_(2).sub_(1)
                 grad.sub_(a.abs().pow_(beta - 2).mul_(a).mul_(movable_t), alpha=2 * beta * config.reg_weight)
             grad.mul_(inside).mul_(sig.mul_(torch.sub(1.0, sig)).mul_(ZETA - GAMMA))  # d h / d V
-        v.grad = grad
+        v.grad = grad.contiguous()  # fused Adam walks the memory of V and of its gradient alike
         optimizer.step()
     with torch.no_grad():
         up = (h().numpy() >= 0.5) & movable
