@@ -293,12 +293,10 @@ class Variants:
         """SQNR of float-graph tensors in the fully quantized model, against the float model."""
         result = {}
         for name in names:
-            signal = noise = 0.0
+            total = _NoiseSum()
             for ref, got in zip(self.cache[False], self.cache[True]):
-                r = ref[name].astype(np.float64)
-                signal += float(np.sum(r * r))
-                noise += float(np.sum((r - got[name]) ** 2))
-            result[name] = sqnr_db(signal, noise)
+                total.update(ref[name], got[name])
+            result[name] = total.db
         return result
 
 
@@ -316,16 +314,30 @@ def tensor_sqnr(reference: onnx.ModelProto, candidate: onnx.ModelProto, names: l
     """SQNR of named intermediate tensors of `candidate` (run op by op) against `reference`."""
     ref_sess = session(with_outputs(reference, names))
     got_sess = session(with_outputs(candidate, names), optimize=False)
-    signal, noise = np.zeros(len(names)), np.zeros(len(names))
+    sums = {name: _NoiseSum() for name in names}
     batch, fixed = feed_batch(reference, data, batch_size)
     for feeds in data.batches(batch):
         if fixed and len(next(iter(feeds.values()))) != batch:
             break
-        for i, (r, g) in enumerate(zip(ref_sess.run(names, feeds), got_sess.run(names, feeds))):
-            r = r.astype(np.float64)
-            signal[i] += float(np.sum(r * r))
-            noise[i] += float(np.sum((r - g) ** 2))
-    return {n: sqnr_db(float(s), float(e)) for n, s, e in zip(names, signal, noise)}
+        for name, r, g in zip(names, ref_sess.run(names, feeds), got_sess.run(names, feeds)):
+            sums[name].update(r, g)
+    return {name: total.db for name, total in sums.items()}
+
+
+class _NoiseSum:
+    """Signal and noise energy of one tensor summed over batches, streamed."""
+
+    def __init__(self) -> None:
+        self.signal = self.noise = 0.0
+
+    def update(self, reference: np.ndarray, candidate: np.ndarray) -> None:
+        reference = reference.astype(np.float64)
+        self.signal += float(np.sum(reference * reference))
+        self.noise += float(np.sum((reference - candidate) ** 2))
+
+    @property
+    def db(self) -> float:
+        return sqnr_db(self.signal, self.noise)
 
 
 def analyze(model_path: str | Path, target: Target, data: str | Path, ctx: PassContext,

@@ -18,7 +18,7 @@ output larger than 4x4 positions each sample of a minibatch contributes one rand
 them: the same estimate at real-model sizes for a fraction of the cost). V starts where h(V) = frac(W / s);
 lambda = 0.01; the regulariser is off for the first 20% of the iterations (warm-up), then beta
 anneals linearly from 20 to 2, which drives every h(V) to 0 or 1. Adam (lr 1e-3) on V only,
-minibatches of 32 samples (whole samples for a conv). The final integer is
+minibatches of 32 samples (a window of each for a conv, as above). The final integer is
 
     q = clip(floor(W / s) + [h(V) >= 0.5] + z, qmin, qmax)
 
@@ -160,8 +160,8 @@ def adaround_weight(w: np.ndarray, qp: QParams, op: LayerOp, x: np.ndarray, x_q:
     v = torch.nn.Parameter(t(np.log(p / (1 - p))))
     optimizer = torch.optim.Adam([v], lr=config.lr, fused=True)
 
-    def h() -> "torch.Tensor":
-        return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0, 1)
+    def ramp(sig: "torch.Tensor") -> "torch.Tensor":  # h before its clamp to [0, 1]
+        return torch.mul(sig, ZETA - GAMMA).add_(GAMMA)
 
     # A conv's objective is a mean over output positions: on a map larger than a window each
     # sample of a minibatch contributes one random PATCH x PATCH window of them (an unbiased
@@ -186,9 +186,9 @@ def adaround_weight(w: np.ndarray, qp: QParams, op: LayerOp, x: np.ndarray, x_q:
         with torch.no_grad():
             target = run(t(x_in), w_t)
             sig = torch.sigmoid(v)
-            ramp = torch.add(sig, GAMMA / (ZETA - GAMMA)).mul_(ZETA - GAMMA)  # h before its clamp to [0, 1]
-            up = ramp.clamp(0, 1)
-            inside = up == ramp
+            unclamped = ramp(sig)
+            up = unclamped.clamp(0, 1)
+            inside = up == unclamped
             soft = torch.addcmul(base, step_t, up).requires_grad_()
         loss = (run(t(xq_in), soft) - target).pow(2).sum(1).mean()
         (grad,) = torch.autograd.grad(loss, soft)
@@ -202,7 +202,7 @@ def adaround_weight(w: np.ndarray, qp: QParams, op: LayerOp, x: np.ndarray, x_q:
         v.grad = grad.contiguous()  # fused Adam walks the memory of V and of its gradient alike
         optimizer.step()
     with torch.no_grad():
-        up = (h().numpy() >= 0.5) & movable
+        up = (ramp(torch.sigmoid(v)).clamp(0, 1).numpy() >= 0.5) & movable
     return np.clip(floor + up + zp, qp.qmin, qp.qmax).astype(qp.zero_point.dtype)
 
 
