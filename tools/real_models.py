@@ -5,7 +5,8 @@ user of that model cares about, against the float model on held-out real data.
 
 For each model: `qpass quantize` for every shipped target (minmax), every calibrator and the
 techniques on the onnxruntime target, `qpass check` of each output, `qpass compile` of the
-onnxruntime int8 model for ONNX Runtime and TVM (x86, aarch64), `qpass analyze --fallback` to a
+onnxruntime int8 model for ONNX Runtime and TVM (x86, aarch64; the x86 library is run and scored
+too), `qpass analyze --fallback` to a
 30 dB worst-output SQNR (its wall time is the analysis speed), and a float-vs-int8 evaluation
 (int8 run by ONNX Runtime with its optimisations, as deployed):
   detectors   the fraction of float detections kept (same class, IoU >= 0.5, score above the package's threshold)
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -246,9 +246,30 @@ def sqnr(ref: np.ndarray, got: np.ndarray) -> float:
     return float("inf") if noise == 0 else 10 * np.log10(float(np.sum(ref.astype(np.float64) ** 2)) / noise)
 
 
+class TvmSession:
+    """A compiled TVM library behind the two calls `score` makes of an ORT session."""
+
+    @dataclass
+    class Input:
+        name: str
+        shape: list[int]
+
+    def __init__(self, library: Path):
+        from qpasses.targets.lower.tvm import Runner
+
+        self.runner = Runner(library)
+
+    def get_inputs(self) -> list[Input]:
+        return [self.Input(name, list(v.shape)) for name, v in self.runner.feeds.items()]
+
+    def run(self, _names, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.runner.outputs(feeds)
+
+
 def score(entry: dict, float_path: Path, int8_path: Path, evals) -> tuple[str, float, dict]:
-    """(metric text, worst-output SQNR, numbers) of the int8 model against the float model."""
-    ref_sess, got_sess = float_session(str(float_path)), float_session(str(int8_path))
+    """(metric text, worst-output SQNR, numbers) of the int8 model (ONNX, or a TVM library) against the float model."""
+    ref_sess = float_session(str(float_path))
+    got_sess = TvmSession(int8_path) if int8_path.suffix == ".so" else float_session(str(int8_path))
     task, name = entry["task"], entry["input"]
     if task == "vad":
         ref, got = vad_probs(ref_sess, evals), vad_probs(got_sess, evals)
@@ -256,7 +277,7 @@ def score(entry: dict, float_path: Path, int8_path: Path, evals) -> tuple[str, f
         agree = float(np.mean((ref > t) == (got > t)))
         return f"frame agreement {agree:.3f} ({int((ref > t).sum())}/{len(ref)} speech)", sqnr(ref, got), {"agreement": agree}
     x = evals[0] if task == "classifier" else evals
-    fixed = isinstance(ref_sess.get_inputs()[0].shape[0], int)
+    fixed = any(isinstance(s.get_inputs()[0].shape[0], int) for s in (ref_sess, got_sess))
     ref, got = run_batches(ref_sess, name, x, fixed), run_batches(got_sess, name, x, fixed)
     worst = min(sqnr(r, g) for r, g in zip(ref, got))
     if task == "classifier":
@@ -292,15 +313,31 @@ def latency_ratio(float_path: Path, int8_path: Path, input_name: str, x: np.ndar
 # --- running qpass ---------------------------------------------------------------------------------
 
 def qpass(*args: str) -> tuple[int, str, float, float]:
-    """Run the CLI; (exit code, stderr, wall seconds, peak RSS in MiB) of that one process."""
+    """Run the CLI; (exit code, stderr, wall seconds, peak RSS in MiB) of that one process.
+
+    The peak is the child's VmHWM, read until it exits: its rusage would also count the harness's
+    own memory, which the child holds between fork and exec."""
     start = time.perf_counter()
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen([sys.executable, "-m", "qpasses.cli", *args], stdout=subprocess.DEVNULL, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        peak = 0.0
+        while proc.poll() is None:
+            peak = _high_water_mib(proc.pid) or peak  # monotonic after exec: the last reading is the peak
+            time.sleep(0.05)
         err.seek(0)
         text = err.read().decode(errors="replace")
-    return proc.returncode, text, time.perf_counter() - start, usage.ru_maxrss / 1024
+    return proc.returncode, text, time.perf_counter() - start, peak
+
+
+def _high_water_mib(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:  # it has just exited
+        return None
+    return None
 
 
 def run_model(name: str, entry: dict, model: Path, work: Path, rows: list[tuple[str, list[str]]]) -> list[Row]:
@@ -333,9 +370,29 @@ def run_model(name: str, entry: dict, model: Path, work: Path, rows: list[tuple[
         print(f"{name:18s} {label:34s} {row.metric}; SQNR {row.sqnr_db:.1f} dB; {secs:.1f} s, {peak:.0f} MiB"
               + ("" if row.conforms else f"; CHECK FAILED: {check_err.strip().splitlines()[-1:]}"), file=sys.stderr)
         if label == "onnxruntime minmax":
-            out += compile_rows(name, int8, work)
+            out.append(eval_row(name, entry, model, int8, calib, evals, work))
+            out += compile_rows(name, entry, model, int8, evals, work)
     out.append(analyze_row(name, entry, model, calib, evals, work))
     return out
+
+
+def eval_row(name: str, entry: dict, model: Path, int8: Path, calib: Path, evals, work: Path) -> Row:
+    """`qpass eval` of the int8 model against the float one, as a user checks a model: on the held-out
+    images, or for the VAD on the calibration windows (`eval` feeds whole inputs, state included)."""
+    report, data = work / f"{name}.eval.json", calib
+    if entry["task"] != "vad":
+        data = work / f"{name}.eval.npz"
+        np.savez(data, **{entry["input"]: evals[0] if entry["task"] == "classifier" else evals})
+    code, err, secs, peak = qpass("eval", str(model), str(int8), "--data", str(data), "--report", str(report),
+                                  "--force", "--quiet")
+    row = Row(name, "eval", code, seconds=secs, peak_mib=peak)
+    if code == 0:
+        result = json.loads(report.read_text())
+        row.sqnr_db, row.metric = result["worst_sqnr_db"], f"{result['samples']} samples, worst output SQNR"
+    else:
+        row.note = err.strip().splitlines()[-1] if err.strip() else f"exit {code}"
+    print(f"{name:18s} {'eval':34s} exit {code}: {row.metric or row.note}", file=sys.stderr)
+    return row
 
 
 FALLBACK_GOAL_DB = 30.0
@@ -370,19 +427,24 @@ ENGINES = (("onnxruntime", [], ".ort.onnx"), ("tvm-x86", ["--engine", "tvm", "--
            ("tvm-arm", ["--engine", "tvm", "--target", "tvm-arm"], ".arm.so"))
 
 
-def compile_rows(name: str, int8: Path, work: Path) -> list[Row]:
-    """`qpass compile` of the onnxruntime int8 model for each engine. A model an engine cannot take
-    (TVM's frontend has no LSTM or If) must be refused with one line and exit 2, never a crash."""
+def compile_rows(name: str, entry: dict, model: Path, int8: Path, evals, work: Path) -> list[Row]:
+    """`qpass compile` of the onnxruntime int8 model for each engine; the x86 TVM library runs here and is
+    scored like the ONNX models. A model an engine cannot take must be refused with one line and exit 2,
+    never a crash."""
     rows = []
     for engine, options, suffix in ENGINES:
         artifact = work / f"{int8.stem}{suffix}"
         code, err, secs, peak = qpass("compile", str(int8), *(options or ["--engine", "onnxruntime"]), "-o", str(artifact),
                                       "--force", "--quiet")
         lines = [line for line in err.strip().splitlines() if line.startswith("qpass:")]
-        refused = code == 2 and len(lines) == 1 and "no converter" in lines[0]
-        note = "compiled" if code == 0 else (lines[-1] if lines else f"exit {code}")
-        rows.append(Row(name, f"compile {engine}", 0 if code == 0 or refused else code, metric=note, seconds=secs, peak_mib=peak))
-        print(f"{name:18s} {'compile ' + engine:34s} exit {code}: {note}", file=sys.stderr)
+        refused = code == 2 and len(lines) == 1
+        row = Row(name, f"compile {engine}", 0 if code == 0 or refused else code, seconds=secs, peak_mib=peak,
+                  metric="compiled" if code == 0 else (lines[-1] if lines else f"exit {code}"))
+        if code == 0 and engine == "tvm-x86":
+            metric, row.sqnr_db, row.extra = score(entry, model, artifact, evals)
+            row.metric = f"compiled; {metric}"
+        rows.append(row)
+        print(f"{name:18s} {'compile ' + engine:34s} exit {code}: {row.metric}; {secs:.1f} s", file=sys.stderr)
     return rows
 
 

@@ -38,6 +38,7 @@ try:
 except ImportError:  # pragma: no cover - apache-tvm is a dependency; say so in one line if it is missing
     raise EngineError("TVM is not installed: pip install apache-tvm==0.27.0.post1") from None
 
+from .tvm_onnx import importable
 from .tvm_passes import KERNELS, float_ops, integer_lowering
 from .tvm_rpc import RemoteDevice, last_line, set_threads
 from .tvm_dot import KERNELS as DOT_KERNELS, count_fitting
@@ -136,8 +137,10 @@ def static_inputs(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> list[
 def lower(model: onnx.ModelProto, inputs: list[dict]) -> tvm.IRModule:
     """The Relax module `compile_model` builds: the imported model after qpass's integer lowering.
 
-    A valid model that TVM's ONNX frontend cannot take (an op it has no converter for, such as LSTM
-    or If, or a shape it cannot resolve) is an unsupported model for this engine, not an engine crash."""
+    `If` on shapes and LSTM are first rewritten into ops the frontend has (`tvm_onnx`). A valid
+    model that it still cannot take (an op it has no converter for, an `If` on input values, or a
+    shape it cannot resolve) is an unsupported model for this engine, not an engine crash."""
+    model = importable(model, {i["name"]: i["shape"] for i in inputs})
     missing = sorted(unsupported_ops(model))
     if missing:
         raise UnsupportedModelError(f"TVM's ONNX frontend has no converter for {', '.join(missing)}: this model "
@@ -257,7 +260,8 @@ class Runner:
             self.step(lambda: session.upload(str(path), target=name), f"uploading {path.name}")
             library = self.step(lambda: session.load_module(name), f"{path.name} (built for {built_for}) does not load")
         self.vm = self.step(lambda: relax.VirtualMachine(library, dev), "starting the VM")
-        self.args = self.step(lambda: [tvm.runtime.tensor(v, dev) for v in self.feeds.values()], "copying inputs")
+        self.dev = dev
+        self.args = self._copy(self.feeds)
         self.evaluate = self.vm.time_evaluator("main", dev, number=number, repeat=1, min_repeat_ms=min_repeat_ms)
 
     def __call__(self) -> float:
@@ -265,10 +269,17 @@ class Runner:
             time.sleep(self.cooldown)
         return 1000.0 * float(self.step(lambda: self.evaluate(*self.args), "TVM run failed").mean)
 
-    def outputs(self) -> list[np.ndarray]:
-        result = self.step(lambda: self.vm["main"](*self.args), "TVM run failed")
+    def outputs(self, feeds: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
+        """The library's outputs for `feeds` (every input by name, in the compiled shapes), or for the seeded inputs."""
+        args = self.args if feeds is None else self._copy(feeds)
+        result = self.step(lambda: self.vm["main"](*args), "TVM run failed")
         items = [result] if isinstance(result, tvm.runtime.Tensor) else list(result)
         return self.step(lambda: [item.numpy() for item in items], "copying outputs")
+
+
+    def _copy(self, feeds: dict[str, np.ndarray]) -> list:
+        return self.step(lambda: [tvm.runtime.tensor(np.asarray(feeds[name], order="C"), self.dev) for name in self.feeds],
+                         "copying inputs")
 
 
 def _local(call, what: str):
