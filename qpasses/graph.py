@@ -254,7 +254,9 @@ def _resolve_input_shapes(graph: gs.Graph, given: dict[str, list[int]]) -> bool:
                 raise InputError(f"--input-shape {tensor.name}: {len(new)} dims given, the model input has {len(shape)}")
             for dim, value in zip(shape, new):
                 if isinstance(dim, int) and dim > 0 and dim != value:
-                    raise InputError(f"--input-shape {tensor.name}={_fmt(new)} contradicts the model's static shape {_fmt(shape)}")
+                    raise InputError(f"--input-shape {tensor.name}={_fmt(new)} contradicts the model's static shape "
+                                     f"{_fmt(shape)} (to run it at other sizes, make those dims dynamic first: "
+                                     "onnx.tools.update_model_dims)")
             changed |= list(new) != shape
             tensor.shape = list(new)
             continue

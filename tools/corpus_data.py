@@ -62,25 +62,38 @@ def letterbox(image: np.ndarray, size: tuple[int, int], fill: int) -> np.ndarray
     return canvas
 
 
+def resize_crop(image: np.ndarray, size: tuple[int, int], resize: int) -> np.ndarray:
+    """Resize to resize x resize (aspect ratio not kept), then take the centre size[0] x size[1]."""
+    resized = np.asarray(Image.fromarray(image).resize((resize, resize), Image.BILINEAR))
+    top, left = (resize - size[0]) // 2, (resize - size[1]) // 2
+    return resized[top:top + size[0], left:left + size[1]]
+
+
+def fit(image: np.ndarray, entry: dict) -> np.ndarray:
+    """The registry's `fit`: letterbox (default, padded with `fill`), stretch, or resize-crop."""
+    size = tuple(entry["size"])
+    how = entry.get("fit", "letterbox")
+    if how == "stretch":
+        return np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
+    if how == "resize-crop":
+        return resize_crop(image, size, entry["resize"])
+    return letterbox(image, size, entry.get("fill", 0))
+
+
 def normalise(image: np.ndarray, entry: dict) -> np.ndarray:
-    """HxWx3 RGB uint8 -> 3xHxW float32 as the package feeds it."""
+    """HxWx3 RGB uint8 -> float32 as the package feeds it: 3xHxW, or HxWx3 for `layout = "NHWC"`."""
     x = image[..., ::-1] if entry.get("channels") == "BGR" else image
     x = (x.astype(np.float32) * entry["scale"] - np.asarray(entry["mean"], np.float32)) / np.asarray(entry["std"], np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)
+    return np.ascontiguousarray(x if entry.get("layout") == "NHWC" else x.transpose(2, 0, 1), dtype=np.float32)
 
 
 def image_split(entry: dict, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(calibration, evaluation) batches [N, 3, H, W] for an image model."""
+    """(calibration, evaluation) batches [N, 3, H, W] (or [N, H, W, 3]) for an image model."""
     rng = np.random.default_rng(seed)
-    size = tuple(entry["size"])
     calib, evals = [], []
     for i, (_, image) in enumerate(source_images()):
         for crop in crops(image, rng, CROPS_PER_IMAGE):
-            if entry["task"] == "detection-picodet":
-                prepared = np.asarray(Image.fromarray(crop).resize((size[1], size[0]), Image.BILINEAR))
-            else:
-                prepared = letterbox(crop, size, 114 if entry["task"] == "detection-yolox" else 255)
-            (evals if i % 4 == 3 else calib).append(normalise(prepared, entry))
+            (evals if i % 4 == 3 else calib).append(normalise(fit(crop, entry), entry))
     return np.stack(calib), np.stack(evals)
 
 

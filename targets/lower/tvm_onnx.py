@@ -128,10 +128,8 @@ class _Unroll:
     def run(self) -> None:
         node, graph = self.node, self.graph
         x = self._op("Transpose", [self.x], perm=[1, 0, 2]) if self.batch_major else self.x
-        ys, hs, cs = [], [], []
-        for d in range(self.directions):
-            y, h, c = self._direction(x, d, reverse=self.reverse or d == 1)
-            ys.append(y), hs.append(h), cs.append(c)
+        per_direction = [self._direction(x, d, reverse=self.reverse or d == 1) for d in range(self.directions)]
+        ys, hs, cs = (list(t) for t in zip(*per_direction))
         y = ys[0] if len(ys) == 1 else self._op("Concat", ys, axis=1)  # [steps, dirs, batch, hidden]
         h = hs[0] if len(hs) == 1 else self._op("Concat", hs, axis=0)  # [dirs, batch, hidden]
         c = cs[0] if len(cs) == 1 else self._op("Concat", cs, axis=0)
