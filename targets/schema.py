@@ -19,7 +19,6 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from qpasses.errors import InputError
-from qpasses.ops import WEIGHTED_OPS
 
 BUILTIN_DIR = Path(__file__).resolve().parent
 
