@@ -62,8 +62,12 @@ def flatten_static_ifs(graph: gs.Graph) -> gs.Graph:
     next inference, and a nested `If` may branch on them. The folding also turns computed
     Reshape targets into constants, which gives an LSTM's input its static shape."""
     while True:
-        graph.fold_constants(fold_shapes=True, flatten_subgraphs=False, error_ok=False,
-                             should_exclude_node=lambda node: node.op in _QDQ)
+        try:
+            graph.fold_constants(fold_shapes=True, flatten_subgraphs=False, error_ok=False,
+                                 should_exclude_node=lambda node: node.op in _QDQ)
+        except Exception as exc:  # graphsurgeon evaluates the constant parts with ONNX Runtime
+            first = (str(exc).strip() or type(exc).__name__).splitlines()[0][:300]
+            raise UnsupportedModelError(f"folding the model's shape computations for TVM failed: {first}") from None
         graph = _with_shapes(graph)
         static = [n for n in graph.nodes if n.op == "If" and isinstance(n.inputs[0], gs.Constant)]
         if not static:
