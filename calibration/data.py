@@ -128,9 +128,14 @@ def random_source(spec: str, inputs: list[InputSpec], seed: int) -> ArraySource:
     return ArraySource(arrays, origin="random")
 
 
+def is_random(path: str | Path | None) -> bool:
+    """`--data random` or `random:N`: seeded noise, a smoke test rather than calibration."""
+    return path is not None and (str(path) == "random" or str(path).startswith("random:"))
+
+
 def open_source(path: str | Path, inputs: list[InputSpec], preprocess: Path | None = None, seed: int = 0) -> DataSource:
     """Read `path` (a .npy/.npz file, a directory of them, or of images) and check it against the model inputs."""
-    if str(path) == "random" or str(path).startswith("random:"):
+    if is_random(path):
         return random_source(str(path), inputs, seed)
     path = Path(path)
     if path.is_dir():

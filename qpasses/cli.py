@@ -22,7 +22,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from qpasses import __version__
-from qpasses.calibration.data import RANDOM_WARNING, DataSource, open_source, random_source
+from qpasses.calibration.data import RANDOM_WARNING, DataSource, is_random, open_source, random_source
 from qpasses.calibration.runner import input_specs
 from qpasses.calibration.observers import OBSERVERS
 from qpasses.errors import EngineError, GateError, InputError, QpassError
@@ -130,7 +130,7 @@ def _setup(opts: dict) -> tuple:
     ctx = PassContext(calib_method=opts["calib"], weight_calib=opts["weight_calib"], calib_options=options,
                       batch_size=opts["batch_size"], max_samples=opts["max_samples"], seed=opts["seed"],
                       float_layers=tuple(opts["float_layers"]), quiet=opts["quiet"], debug=opts["debug"])
-    if data is not None and (data == "random" or data.startswith("random:")):
+    if is_random(data):
         random_source(data, [], opts["seed"])  # checks the spec before the warning
         click.echo(RANDOM_WARNING, err=True)
     return target, ctx
@@ -296,7 +296,7 @@ def eval_command(reference: Path, candidate: Path, data: str, preprocess: Path |
     given = graph_io.parse_input_shapes(input_shape)
     refuse_existing(force, report)
     raw_ref, raw_cand = graph_io.load_model(reference), graph_io.load_model(candidate)
-    random = data == "random" or data.startswith("random:")  # random inputs need their sizes given
+    random = is_random(data)  # random inputs need their sizes given
     source = open_source(data, input_specs(graph_io.resolve_inputs(raw_ref, given) if random else raw_ref), preprocess, seed)
     shapes = {**({} if random else shapes_from_data(raw_ref, source, set(given))), **given}  # as quantize sizes them
     ref_model, cand_model = graph_io.resolve_inputs(raw_ref, shapes), graph_io.resolve_inputs(raw_cand, shapes)

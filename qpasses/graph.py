@@ -52,7 +52,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     try:
         model = onnx.load(str(path), load_external_data=True)
     except Exception as exc:  # protobuf raises several unrelated types
-        raise InputError(f"{path}: not a readable ONNX model ({_first_line(exc)})") from None
+        raise InputError(f"{path}: not a readable ONNX model ({first_line(exc)})") from None
     if not model.graph.node:
         raise InputError(f"{path}: not an ONNX model (the graph has no nodes)")
     try:
@@ -61,7 +61,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         else:
             onnx.checker.check_model(str(path))
     except Exception as exc:
-        raise InputError(f"{path}: invalid ONNX model: {_first_line(exc)}") from None
+        raise InputError(f"{path}: invalid ONNX model: {first_line(exc)}") from None
     return model
 
 
@@ -119,7 +119,7 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
         return onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
     except Exception as exc:
-        raise InputError(f"shape inference failed: {_first_line(exc)}") from None
+        raise InputError(f"shape inference failed: {first_line(exc)}") from None
 
 
 def opset_of(model: onnx.ModelProto) -> int:
@@ -186,7 +186,7 @@ def _upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
         return onnx.version_converter.convert_version(model, MIN_OPSET)
     except Exception as exc:
-        raise InputError(f"cannot upgrade opset {opset_of(model)} to {MIN_OPSET}: {_first_line(exc)}") from None
+        raise InputError(f"cannot upgrade opset {opset_of(model)} to {MIN_OPSET}: {first_line(exc)}") from None
 
 
 def _constants_to_initializers(graph: gs.Graph) -> None:
@@ -273,6 +273,6 @@ def _fmt(shape) -> str:
     return "x".join(str(d) for d in shape)
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0][:300]

@@ -38,7 +38,7 @@ try:
 except ImportError:  # pragma: no cover - apache-tvm is a dependency; say so in one line if it is missing
     raise EngineError("TVM is not installed: pip install apache-tvm==0.27.0.post1") from None
 
-from .tvm_onnx import importable
+from .tvm_onnx import importable, op_types
 from .tvm_passes import KERNELS, float_ops, integer_lowering
 from .tvm_rpc import RemoteDevice, last_line, set_threads
 from .tvm_dot import KERNELS as DOT_KERNELS, count_fitting
@@ -158,15 +158,7 @@ def unsupported_ops(model: onnx.ModelProto) -> set[str]:
     from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
     known = _get_convert_map()
-    found: set[str] = set()
-    graphs = [model.graph]
-    while graphs:
-        graph = graphs.pop()
-        for node in graph.node:
-            if node.domain in ("", "ai.onnx") and node.op_type not in known:
-                found.add(node.op_type)
-            graphs += [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
-    return found
+    return {op for domain, op in op_types(model.graph) if domain in ("", "ai.onnx") and op not in known}
 
 
 def _describe(mod: tvm.IRModule, report: CompileReport) -> None:

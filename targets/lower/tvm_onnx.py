@@ -18,6 +18,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from qpasses.errors import UnsupportedModelError
+from qpasses.graph import first_line
 
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
 
@@ -26,7 +27,7 @@ def importable(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> onnx.Mod
     """`model` with its inputs fixed to `shapes`, static `If`s inlined and LSTMs unrolled.
 
     Models with neither op are returned unchanged."""
-    if not {"If", "LSTM"} & _op_types(model.graph):
+    if not {"If", "LSTM"} & {op for _, op in op_types(model.graph)}:
         return model
     graph = gs.import_onnx(model)
     for tensor in graph.inputs:
@@ -45,13 +46,14 @@ def _with_shapes(graph: gs.Graph) -> gs.Graph:
     return gs.import_onnx(onnx.shape_inference.infer_shapes(model, data_prop=True))
 
 
-def _op_types(graph: onnx.GraphProto) -> set[str]:
+def op_types(graph: onnx.GraphProto) -> set[tuple[str, str]]:
+    """(domain, op type) of every node, subgraphs included."""
     found = set()
     for node in graph.node:
-        found.add(node.op_type)
+        found.add((node.domain, node.op_type))
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
-                found |= _op_types(attr.g)
+                found |= op_types(attr.g)
     return found
 
 
@@ -66,8 +68,7 @@ def flatten_static_ifs(graph: gs.Graph) -> gs.Graph:
             graph.fold_constants(fold_shapes=True, flatten_subgraphs=False, error_ok=False,
                                  should_exclude_node=lambda node: node.op in _QDQ)
         except Exception as exc:  # graphsurgeon evaluates the constant parts with ONNX Runtime
-            first = (str(exc).strip() or type(exc).__name__).splitlines()[0][:300]
-            raise UnsupportedModelError(f"folding the model's shape computations for TVM failed: {first}") from None
+            raise UnsupportedModelError(f"folding the model's shape computations for TVM failed: {first_line(exc)}") from None
         graph = _with_shapes(graph)
         static = [n for n in graph.nodes if n.op == "If" and isinstance(n.inputs[0], gs.Constant)]
         if not static:
