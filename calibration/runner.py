@@ -112,6 +112,22 @@ def feed_batch(model: onnx.ModelProto, source: DataSource, batch_size: int) -> t
     return fixed or batch_size, fixed is not None
 
 
+def _batching(model: onnx.ModelProto, source: DataSource, batch_size: int, max_samples: int | None) -> tuple[int, int]:
+    """(samples per run, samples to run): a fixed batch dimension takes only whole batches."""
+    batch, fixed = feed_batch(model, source, batch_size)
+    limit = len(source) if max_samples is None else min(max_samples, len(source))
+    if fixed and limit % batch:
+        limit -= limit % batch
+    if limit == 0:
+        raise CalibrationError(f"no calibration samples to run (have {len(source)}, the model's batch is {batch})")
+    return batch, limit
+
+
+def _check_finite(name: str, value: np.ndarray, batch: int) -> None:
+    if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+        raise CalibrationError(f"tensor {name} has NaN or Inf values on calibration batch {batch}")
+
+
 def observe(model: onnx.ModelProto, observers: dict[str, Observer], source: DataSource, batch_size: int,
             max_samples: int | None = None, quiet: bool = False, desc: str = "calibrating", optimize: bool = True) -> int:
     """Feed every batch of `source` through `model`, updating `observers[tensor]`; returns samples seen.
@@ -120,12 +136,7 @@ def observe(model: onnx.ModelProto, observers: dict[str, Observer], source: Data
     own int8 kernels."""
     names = sorted(observers)
     sess = session(only_outputs(model, names), optimize)
-    batch, fixed = feed_batch(model, source, batch_size)
-    limit = len(source) if max_samples is None else min(max_samples, len(source))
-    if fixed and limit % batch:
-        limit -= limit % batch  # a fixed batch dimension takes only whole batches
-    if limit == 0:
-        raise CalibrationError(f"no calibration samples to run (have {len(source)}, the model's batch is {batch})")
+    batch, limit = _batching(model, source, batch_size, max_samples)
     seen = 0
     # disable=None: no bar when stderr is not a terminal, so CI logs stay readable
     with tqdm(total=limit, desc=desc, unit="sample", disable=True if quiet else None, leave=False) as bar:
@@ -136,8 +147,7 @@ def observe(model: onnx.ModelProto, observers: dict[str, Observer], source: Data
                 raise EngineError(f"ONNX Runtime failed on calibration batch {seen // batch}: "
                                   f"{str(exc).splitlines()[0]}") from None
             for name, value in zip(names, values):
-                if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
-                    raise CalibrationError(f"tensor {name} has NaN or Inf values on calibration batch {seen // batch}")
+                _check_finite(name, value, seen // batch)
                 observers[name].update(value)
             n = 1 if source.one_per_feed else len(next(iter(feeds.values())))
             seen += n
@@ -155,3 +165,110 @@ def run_outputs(model: onnx.ModelProto, source: DataSource, batch_size: int, opt
             break
         outs.append(sess.run(None, feeds))
     return [np.concatenate(parts) for parts in zip(*outs)] if outs else []
+
+
+class StepRunner:
+    """Runs one model a piece at a time over the same calibration batches.
+
+    Passes that treat a network layer by layer (AdaRound, BN re-calibration) need each level's layer
+    inputs in turn, with the layers before it already changed. Running the model's prefix again per
+    level costs one model run per level in all, O(levels^2) node runs. Each `advance` here runs only
+    the nodes its targets need that no earlier step ran, reading what the earlier steps left: every
+    tensor that a node not yet run still reads, per batch. So the whole model runs about once.
+
+    Every step may pass a new copy of the model (new weights of the layers not yet run), but its
+    nodes and tensor names must be those of the first: a node that ran is not run again, so a
+    change to it would be missed. `peek` computes tensors without keeping anything: for values
+    taken just before a node changes (a layer's output, measured to correct that layer)."""
+
+    def __init__(self, model: onnx.ModelProto, source: DataSource, batch_size: int, max_samples: int | None,
+                 quiet: bool = False, desc: str = "running", optimize: bool = True):
+        batch, limit = _batching(model, source, batch_size, max_samples)
+        self.optimize, self.quiet, self.desc = optimize, quiet, desc
+        self.structure = _structure(model)
+        self.graph_inputs = {i.name: i for i in model.graph.input}
+        self.ran: set[int] = set()  # node indices
+        self.left: list[dict[str, np.ndarray]] = list(source.batches(batch, limit))  # per batch, the tensors kept
+        self.counts = [1 if source.one_per_feed else len(next(iter(f.values()))) for f in self.left]  # samples per batch
+
+    def advance(self, model: onnx.ModelProto, observers: dict[str, Observer]) -> None:
+        """Compute the observed tensors, keeping what later steps will read."""
+        nodes = self._run(model, observers, keep=True)
+        self.ran |= nodes
+        later = set().union(*(reads(n) for i, n in enumerate(model.graph.node) if i not in self.ran))
+        for values in self.left:
+            for name in [n for n in values if n not in later]:
+                del values[name]
+
+    def peek(self, model: onnx.ModelProto, observers: dict[str, Observer]) -> None:
+        """Compute the observed tensors from what the steps so far left, keeping nothing."""
+        self._run(model, observers, keep=False)
+
+    def _run(self, model: onnx.ModelProto, observers: dict[str, Observer], keep: bool) -> set[int]:
+        if _structure(model) != self.structure:
+            raise ValueError("StepRunner: every step must pass the same graph (only constants may change)")
+        graph = model.graph
+        known = set(self.left[0])
+        nodes = _needed(graph, set(observers), known, self.ran)
+        produced = {o for i in nodes for o in graph.node[i].output if o}
+        outputs = sorted((set(observers) - known))
+        if keep:  # what this step computes that a node left for later reads
+            later = set().union(*(reads(n) for i, n in enumerate(graph.node) if i not in self.ran and i not in nodes))
+            outputs = sorted(set(outputs) | (produced & later))
+        sess = self._session(model, nodes, known, outputs) if nodes else None
+        with tqdm(total=sum(self.counts), desc=self.desc, unit="sample", disable=True if self.quiet else None, leave=False) as bar:
+            for b, values in enumerate(self.left):
+                if sess is not None:
+                    feeds = {i.name: values[i.name] for i in sess.get_inputs()}
+                    try:
+                        results = dict(zip(outputs, sess.run(outputs, feeds)))
+                    except Exception as exc:
+                        raise EngineError(f"ONNX Runtime failed on calibration batch {b}: {str(exc).splitlines()[0]}") from None
+                    if keep:
+                        values.update(results)
+                    else:
+                        results.update(values)
+                        values = results
+                for name in sorted(observers):
+                    _check_finite(name, values[name], b)
+                    observers[name].update(values[name])
+                bar.update(self.counts[b])
+        return nodes
+
+    def _session(self, model: onnx.ModelProto, nodes: set[int], known: set[str], outputs: list[str]) -> ort.InferenceSession:
+        graph = model.graph
+        kept = [graph.node[i] for i in sorted(nodes)]  # the graph's own order is topological
+        read = set().union(*(reads(n) for n in kept))
+        types = {v.name: v for v in [*graph.value_info, *graph.output]}
+        sample = self.left[0]
+        inputs = [self.graph_inputs[n] if n in self.graph_inputs else
+                  onnx.helper.make_tensor_value_info(n, onnx.helper.np_dtype_to_tensor_dtype(sample[n].dtype), None)
+                  for n in sorted(read & known)]
+        results = [types.get(n) or onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in outputs]
+        piece = onnx.helper.make_model(
+            onnx.helper.make_graph(kept, "step", inputs, results, [t for t in graph.initializer if t.name in read]),
+            opset_imports=model.opset_import, ir_version=model.ir_version, functions=model.functions)
+        return session(piece, self.optimize)
+
+
+def _structure(model: onnx.ModelProto) -> list[tuple[str, ...]]:
+    return [(n.op_type, *n.output) for n in model.graph.node]
+
+
+def _needed(graph: onnx.GraphProto, targets: set[str], known: set[str], ran: set[int]) -> set[int]:
+    """The nodes not yet `ran` that compute `targets` from the `known` tensors and the initializers."""
+    producer = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
+    constants = {t.name for t in graph.initializer}
+    needed: set[int] = set()
+    pending = list(targets)
+    while pending:
+        name = pending.pop()
+        if name in known or name in constants:
+            continue
+        i = producer.get(name)
+        if i is None or i in ran:
+            raise ValueError(f"StepRunner: {name} is neither computed by a node left to run nor kept")
+        if i not in needed:
+            needed.add(i)
+            pending += reads(graph.node[i])
+    return needed

@@ -110,6 +110,29 @@ def test_a_large_conv_map_is_sampled_in_windows_with_the_same_benefit():
     assert error(dequantize(q, qp)) < 0.95 * error(dequantize(quantize(w, qp), qp))
 
 
+@pytest.mark.parametrize("strides, pads, dilations, kernel, shape", [
+    ((2, 1), (1, 0, 2, 1), (1, 2), (3, 3), (3, 2, 9, 7)),
+    ((1,), (2, 1), (1,), (5,), (3, 2, 6)),
+])
+def test_a_window_is_the_slice_of_the_zero_padded_input(strides, pads, dilations, kernel, shape):
+    """The gather reads the input where the conv would, with its padding as zeros, without padding
+    the whole map; the reference slices np.pad's copy."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(shape).astype(np.float32)
+    op = ConvOp(strides, pads, dilations)
+    nd = len(kernel)
+    padded = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[nd + i]) for i in range(nd)])
+    size = (2,) * nd
+    out = [(padded.shape[2 + i] - dilations[i] * (kernel[i] - 1) - 1) // strides[i] + 1 for i in range(nd)]
+    rows = np.array([2, 0, 2])
+    starts = [np.array([0, o - 2, o // 2]) for o in out]  # first, last and a middle window
+    got = op.windows(x, rows, starts, size, kernel)
+    for j, row in enumerate(rows):
+        region = tuple(slice(starts[i][j] * strides[i], (starts[i][j] + size[i] - 1) * strides[i] + dilations[i] * (kernel[i] - 1) + 1)
+                       for i in range(nd))
+        np.testing.assert_array_equal(got[j], padded[(row, slice(None), *region)])
+
+
 def test_rounding_compensates_the_error_of_layers_rounded_before(tmp_path):
     """Asymmetric reconstruction on the bundled (trained) example with 4-bit weights: each layer
     learns from the inputs the Q/DQ model really gives it, behind the layers rounded before, so

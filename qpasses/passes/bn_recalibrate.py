@@ -9,8 +9,9 @@ deviation sigma per channel on the calibration data and correct the folded layer
     y' = (y - m) * |gamma| / sigma + beta:   W' = a W,  b' = a b + beta - a m,  a = |gamma| / sigma
 
 (a per output channel). Layers are corrected level by level in graph order (a level: the layers
-with the same number of recorded layers above them), one measuring run per level, so each is
-measured behind already corrected inputs; a corrected weight gets new qparams at once, and at
+with the same number of recorded layers above them), so each is measured behind already corrected
+inputs; each level's run starts from the tensors the previous level left (`StepRunner`), so the
+whole measurement costs about one model run; a corrected weight gets new qparams at once, and at
 the end the activation ranges are re-derived by calibrating again. Conv and Gemm only (where
 folding put the BN); a channel constant under quantization (sigma ~ 0) is left alone.
 Run after `calibrate`, before `insert-qdq`.
@@ -21,11 +22,12 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from qpasses.calibration.runner import StepRunner
 from qpasses.calibration.stats import ChannelMoments
 from qpasses.pass_infra import Pass, PassContext, QuantState
 
 from .calibrate import Calibrate, calibrate_weights
-from .bias_correct import channel_moments
+from .bias_correct import MAX_SAMPLES
 from .insert_qdq import realize
 
 def _output_axis_scale(node: gs.Node, a: np.ndarray) -> None:
@@ -37,6 +39,13 @@ def _output_axis_scale(node: gs.Node, a: np.ndarray) -> None:
         shape = (-1, 1) if node.attrs.get("transB", 0) else (1, -1)
     w.values = (w.values * a.reshape(shape)).astype(w.values.dtype)
     b.values = (b.values * a).astype(b.values.dtype)
+
+
+class _Ignore:
+    """An observer of a tensor a step only needs to reach."""
+
+    def update(self, x: np.ndarray) -> None:
+        pass
 
 
 def levels(graph: gs.Graph, layers: set[str]) -> dict[str, int]:
@@ -75,10 +84,18 @@ class BNRecalibrate(Pass):
             state.notes.append(f"bn re-calibration: nothing to do ({why})")
             return False
         level = levels(state.graph, {n.name for n in layers.values()})
+        steps: StepRunner | None = None
         for depth in sorted({level[n.name] for n in layers.values()}):
             tensors = sorted(t for t, n in layers.items() if level[n.name] == depth)
             simulated = realize(state.model(), state.target, state.plan)
-            moments = channel_moments(simulated, tensors, ctx, quantized=True, desc="BN statistics")
+            steps = steps or StepRunner(simulated, ctx.data, ctx.batch_size, min(ctx.max_samples or MAX_SAMPLES, MAX_SAMPLES),
+                                        ctx.quiet, "BN statistics", optimize=False)
+            # up to the level's inputs, behind the layers corrected so far; the layers' outputs are
+            # only peeked at: the layers change below, and the next step runs them again
+            inputs = {node.input[0] for node in simulated.graph.node if node.name in {layers[t].name for t in tensors}}
+            steps.advance(simulated, {name: _Ignore() for name in inputs})
+            moments = {tensor: ChannelMoments() for tensor in tensors}
+            steps.peek(simulated, moments)
             for tensor in tensors:
                 self.correct(layers[tensor], state.bn_records[tensor], moments[tensor])
                 for w in state.plan.weights:
