@@ -161,7 +161,7 @@ def _output_path(model: Path, output: Path | None, suffix: str) -> Path:
               help="Bias correction: empirical on calibration data, or analytic from BN statistics where on record "
                    "(kept only if it helps) [flag alone: empirical].")
 @click.option("--adaround", is_flag=True, help="AdaRound weight rounding, needs torch (kept only if it helps).")
-@click.option("--adaround-iters", default=1000, show_default=True, type=click.IntRange(min=1),
+@click.option("--adaround-iters", default=Techniques.adaround_iterations, show_default=True, type=click.IntRange(min=1),
               help="AdaRound optimisation steps per layer.")
 @click.option("--report", type=click.Path(path_type=Path),
               help="Write the JSON record of the run here (schema: qpasses/report.py).")

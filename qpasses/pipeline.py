@@ -21,7 +21,7 @@ from qpasses.targets.schema import Target
 from . import graph as graph_io
 from .pass_infra import Pass, PassContext, PassResult, QuantState, Sequential
 from .passes.annotate import Annotate
-from .passes.adaround import AdaRound
+from .passes.adaround import AdaRound, AdaRoundConfig
 from .passes.bias_correct import BiasCorrect
 from .passes.bn_recalibrate import BNRecalibrate
 from .passes.calibrate import Calibrate
@@ -45,7 +45,7 @@ class Techniques:
     bn_recal: bool = False
     bias_correction: str | None = None  # "empirical" | "analytic"
     adaround: bool = False
-    adaround_iterations: int = 1000
+    adaround_iterations: int = AdaRoundConfig.iterations
 
 
 @dataclass(frozen=True)

@@ -270,7 +270,8 @@ class AdaRound(Pass):
     summary = "choose floor or ceil per weight by layer-wise output reconstruction (--adaround)"
     requires = ("plan", "float_model")
 
-    def __init__(self, iterations: int = 1000, samples: int = 256, batch_size: int = 32):
+    def __init__(self, iterations: int = AdaRoundConfig.iterations, samples: int = 256,
+                 batch_size: int = AdaRoundConfig.batch_size):
         self.config = AdaRoundConfig(iterations=iterations, batch_size=batch_size)
         self.samples = samples
 
