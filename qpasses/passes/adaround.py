@@ -29,9 +29,9 @@ Layers are rounded level by level in graph order (a level: the layers with the s
 layers above them, as `bn-recal` does). Per level, x comes from the float model and x_q from the
 Q/DQ model realized with the weights rounded so far (run op by op in ONNX Runtime); each runs
 only from the previous level's tensors to this level's inputs (`StepRunner`), so collecting the
-inputs of every level costs about one model run, not one per level. Independent per-layer rounding, with x_q just
-x fake-quantized, raised the output SQNR of a 4-bit ResNet but lost 19 points of top-1 (see the
-issue 5 note); the compounding error is what it missed. Run after `calibrate`, before
+inputs of every level costs about one model run, not one per level. Independent per-layer
+rounding, with x_q just x fake-quantized, raised the output SQNR of a 4-bit ResNet but lost 19
+points of top-1 (see the issue 5 note); the compounding error is what it missed. Run after `calibrate`, before
 `insert-qdq`. torch is needed (imported here only).
 """
 
