@@ -44,6 +44,26 @@ def test_fallback_keeps_the_most_harmful_layers_until_the_goal_holds(example_ana
     assert convs and all(not conv.input[1].endswith(".dq") for conv in convs)  # their weights reach the conv unquantized
 
 
+def test_the_bisected_fallback_is_the_shortest_prefix_of_the_ranking_that_meets_the_goal():
+    """The fallback is bisected over the ranking; the prefix one unit shorter, realized and measured
+    independently, must miss the goal (here the SQNR only rises as units go float, so the
+    bisection finds the same prefix as scoring one unit more at a time)."""
+    target, goal = load_target("tvm-arm"), Goal(min_sqnr=36.0)
+    analysis, _ = analyze(EXAMPLE / "model.onnx", target, EXAMPLE / "calib.npz", PassContext(quiet=True),
+                          eval_data=EXAMPLE / "eval.npz", goal=goal)
+    ranked = sorted(analysis.layers, key=lambda r: -r.all_but_db)
+    k = next(i for i in range(len(ranked) + 1) if sum(len(r.layers) for r in ranked[:i]) == len(analysis.fallback))
+    assert analysis.goal_met and 1 < k < len(ranked)
+    ctx = PassContext(quiet=True)
+    model, _ = prepare(EXAMPLE / "model.onnx", EXAMPLE / "calib.npz", ctx)  # the calibration analyze made
+    state = QuantState(graph=gs.import_onnx(model), target=target)
+    build_pipeline(target, stop_after="calibrate")(state, ctx)
+    eval_data = open_source(EXAMPLE / "eval.npz", [InputSpec("input", ("N", 1, 8, 8), np.dtype(np.float32))])
+    shorter = [layer for r in ranked[:k - 1] for layer in r.layers]
+    model = realize(state.float_model, target, state.plan.keep_float(shorter, "test"))
+    assert min(output_sqnr(onnx.load(EXAMPLE / "model.onnx"), model, eval_data, 64).values()) < goal.min_sqnr
+
+
 def test_sensitivity_of_each_layer_is_measured(example_analysis):
     analysis, _ = example_analysis
     # 13 layers in 9 units: each conv with the pools and reshapes that only read its output
