@@ -276,3 +276,15 @@ def _fmt(shape) -> str:
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0][:300]
+
+
+def node_reads(node: gs.Node) -> list[gs.Variable]:
+    """The variables `node` reads: its inputs and what its subgraphs (If, Loop, Scan) take from the
+    enclosing scope, which onnx-graphsurgeon shares as the outer graph's own tensor objects."""
+    found = [t for t in node.inputs if isinstance(t, gs.Variable)]
+    for value in node.attrs.values():
+        for sub in value if isinstance(value, list) else [value]:
+            if isinstance(sub, gs.Graph):
+                inner = {id(t) for t in sub.inputs} | {id(o) for n in sub.nodes for o in n.outputs}
+                found += [t for n in sub.nodes for t in node_reads(n) if id(t) not in inner]
+    return found

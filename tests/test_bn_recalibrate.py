@@ -12,7 +12,7 @@ from torch import nn
 from qpasses.calibration.data import InputSpec, open_source
 from qpasses.pass_infra import PassContext, QuantState
 from qpasses.passes.bias_correct import channel_moments
-from qpasses.passes.bn_recalibrate import BNRecalibrate
+from qpasses.passes.bn_recalibrate import BNRecalibrate, levels
 from qpasses.passes.insert_qdq import realize
 from qpasses.pipeline import Techniques, build_pipeline, quantize
 from qpasses.targets import load_target
@@ -58,3 +58,21 @@ def test_no_batchnorm_on_record_is_a_warning(tmp_path):
     (decision,) = result.decisions
     assert not decision.applied and not decision.kept
     assert any("no BatchNorm statistics on record" in n for n in result.state.notes)
+
+
+def test_a_layer_behind_an_if_that_reads_a_layer_comes_a_level_later():
+    """x -> conv a -> relu r; an If's branches read r from the enclosing scope; conv b reads the If.
+    b depends on a only through the branch, and must still be corrected (and rounded) after it."""
+    w = onnx.numpy_helper.from_array(np.ones((1, 1, 1, 1), np.float32), "w")
+    double = onnx.helper.make_graph([onnx.helper.make_node("Add", ["r", "r"], ["twice"])], "then", [],
+                                    [onnx.helper.make_tensor_value_info("twice", onnx.TensorProto.FLOAT, None)])
+    nodes = [onnx.helper.make_node("Conv", ["x", "w"], ["a_out"], name="a"),
+             onnx.helper.make_node("Relu", ["a_out"], ["r"], name="relu"),
+             onnx.helper.make_node("If", ["yes"], ["i"], name="branch", then_branch=double, else_branch=double),
+             onnx.helper.make_node("Conv", ["i", "w"], ["y"], name="b")]
+    graph = onnx.helper.make_graph(
+        nodes, "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 1, 2, 2])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [w, onnx.numpy_helper.from_array(np.array(True), "yes")])
+    level = levels(gs.import_onnx(onnx.helper.make_model(graph)), {"a", "b"})
+    assert (level["a"], level["branch"], level["b"]) == (1, 1, 2)

@@ -23,6 +23,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from qpasses.calibration.runner import StepRunner
+from qpasses.graph import node_reads
 from qpasses.calibration.stats import ChannelMoments
 from qpasses.pass_infra import Pass, PassContext, QuantState
 
@@ -49,10 +50,11 @@ class _Ignore:
 
 
 def levels(graph: gs.Graph, layers: set[str]) -> dict[str, int]:
-    """node -> how many of `layers` lie on the longest path from the inputs to it, itself included."""
+    """node -> how many of `layers` lie on the longest path from the inputs to it, itself included
+    (a path may pass through what an If's branches read)."""
     level: dict[str, int] = {}
     for node in graph.nodes:  # topologically sorted
-        up = max((level.get(t.inputs[0].name, 0) for t in node.inputs if isinstance(t, gs.Variable) and t.inputs), default=0)
+        up = max((level.get(t.inputs[0].name, 0) for t in node_reads(node) if t.inputs), default=0)
         level[node.name] = up + (node.name in layers)
     return level
 
