@@ -136,18 +136,25 @@ def _setup(opts: dict) -> tuple:
     return target, ctx
 
 
-def refuse_existing(force: bool, *outputs: Path | None) -> None:
-    """Outputs are replaced only on request: a pipeline must not silently lose an earlier artifact."""
-    for output in outputs:
-        if output is not None and output.exists() and not force:
+def check_outputs(force: bool, inputs: dict[str, Path | str | None], outputs: dict[str, Path | None]) -> None:
+    """Before any work: no output may be an input (even with --force), another output, or a
+    directory, and one that exists is replaced only on request, so a pipeline never loses a file."""
+    read = {Path(path).resolve(): what for what, path in inputs.items()
+            if path is not None and not is_random(path) and Path(path).exists()}
+    written: dict[Path, str] = {}
+    for what, output in outputs.items():
+        if output is None:
+            continue
+        where = output.resolve()
+        if where in read:
+            raise InputError(f"{what} {output} is {read[where]}; qpass never overwrites its inputs")
+        if where in written:
+            raise InputError(f"{written[where]} and {what} both name {output}; give each output its own path")
+        if output.is_dir():
+            raise InputError(f"{what} {output} is a directory; give a file path")
+        if output.exists() and not force:
             raise InputError(f"{output} exists; pass --force to replace it")
-
-
-def _output_path(model: Path, output: Path | None, suffix: str) -> Path:
-    output = output or model.with_name(f"{model.stem}.{suffix}.onnx")
-    if model.exists() and output.resolve() == model.resolve():
-        raise InputError(f"output {output} is the input model; qpass never overwrites its input")
-    return output
+        written[where] = what
 
 
 @cli.command()
@@ -193,8 +200,11 @@ def quantize(model: Path, output: Path | None, cle: bool, cle_replace_relu6: boo
       qpass quantize model.onnx --target snpe --data calib.npz --eval-data val.npz --max-drop 1 --min-sqnr 25
     """
     target, ctx = _setup(opts)
-    output = _output_path(model, output, f"{target.name}.int8")
-    refuse_existing(force, output, report, html, export_encodings)
+    output = output or model.with_name(f"{model.stem}.{target.name}.int8.onnx")
+    check_outputs(force, {"the input model": model, "the --data file": opts["data"], "the --eval-data file": eval_data,
+                          "the --latency file": latency, "the --encodings file": encodings_path,
+                          "the --preprocess file": opts["preprocess"]},
+                  {"-o": output, "--report": report, "--html": html, "--export-encodings": export_encodings})
     techniques = Techniques(cle=cle, cle_replace_relu6=cle_replace_relu6, bn_recal=bn_recal, bias_correction=bias_correction,
                             adaround=adaround, adaround_iterations=adaround_iters)
     if latency is not None and html is None:
@@ -294,7 +304,8 @@ def eval_command(reference: Path, candidate: Path, data: str, preprocess: Path |
       qpass eval model.onnx model.int8.onnx --data val.npz --max-drop 1 --report eval.json
     """
     given = graph_io.parse_input_shapes(input_shape)
-    refuse_existing(force, report)
+    check_outputs(force, {"the reference model": reference, "the candidate model": candidate, "the --data file": data,
+                          "the --preprocess file": preprocess}, {"--report": report})
     raw_ref, raw_cand = graph_io.load_model(reference), graph_io.load_model(candidate)
     random = is_random(data)  # random inputs need their sizes given
     source = open_source(data, input_specs(graph_io.resolve_inputs(raw_ref, given) if random else raw_ref), preprocess, seed)
@@ -349,8 +360,9 @@ def analyze(model: Path, eval_data: str | None, report: Path | None, fallback: b
     target, ctx = _setup(opts)
     goal = Goal(min_sqnr, max_drop) if fallback else None
     if fallback:
-        output = _output_path(model, output, f"{target.name}.mixed")
-    refuse_existing(force, output, report)
+        output = output or model.with_name(f"{model.stem}.{target.name}.mixed.onnx")
+    check_outputs(force, {"the input model": model, "the --data file": opts["data"], "the --eval-data file": eval_data,
+                          "the --preprocess file": opts["preprocess"]}, {"-o": output, "--report": report})
     analysis, mixed = run_analyze(model, target, opts["data"], ctx, graph_io.parse_input_shapes(opts["input_shape"]),
                                   opts["holdout"], opts["preprocess"], eval_data, goal)
     if report is not None:
@@ -424,9 +436,8 @@ def compile_command(model: Path, engine_name: str, output: Path | None, target_n
     """
     expect_kind(model, "onnxruntime")  # every engine compiles from ONNX
     output = output or model.with_name(model.name.removesuffix(".onnx") + SUFFIX[engine_name])
-    if output.resolve() == model.resolve():
-        raise InputError(f"output {output} is the input model; qpass never overwrites its input")
-    refuse_existing(force, output, report)
+    check_outputs(force, {"the input model": model, "the --timing-cache file": timing_cache},
+                  {"-o": output, "--report": report})
     options = {"onnxruntime": {"opt_level": opt_level},
                "tensorrt": {"input_shapes": graph_io.parse_input_shapes(input_shape), "workspace_mib": workspace_mib,
                             "fp16": fp16, "timing_cache": timing_cache},
@@ -491,7 +502,7 @@ def bench(model: Path, engine_name: str, compare: Path | None, warmup: int, runs
       qpass bench model.so --engine tvm --rpc 192.168.1.20:9090 --compare float.so --report bench.json
       qpass bench model.so --engine tvm --tracker 10.0.0.5:9190 --key rk3588
     """
-    refuse_existing(force, report)
+    check_outputs(force, {"the model": model, "the --compare model": compare}, {"--report": report})
     shapes = graph_io.parse_input_shapes(input_shape)
     paths = {"model": model, **({"compare": compare} if compare else {})}
     for path in paths.values():

@@ -67,7 +67,40 @@ def test_never_overwrites_the_input(tmp_path):
     model = tmp_path / "m.onnx"
     model.write_bytes((EXAMPLE / "model.onnx").read_bytes())
     proc = qpass("quantize", model, "-d", EXAMPLE / "calib.npz", "-o", model)
-    assert_one_line_error(proc, 2, "never overwrites its input")
+    assert_one_line_error(proc, 2, "-o {} is the input model; qpass never overwrites its inputs".format(model))
+    assert model.read_bytes() == (EXAMPLE / "model.onnx").read_bytes()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--report", "{model}", "--force"], "--report {model} is the input model"),
+    (["--html", "{model}", "--force"], "--html {model} is the input model"),
+    (["--export-encodings", "{model}", "--force"], "--export-encodings {model} is the input model"),
+    (["--report", "{calib}", "--force"], "is the --data file"),
+    (["-o", "{out}", "--report", "{out}"], "-o and --report both name"),
+    (["--report", "{tmp}/r.json", "--html", "{tmp}/r.json"], "--report and --html both name"),
+    (["--report", "{tmp}"], "is a directory"),
+])
+def test_no_output_replaces_an_input_or_another_output(tmp_path, flags, message):
+    """Checked before any work, --force or not: the input, the data and every output survive and
+    nothing is written."""
+    model, calib, out = tmp_path / "m.onnx", tmp_path / "calib.npz", tmp_path / "out.onnx"
+    model.write_bytes((EXAMPLE / "model.onnx").read_bytes())
+    calib.write_bytes((EXAMPLE / "calib.npz").read_bytes())
+    names = {"model": model, "calib": calib, "out": out, "tmp": tmp_path}
+    proc = qpass("quantize", model, "-d", calib, "-o", out, *[f.format(**names) for f in flags])
+    assert_one_line_error(proc, 2, message.format(**names))
+    assert model.read_bytes() == (EXAMPLE / "model.onnx").read_bytes()
+    assert calib.read_bytes() == (EXAMPLE / "calib.npz").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.npz", "m.onnx"]
+
+
+def test_eval_analyze_and_bench_never_write_over_their_inputs(tmp_path):
+    model = tmp_path / "m.onnx"
+    model.write_bytes((EXAMPLE / "model.onnx").read_bytes())
+    for args in (["eval", model, model, "-d", EXAMPLE / "calib.npz", "--report", model, "--force"],
+                 ["analyze", model, "-t", "acl", "-d", EXAMPLE / "calib.npz", "--report", model, "--force"],
+                 ["bench", model, "--engine", "onnxruntime", "--report", model, "--force"]):
+        assert_one_line_error(qpass(*args), 2, "qpass never overwrites its inputs")
     assert model.read_bytes() == (EXAMPLE / "model.onnx").read_bytes()
 
 
