@@ -192,7 +192,8 @@ def quantize(model: Path, output: Path | None, cle: bool, cle_replace_relu6: boo
     """Quantize MODEL for a target and write a Q/DQ ONNX model.
 
     Exit 1 when a gate fails (--min-sqnr, --max-drop, or the target's rules); the model and the
-    report are written first, so the pipeline can keep them.
+    report are written first, so the pipeline can keep them. Bad input (--eval-data included) is
+    refused before anything is written.
 
     \b
     Example:
@@ -210,6 +211,9 @@ def quantize(model: Path, output: Path | None, cle: bool, cle_replace_relu6: boo
     if latency is not None and html is None:
         raise InputError("--latency goes with --html")
     bench_record = _read_json(latency, "--latency") if latency is not None else None
+    if bench_record is not None and (not isinstance(bench_record, dict) or bench_record.get("schema") != "qpass.bench"
+                                     or not isinstance(bench_record.get("models"), dict)):
+        raise InputError(f"--latency {latency} is not a `qpass bench --report` record")
     if encodings_path is not None:
         if any((cle, bn_recal, bias_correction, adaround)):
             raise InputError("--encodings fixes every quantizer: it does not combine with --cle, --bn-recal, "
@@ -218,22 +222,25 @@ def quantize(model: Path, output: Path | None, cle: bool, cle_replace_relu6: boo
     result = run_quantize(model, target, opts["data"], ctx, graph_io.parse_input_shapes(opts["input_shape"]),
                           opts["holdout"], opts["preprocess"], techniques)
     conformance = check_model(result.model, target)
-    graph_io.save_model(result.model, output)
     reference = result.reference
     samples = result.held if eval_data is None else \
         open_source(eval_data, input_specs(reference), opts["preprocess"], opts["seed"])
-    record = quantize_report(result, ctx, techniques, model, output, conformance)
-    record["calibration"]["data"] = opts["data"]
     evaluation, failures = None, []
     if len(samples):  # top-1 and accuracy (with labels) beside the SQNR, whenever there are samples
         evaluation = compare(reference, result.model, samples, ctx.batch_size)
-        record["fidelity"]["evaluation"] = {"data": eval_data or "held back from --data", **evaluation.to_json()}
     if min_sqnr is not None or max_drop is not None:
         if evaluation is None:
             raise InputError("the gates need samples: give --eval-data, or more --data to hold back from")
         if max_drop is not None and evaluation.metric is None:
             raise InputError("--max-drop needs a classifier (first output [N, classes]); use --min-sqnr")
         failures = evaluation.failures(min_sqnr, max_drop)
+    # written only now that nothing above can fail for bad input (the gates fail after the writes)
+    graph_io.save_model(result.model, output)
+    record = quantize_report(result, ctx, techniques, model, output, conformance)
+    record["calibration"]["data"] = opts["data"]
+    if evaluation is not None:
+        record["fidelity"]["evaluation"] = {"data": eval_data or "held back from --data", **evaluation.to_json()}
+    if min_sqnr is not None or max_drop is not None:
         record["gates"] = {"min_sqnr": min_sqnr, "max_drop": max_drop, "failed": failures}
     if bench_record is not None:
         record["latency"] = bench_record

@@ -94,6 +94,24 @@ def test_no_output_replaces_an_input_or_another_output(tmp_path, flags, message)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.npz", "m.onnx"]
 
 
+@pytest.mark.parametrize("case", ["missing", "no input key", "wrong shape", "latency of another schema"])
+def test_bad_evaluation_inputs_are_refused_before_anything_is_written(tmp_path, case):
+    out, report = tmp_path / "m.int8.onnx", tmp_path / "r.json"
+    bad = tmp_path / "bad.npz"
+    if case == "no input key":
+        np.savez(bad, other=np.zeros((4, 1, 8, 8), np.float32))
+    elif case == "wrong shape":
+        np.savez(bad, input=np.zeros((4, 1, 9, 9), np.float32))
+    flags = ["--eval-data", bad]
+    if case == "latency of another schema":
+        bad = tmp_path / "other.json"
+        bad.write_text(json.dumps({"schema": "qpass.eval", "models": []}))
+        flags = ["--html", tmp_path / "r.html", "--latency", bad]
+    proc = qpass("quantize", EXAMPLE / "model.onnx", "-d", EXAMPLE / "calib.npz", "-o", out, "--report", report, *flags)
+    assert_one_line_error(proc, 2, str(bad))
+    assert not out.exists() and not report.exists() and not (tmp_path / "r.html").exists()
+
+
 def test_eval_analyze_and_bench_never_write_over_their_inputs(tmp_path):
     model = tmp_path / "m.onnx"
     model.write_bytes((EXAMPLE / "model.onnx").read_bytes())
