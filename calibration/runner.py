@@ -193,18 +193,13 @@ class StepRunner:
 
     def advance(self, model: onnx.ModelProto, observers: dict[str, Observer]) -> None:
         """Compute the observed tensors, keeping what later steps will read."""
-        nodes = self._run(model, observers, keep=True)
-        self.ran |= nodes
-        later = set().union(*(reads(n) for i, n in enumerate(model.graph.node) if i not in self.ran))
-        for values in self.left:
-            for name in [n for n in values if n not in later]:
-                del values[name]
+        self._run(model, observers, keep=True)
 
     def peek(self, model: onnx.ModelProto, observers: dict[str, Observer]) -> None:
         """Compute the observed tensors from what the steps so far left, keeping nothing."""
         self._run(model, observers, keep=False)
 
-    def _run(self, model: onnx.ModelProto, observers: dict[str, Observer], keep: bool) -> set[int]:
+    def _run(self, model: onnx.ModelProto, observers: dict[str, Observer], keep: bool) -> None:
         if _structure(model) != self.structure:
             raise ValueError("StepRunner: every step must pass the same graph (only constants may change)")
         graph = model.graph
@@ -233,7 +228,11 @@ class StepRunner:
                     _check_finite(name, values[name], b)
                     observers[name].update(values[name])
                 bar.update(self.counts[b])
-        return nodes
+        if keep:  # what no node left to run reads is dropped
+            self.ran |= nodes
+            for values in self.left:
+                for name in [n for n in values if n not in later]:
+                    del values[name]
 
     def _session(self, model: onnx.ModelProto, nodes: set[int], known: set[str], outputs: list[str]) -> ort.InferenceSession:
         graph = model.graph

@@ -94,7 +94,8 @@ class BNRecalibrate(Pass):
                                         ctx.quiet, "BN statistics", optimize=False)
             # up to the level's inputs, behind the layers corrected so far; the layers' outputs are
             # only peeked at: the layers change below, and the next step runs them again
-            inputs = {node.input[0] for node in simulated.graph.node if node.name in {layers[t].name for t in tensors}}
+            names = {layers[t].name for t in tensors}
+            inputs = {node.input[0] for node in simulated.graph.node if node.name in names}
             steps.advance(simulated, {name: _Ignore() for name in inputs})
             moments = {tensor: ChannelMoments() for tensor in tensors}
             steps.peek(simulated, moments)
