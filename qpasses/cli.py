@@ -34,6 +34,7 @@ from . import graph as graph_io
 from .analyze import Goal, analyze as run_analyze, format_analysis
 from .bench import BenchResult, IncompleteRun, format_bench, measure
 from .encodings import read_encodings, to_encodings
+from .outputs import Files, write_all
 from .fidelity import compare, format_fidelity
 from .html_report import WORST_SHOWN, input_histograms, layer_sqnr, render
 from .pass_infra import PassContext
@@ -84,6 +85,18 @@ def _read_config(ctx: click.Context, _param: click.Parameter, path: Path | None)
     if unknown:
         raise InputError(f"--config {path}: `qpass {ctx.info_name}` has no option {', '.join(unknown)}")
     ctx.default_map = {**(ctx.default_map or {}), **{names[key]: value for key, value in section.items()}}
+    ctx.meta["qpass.config"] = path
+
+
+def _files(force: bool, inputs: dict[str, Path | str | None], outputs: dict[str, Path | None]) -> Files:
+    """This command's paths, checked before any work (the --config file is an input too)."""
+    config = click.get_current_context().meta.get("qpass.config")
+    return Files({**inputs, "the --config file": config}, outputs, force)
+
+
+def _calibration_inputs(model: Path, opts: dict) -> dict[str, Path | str | None]:
+    return {"the input model": model, "the --data file": opts["data"], "the --preprocess file": opts["preprocess"],
+            "the --target file": opts["target_name"]}
 
 
 def calibration_options(command):
@@ -100,7 +113,7 @@ def calibration_options(command):
         click.option("--meanstd-k", type=float, help="k of mean +/- k*std for meanstd [default: 3]."),
         click.option("--data", "-d",
                      help="Calibration inputs: a .npy/.npz file, a directory of them, a directory of images, "
-                          "or 'random[:N]' (a smoke test, not calibration)."),
+              "or 'random[:N]' (a smoke test, not calibration)."),
         click.option("--preprocess", type=click.Path(path_type=Path), help="Preprocessing spec (TOML) for an image directory."),
         click.option("--input-shape", multiple=True, metavar="NAME=1x3x224x224", help="Sizes for dynamic input dimensions."),
         click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1)),
@@ -134,27 +147,6 @@ def _setup(opts: dict) -> tuple:
         random_source(data, [], opts["seed"])  # checks the spec before the warning
         click.echo(RANDOM_WARNING, err=True)
     return target, ctx
-
-
-def check_outputs(force: bool, inputs: dict[str, Path | str | None], outputs: dict[str, Path | None]) -> None:
-    """Before any work: no output may be an input (even with --force), another output, or a
-    directory, and one that exists is replaced only on request, so a pipeline never loses a file."""
-    read = {Path(path).resolve(): what for what, path in inputs.items()
-            if path is not None and not is_random(path) and Path(path).exists()}
-    written: dict[Path, str] = {}
-    for what, output in outputs.items():
-        if output is None:
-            continue
-        where = output.resolve()
-        if where in read:
-            raise InputError(f"{what} {output} is {read[where]}; qpass never overwrites its inputs")
-        if where in written:
-            raise InputError(f"{written[where]} and {what} both name {output}; give each output its own path")
-        if output.is_dir():
-            raise InputError(f"{what} {output} is a directory; give a file path")
-        if output.exists() and not force:
-            raise InputError(f"{output} exists; pass --force to replace it")
-        written[where] = what
 
 
 @cli.command()
@@ -202,10 +194,9 @@ def quantize(model: Path, output: Path | None, cle: bool, cle_replace_relu6: boo
     """
     target, ctx = _setup(opts)
     output = output or model.with_name(f"{model.stem}.{target.name}.int8.onnx")
-    check_outputs(force, {"the input model": model, "the --data file": opts["data"], "the --eval-data file": eval_data,
-                          "the --latency file": latency, "the --encodings file": encodings_path,
-                          "the --preprocess file": opts["preprocess"]},
-                  {"-o": output, "--report": report, "--html": html, "--export-encodings": export_encodings})
+    _files(force, {**_calibration_inputs(model, opts), "the --eval-data file": eval_data, "the --latency file": latency,
+                   "the --encodings file": encodings_path},
+           {"-o": output, "--report": report, "--html": html, "--export-encodings": export_encodings})
     techniques = Techniques(cle=cle, cle_replace_relu6=cle_replace_relu6, bn_recal=bn_recal, bias_correction=bias_correction,
                             adaround=adaround, adaround_iterations=adaround_iters)
     if latency is not None and html is None:
@@ -234,9 +225,8 @@ def quantize(model: Path, output: Path | None, cle: bool, cle_replace_relu6: boo
         if max_drop is not None and evaluation.metric is None:
             raise InputError("--max-drop needs a classifier (first output [N, classes]); use --min-sqnr")
         failures = evaluation.failures(min_sqnr, max_drop)
-    # written only now that nothing above can fail for bad input (the gates fail after the writes)
-    graph_io.save_model(result.model, output)
-    record = quantize_report(result, ctx, techniques, model, output, conformance)
+    files = graph_io.model_files(result.model, output)
+    record = quantize_report(result, ctx, techniques, model, output, files[output], conformance)
     record["calibration"]["data"] = opts["data"]
     if evaluation is not None:
         record["fidelity"]["evaluation"] = {"data": eval_data or "held back from --data", **evaluation.to_json()}
@@ -245,11 +235,12 @@ def quantize(model: Path, output: Path | None, cle: bool, cle_replace_relu6: boo
     if bench_record is not None:
         record["latency"] = bench_record
     if report is not None:
-        graph_io.atomic_write_bytes(report, dumps(record))
+        files[report] = dumps(record)
     if export_encodings is not None:
-        graph_io.atomic_write_bytes(export_encodings, dumps(to_encodings(result.state.plan, target)))
+        files[export_encodings] = dumps(to_encodings(result.state.plan, target))
     if html is not None:
-        _write_html(html, json.loads(dumps(record)), result, samples, ctx.batch_size)
+        files[html] = _html(json.loads(dumps(record)), result, samples, ctx.batch_size)
+    write_all(files)  # together, once nothing can fail for bad input (the gates fail after the writes)
     if not ctx.quiet:
         how = f"encodings from {encodings_path}" if encodings_path is not None else \
             f"{ctx.calib_method} activations, {ctx.weight_calib} weights"
@@ -264,7 +255,7 @@ def quantize(model: Path, output: Path | None, cle: bool, cle_replace_relu6: boo
         raise GateError("gate failed: " + "; ".join(failures))
 
 
-def _write_html(path: Path, record: dict, result, samples: DataSource, batch_size: int) -> None:
+def _html(record: dict, result, samples: DataSource, batch_size: int) -> bytes:
     """The page for this run: its report record plus per-layer SQNR and the worst layers' histograms."""
     by_layer, histograms = {}, []
     if len(samples):
@@ -272,7 +263,7 @@ def _write_html(path: Path, record: dict, result, samples: DataSource, batch_siz
         by_layer = layer_sqnr(plan, result.float_model, result.model, samples, batch_size)
         worst = sorted(by_layer, key=by_layer.get)[:WORST_SHOWN]
         histograms = input_histograms(plan, result.float_model, worst, samples, batch_size)
-    graph_io.atomic_write_bytes(path, render(record, by_layer, histograms, record.get("latency")).encode())
+    return render(record, by_layer, histograms, record.get("latency")).encode()
 
 
 def _read_json(path: Path, option: str) -> dict:
@@ -311,8 +302,8 @@ def eval_command(reference: Path, candidate: Path, data: str, preprocess: Path |
       qpass eval model.onnx model.int8.onnx --data val.npz --max-drop 1 --report eval.json
     """
     given = graph_io.parse_input_shapes(input_shape)
-    check_outputs(force, {"the reference model": reference, "the candidate model": candidate, "the --data file": data,
-                          "the --preprocess file": preprocess}, {"--report": report})
+    _files(force, {"the reference model": reference, "the candidate model": candidate, "the --data file": data,
+                   "the --preprocess file": preprocess}, {"--report": report})
     raw_ref, raw_cand = graph_io.load_model(reference), graph_io.load_model(candidate)
     random = is_random(data)  # random inputs need their sizes given
     source = open_source(data, input_specs(graph_io.resolve_inputs(raw_ref, given) if random else raw_ref), preprocess, seed)
@@ -329,10 +320,10 @@ def eval_command(reference: Path, candidate: Path, data: str, preprocess: Path |
         raise InputError("--max-drop needs a classifier (first output [N, classes]); use --min-sqnr")
     failures = result.failures(min_sqnr, max_drop)
     if report is not None:
-        graph_io.atomic_write_bytes(report, dumps({
+        write_all({report: dumps({
             "schema": "qpass.eval", "version": 1, "reference": {"path": str(reference), "sha256": sha256(reference)},
             "candidate": {"path": str(candidate), "sha256": sha256(candidate)}, **result.to_json(),
-            "gates": {"min_sqnr": min_sqnr, "max_drop": max_drop, "failed": failures}}))
+            "gates": {"min_sqnr": min_sqnr, "max_drop": max_drop, "failed": failures}})})
     if not quiet:
         click.echo(format_fidelity(result))
     if failures:
@@ -368,15 +359,16 @@ def analyze(model: Path, eval_data: str | None, report: Path | None, fallback: b
     goal = Goal(min_sqnr, max_drop) if fallback else None
     if fallback:
         output = output or model.with_name(f"{model.stem}.{target.name}.mixed.onnx")
-    check_outputs(force, {"the input model": model, "the --data file": opts["data"], "the --eval-data file": eval_data,
-                          "the --preprocess file": opts["preprocess"]}, {"-o": output, "--report": report})
+    _files(force, {**_calibration_inputs(model, opts), "the --eval-data file": eval_data},
+           {"-o": output, "--report": report})
     analysis, mixed = run_analyze(model, target, opts["data"], ctx, graph_io.parse_input_shapes(opts["input_shape"]),
                                   opts["holdout"], opts["preprocess"], eval_data, goal)
+    files = graph_io.model_files(mixed, output) if fallback else {}
     if report is not None:
-        graph_io.atomic_write_bytes(report, dumps(analysis.to_json()))
+        files[report] = dumps(analysis.to_json())
+    write_all(files)
     click.echo(format_analysis(analysis))
     if fallback:
-        graph_io.save_model(mixed, output)
         click.echo(f"wrote {output}", err=True)
         if not analysis.goal_met:
             raise GateError(f"fallback goal not met even with {len(analysis.fallback)} layer(s) in float")
@@ -443,8 +435,8 @@ def compile_command(model: Path, engine_name: str, output: Path | None, target_n
     """
     expect_kind(model, "onnxruntime")  # every engine compiles from ONNX
     output = output or model.with_name(model.name.removesuffix(".onnx") + SUFFIX[engine_name])
-    check_outputs(force, {"the input model": model, "the --timing-cache file": timing_cache},
-                  {"-o": output, "--report": report})
+    _files(force, {"the input model": model, "the --target file": target_name, "the --timing-cache file": timing_cache},
+           {"-o": output, "--report": report})
     options = {"onnxruntime": {"opt_level": opt_level},
                "tensorrt": {"input_shapes": graph_io.parse_input_shapes(input_shape), "workspace_mib": workspace_mib,
                             "fp16": fp16, "timing_cache": timing_cache},
@@ -452,7 +444,7 @@ def compile_command(model: Path, engine_name: str, output: Path | None, target_n
                        "mattr": mattr, "int_kernel": int_kernel, "quiet": quiet}}[engine_name]
     result = engine(engine_name).compile_model(model, output, **options)
     if report is not None:
-        graph_io.atomic_write_bytes(report, dumps(result.to_json()))
+        write_all({report: dumps(result.to_json())})
     if not quiet:
         integer = ", ".join(f"{op} x{n}" for op, n in result.integer_nodes.items()) or "none"
         click.echo(f"integer kernels: {integer}", err=True)
@@ -509,7 +501,7 @@ def bench(model: Path, engine_name: str, compare: Path | None, warmup: int, runs
       qpass bench model.so --engine tvm --rpc 192.168.1.20:9090 --compare float.so --report bench.json
       qpass bench model.so --engine tvm --tracker 10.0.0.5:9190 --key rk3588
     """
-    check_outputs(force, {"the model": model, "the --compare model": compare}, {"--report": report})
+    _files(force, {"the model": model, "the --compare model": compare}, {"--report": report})
     shapes = graph_io.parse_input_shapes(input_shape)
     paths = {"model": model, **({"compare": compare} if compare else {})}
     for path in paths.values():
@@ -544,7 +536,7 @@ def bench(model: Path, engine_name: str, compare: Path | None, warmup: int, runs
         failed = [f"median {median:.3f} ms > --max-latency {max_latency:g} ms"] if median > max_latency else []
         result.gates = {"max_latency": max_latency, "failed": failed}
     if report is not None:
-        graph_io.atomic_write_bytes(report, dumps(result.to_json()))
+        write_all({report: dumps(result.to_json())})
     click.echo(format_bench(result))
     if result.error:
         kept = f"; the runs made before are in {report}" if report is not None else ""

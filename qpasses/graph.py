@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .errors import InputError, UnsupportedModelError
+from .outputs import write_all
 
 MIN_OPSET = 13
 QUANTIZED_OPS = {
@@ -131,25 +131,44 @@ def opset_of(model: onnx.ModelProto) -> int:
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
     """Write `model` atomically (temp file + rename) with deterministic bytes."""
-    path = Path(path)
-    if model.ByteSize() >= _EXTERNAL_DATA_LIMIT:
-        with writing(path):
-            _save_with_external_data(model, path)
-        return
-    atomic_write_bytes(path, model.SerializeToString(deterministic=True))
+    write_all(model_files(model, Path(path)))
+
+
+def model_files(model: onnx.ModelProto, path: Path) -> dict[Path, bytes]:
+    """The bytes of `model` saved at `path`: one file, or beyond protobuf's 2 GB limit the graph plus
+    its weights in `<name>.data` beside it (ONNX external data), for `write_all`."""
+    if model.ByteSize() < _EXTERNAL_DATA_LIMIT:
+        return {path: model.SerializeToString(deterministic=True)}
+    model = onnx.ModelProto.FromString(model.SerializeToString())  # the caller's model keeps its weights
+    data_name = path.name + ".data"
+    onnx.external_data_helper.convert_model_to_external_data(model, all_tensors_to_one_file=True,
+                                                             location=data_name, size_threshold=1024)
+    blob = bytearray()
+    for tensor in _tensors(model.graph):
+        if not onnx.external_data_helper.uses_external_data(tensor):
+            continue
+        blob.extend(b"\0" * (-len(blob) % 4096))  # page-aligned, as onnx.save writes it, for mmap
+        offset, data = len(blob), tensor.raw_data
+        blob.extend(data)
+        onnx.external_data_helper.set_external_data(tensor, data_name, offset, len(data))
+        tensor.ClearField("raw_data")
+    return {path: model.SerializeToString(deterministic=True), path.parent / data_name: bytes(blob)}
+
+
+def _tensors(graph: onnx.GraphProto):
+    """Every tensor a graph stores: initializers and tensor attributes, subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                yield from _tensors(sub)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write through a temp file in the same directory and rename it, so no reader sees half a file."""
-    with writing(path):
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+    write_all({path: data})
 
 
 @contextlib.contextmanager
@@ -160,16 +179,6 @@ def writing(path: Path):
         yield
     except OSError as exc:
         raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
-
-
-def _save_with_external_data(model: onnx.ModelProto, path: Path) -> None:
-    data_name = path.name + ".data"
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmpdir:
-        tmp_model = Path(tmpdir) / path.name
-        onnx.save(model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location=data_name, size_threshold=1024)
-        os.replace(Path(tmpdir) / data_name, path.parent / data_name)
-        os.replace(tmp_model, path)
 
 
 def refuse_quantized(model: onnx.ModelProto) -> None:

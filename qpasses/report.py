@@ -83,8 +83,8 @@ def _quantizer(qp: QParams, value_range: tuple) -> dict:
 
 
 def quantize_report(result: QuantizeResult, ctx: PassContext, requested: Techniques, model: Path,
-                    output: Path, conformance: CheckResult) -> dict:
-    """The record of a run whose model `result.model` was written to `output`."""
+                    output: Path, output_bytes: bytes, conformance: CheckResult) -> dict:
+    """The record of a run whose model `result.model` is written to `output` as `output_bytes`."""
     plan, state = result.state.plan, result.state
     activations = {}
     for name, act in plan.activations.items():
@@ -103,7 +103,7 @@ def quantize_report(result: QuantizeResult, ctx: PassContext, requested: Techniq
         "versions": {"qpass": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
                      "numpy": np.__version__},
         "input": {"path": str(model), "sha256": sha256(model)},
-        "output": {"path": str(output), "sha256": sha256(output)},
+        "output": {"path": str(output), "sha256": hashlib.sha256(output_bytes).hexdigest()},
         "target": target,
         "calibration": {"activations": ctx.calib_method, "weights": ctx.weight_calib, "options": ctx.calib_options,
                         "seed": ctx.seed, "batch_size": ctx.batch_size, "samples": result.calib_samples,
