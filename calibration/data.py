@@ -110,20 +110,29 @@ RANDOM_WARNING = ("WARNING: calibrating on random data (--data random): this is 
                   "the ranges say nothing about real inputs")
 
 
+RANDOM_MAX_SAMPLES = 4096  # a smoke test needs a few; this many is already far beyond one
+RANDOM_LIMIT = 4 << 30  # bytes of noise `random:N` may make
+
+
 def random_source(spec: str, inputs: list[InputSpec], seed: int) -> ArraySource:
     """`random` or `random:N`: N (default 32) standard-normal samples per input, for smoke tests only."""
     _, _, count = spec.partition(":")
     try:
         n = int(count) if count else 32
-        if n <= 0:
+        if not 0 < n <= RANDOM_MAX_SAMPLES:
             raise ValueError
     except ValueError:
-        raise InputError(f"--data {spec}: expected random or random:N with N > 0") from None
+        raise InputError(f"--data {spec}: expected random or random:N with 0 < N <= {RANDOM_MAX_SAMPLES}") from None
     rng = np.random.default_rng(seed)
     arrays = {}
     for s in inputs:
         if not np.issubdtype(s.dtype, np.floating) or any(not isinstance(d, int) for d in s.shape[1:]):
             raise InputError(f"--data random needs static float inputs; {s.name} is {s.dtype} {list(s.shape)}")
+    size = n * sum(int(np.prod(s.shape[1:])) * np.dtype(s.dtype).itemsize for s in inputs)
+    if size > RANDOM_LIMIT:
+        raise InputError(f"--data {spec}: {n} random samples would take {size / 2**30:.3g} GiB; "
+                         f"a smoke test needs a few (random:32)")
+    for s in inputs:
         arrays[s.name] = [rng.standard_normal((n, *s.shape[1:])).astype(s.dtype)]
     return ArraySource(arrays, origin="random")
 
@@ -195,10 +204,20 @@ def _read(file: Path, inputs: list[InputSpec]) -> dict[str, np.ndarray]:
     missing = [s.name for s in inputs if s.name not in found]
     if missing:
         raise CalibrationError(f"{file}: no array for model input(s) {', '.join(missing)} (found: {', '.join(sorted(found)) or 'none'})")
-    out = {"labels": found["labels"]} if "labels" in found else {}
+    out = {"labels": _labels(file, found["labels"])} if "labels" in found else {}
     for spec in inputs:
         out[spec.name] = _check(file, spec, found[spec.name])
     return out
+
+
+def _labels(file: Path, labels: np.ndarray) -> np.ndarray:
+    """Class indices: one non-negative integer per sample (a NaN label would match no prediction)."""
+    whole = np.issubdtype(labels.dtype, np.integer) or (
+        np.issubdtype(labels.dtype, np.floating) and np.isfinite(labels).all() and (labels == np.round(labels)).all())
+    if labels.ndim != 1 or not whole or (labels < 0).any():
+        raise CalibrationError(f"{file}: labels must be one class index (an integer >= 0) per sample, "
+                               f"got {labels.dtype} {list(labels.shape)}")
+    return labels.astype(np.int64)
 
 
 def _check(file: Path, spec: InputSpec, array: np.ndarray) -> np.ndarray:

@@ -69,7 +69,7 @@ class Preprocess:
 def read_preprocess(path: Path, spec: InputSpec) -> Preprocess:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise InputError(f"{path}: cannot read preprocessing spec ({exc})") from None
     layout = data.pop("layout", "NCHW")
     if layout not in ("NCHW", "NHWC"):
@@ -81,20 +81,43 @@ def read_preprocess(path: Path, spec: InputSpec) -> Preprocess:
     if dynamic and "crop" not in data:
         raise InputError(f"{path}: model input {spec.name} is {list(spec.shape)}: give the image size as crop = [H, W]")
     crop = data.pop("crop", [h, w])
-    crop = (crop, crop) if isinstance(crop, int) else tuple(crop)
+    crop = _sizes(path, "crop", [crop, crop] if isinstance(crop, int) else crop, 2)
     channels = data.pop("channels", "RGB")
     if channels not in ("RGB", "BGR", "L"):
         raise InputError(f"{path}: channels: expected \"RGB\", \"BGR\" or \"L\", got {channels!r}")
-    prep = Preprocess(crop=crop, resize=int(data.pop("resize", max(crop))), channels=channels,
-                      scale=float(data.pop("scale", 1 / 255)), mean=tuple(data.pop("mean", [0.0])),
-                      std=tuple(data.pop("std", [1.0])), layout=layout)
+    n = 1 if channels == "L" else 3
+    (resize,) = _sizes(path, "resize", [data.pop("resize", max(crop))], 1)
+    (scale,) = _numbers(path, "scale", [data.pop("scale", 1 / 255)], 1, nonzero=True)
+    prep = Preprocess(crop=crop, resize=resize, channels=channels, scale=scale,
+                      mean=_numbers(path, "mean", data.pop("mean", [0.0]), n),
+                      std=_numbers(path, "std", data.pop("std", [1.0]), n, nonzero=True), layout=layout)
     if data:
         raise InputError(f"{path}: {sorted(data)[0]}: unknown field")
     n_channels = spec.shape[1] if layout == "NCHW" else spec.shape[3]
-    if (1 if channels == "L" else 3) != n_channels or (crop != (h, w) and not dynamic):
+    if n != n_channels or (crop != (h, w) and not dynamic):
         raise InputError(f"{path}: preprocessing gives {crop[0]}x{crop[1]} {channels} images, model input "
                          f"{spec.name} is {list(spec.shape)} ({layout})")
     return prep
+
+
+def _sizes(path: Path, key: str, value, count: int) -> tuple[int, ...]:
+    """`count` positive integers (pixels)."""
+    if not isinstance(value, list) or len(value) != count or \
+            any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in value):
+        want = "a positive integer" if count == 1 else f"{count} positive integers"
+        raise InputError(f"{path}: {key}: expected {want}, got {value if count > 1 else value[0]!r}")
+    return tuple(value)
+
+
+def _numbers(path: Path, key: str, value, channels: int, nonzero: bool = False) -> tuple[float, ...]:
+    """Finite numbers, one or one per channel (a zero would divide, or blank every pixel)."""
+    value = value if isinstance(value, list) else [value]
+    if len(value) not in (1, channels) or any(isinstance(v, bool) or not isinstance(v, (int, float))
+                                              or not np.isfinite(v) or (nonzero and v == 0) for v in value):
+        kind = "non-zero finite number" if nonzero else "finite number"
+        want = f"a {kind}" if channels == 1 else f"{kind}s, 1 or {channels} of them"
+        raise InputError(f"{path}: {key}: expected {want}, got {value if channels > 1 else value[0]!r}")
+    return tuple(float(v) for v in value)
 
 
 @dataclass

@@ -6,6 +6,7 @@ handed to the observers and dropped, so memory does not grow with the number of 
 
 from __future__ import annotations
 
+import re
 from typing import Iterable
 
 import numpy as np
@@ -13,7 +14,7 @@ import onnx
 import onnxruntime as ort
 from tqdm import tqdm
 
-from qpasses.errors import CalibrationError, EngineError
+from qpasses.errors import CalibrationError, EngineError, InputError
 
 from .data import DataSource, InputSpec
 from .observers import Observer
@@ -42,7 +43,29 @@ def session(model: onnx.ModelProto, optimize: bool = True) -> ort.InferenceSessi
     try:
         return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise EngineError(f"ONNX Runtime cannot load the model: {str(exc).splitlines()[0]}") from None
+        raise EngineError(f"ONNX Runtime cannot load the model: {ort_message(exc)}") from None
+
+
+def check_loads(model: onnx.ModelProto, what: str) -> None:
+    """Before any work: an input model that ONNX Runtime cannot load (an op it does not have, an
+    opset it does not know) is an input error, not an engine failure."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise InputError(f"{what}: ONNX Runtime cannot load it: {ort_message(exc)}") from None
+
+
+def ort_message(exc: Exception) -> str:
+    """ONNX Runtime's error without its status prefix and C++ source location: the part a user reads."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    text = re.sub(r"^Load model from .*? failed:", "", text)
+    text = re.sub(r"^Fatal error: ", "", text)
+    text = re.sub(r"^\S+\.(h|cc|cpp):\d+ .*?\) ", "", text)  # file:line and the C++ signature
+    return text.strip()
 
 
 def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import signal
 import sys
 from collections import Counter
@@ -23,7 +24,7 @@ else:  # pragma: no cover
 
 from qpasses import __version__
 from qpasses.calibration.data import RANDOM_WARNING, DataSource, is_random, open_source, random_source
-from qpasses.calibration.runner import input_specs
+from qpasses.calibration.runner import check_loads, input_specs
 from qpasses.calibration.observers import OBSERVERS
 from qpasses.errors import EngineError, GateError, InputError, QpassError
 from qpasses.targets.check import check_model, format_check
@@ -46,6 +47,19 @@ from .report import dumps, quantize_report, sha256
 @click.version_option(__version__, prog_name="qpass")
 def cli() -> None:
     """qpass: quantize float ONNX models for a deployment target."""
+
+
+class FiniteFloat(click.FloatRange):
+    """A number option that must be finite: click's own float types let nan and inf through, and
+    every comparison with nan is false, so `--min-sqnr nan` would be a gate that never fails."""
+
+    name = "number"
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
 
 
 def config_option(command):
@@ -73,6 +87,10 @@ def _read_config(ctx: click.Context, _param: click.Parameter, path: Path | None)
         tables = tomllib.loads(path.read_text())
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise InputError(f"--config {path}: {exc}") from None
+    strays = sorted(set(tables) - set(cli.commands))
+    if strays:  # a misspelled table would otherwise be ignored and the defaults run
+        raise InputError(f"--config {path}: [{strays[0]}] is not a qpass command; the tables are named after "
+                         f"commands: {', '.join(sorted(cli.commands))}")
     section = tables.get(ctx.info_name, {})
     if not isinstance(section, dict):
         raise InputError(f"--config {path}: [{ctx.info_name}] must be a table of option values")
@@ -94,6 +112,12 @@ def _files(force: bool, inputs: dict[str, Path | str | None], outputs: dict[str,
     return Files({**inputs, "the --config file": config}, outputs, force)
 
 
+def _warn_random(data: str | None) -> None:
+    """Said once the run is done (quiet or not), so that an error before it is still the only line."""
+    if is_random(data):
+        click.echo(RANDOM_WARNING, err=True)
+
+
 def _calibration_inputs(model: Path, opts: dict) -> dict[str, Path | str | None]:
     return {"the input model": model, "the --data file": opts["data"], "the --preprocess file": opts["preprocess"],
             "the --target file": opts["target_name"]}
@@ -109,8 +133,8 @@ def calibration_options(command):
                      help="Range-setting method for activations (MQBench app. C.1)."),
         click.option("--weight-calib", default="minmax", show_default=True, type=click.Choice(sorted(OBSERVERS)),
                      help="Range-setting method for weights."),
-        click.option("--quantile", type=float, help="Quantile for --calib/--weight-calib quantile [default: 0.9999]."),
-        click.option("--meanstd-k", type=float, help="k of mean +/- k*std for meanstd [default: 3]."),
+        click.option("--quantile", type=FiniteFloat(), help="Quantile for --calib/--weight-calib quantile [default: 0.9999]."),
+        click.option("--meanstd-k", type=FiniteFloat(), help="k of mean +/- k*std for meanstd [default: 3]."),
         click.option("--data", "-d",
                      help="Calibration inputs: a .npy/.npz file, a directory of them, a directory of images, "
               "or 'random[:N]' (a smoke test, not calibration)."),
@@ -144,8 +168,7 @@ def _setup(opts: dict) -> tuple:
                       batch_size=opts["batch_size"], max_samples=opts["max_samples"], seed=opts["seed"],
                       float_layers=tuple(opts["float_layers"]), quiet=opts["quiet"], debug=opts["debug"])
     if is_random(data):
-        random_source(data, [], opts["seed"])  # checks the spec before the warning
-        click.echo(RANDOM_WARNING, err=True)
+        random_source(data, [], opts["seed"])  # checks the spec before any work
     return target, ctx
 
 
@@ -165,8 +188,8 @@ def _setup(opts: dict) -> tuple:
 @click.option("--report", type=click.Path(path_type=Path),
               help="Write the JSON record of the run here (schema: qpasses/report.py).")
 @click.option("--eval-data", help="Samples to gate on (.npy/.npz, may hold `labels`) [default: the held-back part of --data].")
-@click.option("--min-sqnr", type=float, help="Gate: exit 1 if the worst output's SQNR is below this many dB.")
-@click.option("--max-drop", type=click.FloatRange(min=0),
+@click.option("--min-sqnr", type=FiniteFloat(), help="Gate: exit 1 if the worst output's SQNR is below this many dB.")
+@click.option("--max-drop", type=FiniteFloat(min=0),
               help="Gate: exit 1 if top-1 falls more than this many points below the float model's.")
 @click.option("--html", type=click.Path(path_type=Path),
               help="Write a self-contained HTML page: summary, SQNR per layer, histograms of the worst layers' inputs.")
@@ -212,6 +235,7 @@ def quantize(model: Path, output: Path | None, cle: bool, cle_replace_relu6: boo
         ctx.encodings = read_encodings(encodings_path)
     result = run_quantize(model, target, opts["data"], ctx, graph_io.parse_input_shapes(opts["input_shape"]),
                           opts["holdout"], opts["preprocess"], techniques)
+    _warn_random(opts["data"])
     conformance = check_model(result.model, target)
     reference = result.reference
     samples = result.held if eval_data is None else \
@@ -282,8 +306,8 @@ def _read_json(path: Path, option: str) -> dict:
 @click.option("--input-shape", multiple=True, metavar="NAME=1x3x224x224", help="Sizes for dynamic input dimensions.")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
 @click.option("--max-samples", type=click.IntRange(min=1), help="Compare on at most this many samples.")
-@click.option("--min-sqnr", type=float, help="Gate: exit 1 if the worst output's SQNR is below this many dB.")
-@click.option("--max-drop", type=click.FloatRange(min=0), help="Gate: exit 1 if top-1 falls more than this many points.")
+@click.option("--min-sqnr", type=FiniteFloat(), help="Gate: exit 1 if the worst output's SQNR is below this many dB.")
+@click.option("--max-drop", type=FiniteFloat(min=0), help="Gate: exit 1 if top-1 falls more than this many points.")
 @click.option("--report", type=click.Path(path_type=Path), help="Write the comparison as JSON here.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for random[:N] data.")
 @click.option("--quiet", "-q", is_flag=True, help="No summary.")
@@ -309,13 +333,15 @@ def eval_command(reference: Path, candidate: Path, data: str, preprocess: Path |
     source = open_source(data, input_specs(graph_io.resolve_inputs(raw_ref, given) if random else raw_ref), preprocess, seed)
     shapes = {**({} if random else shapes_from_data(raw_ref, source, set(given))), **given}  # as quantize sizes them
     ref_model, cand_model = graph_io.resolve_inputs(raw_ref, shapes), graph_io.resolve_inputs(raw_cand, shapes)
+    check_loads(ref_model, str(reference))
+    check_loads(cand_model, str(candidate))
     if input_specs(ref_model) != input_specs(cand_model):
         raise InputError(f"the models' inputs differ: {reference} and {candidate} must take the same tensors")
-    if random:
-        click.echo(RANDOM_WARNING, err=True)
     if max_samples is not None:
         source, _ = source.split(max(0, len(source) - max_samples))
     result = compare(ref_model, cand_model, source, batch_size)
+    if random:  # once the run is done, so that an error is still the only line
+        click.echo(RANDOM_WARNING, err=True)
     if max_drop is not None and result.metric is None:
         raise InputError("--max-drop needs a classifier (first output [N, classes]); use --min-sqnr")
     failures = result.failures(min_sqnr, max_drop)
@@ -336,8 +362,8 @@ def eval_command(reference: Path, candidate: Path, data: str, preprocess: Path |
 @click.option("--eval-data", help="Samples to measure on (.npy/.npz, may hold `labels`) [default: the held-back part of --data].")
 @click.option("--report", type=click.Path(path_type=Path), help="Write the analysis as JSON to this path.")
 @click.option("--fallback", is_flag=True, help="Keep the most harmful layers in float until --min-sqnr / --max-drop hold.")
-@click.option("--min-sqnr", type=float, help="Fallback goal: worst-output SQNR in dB at least this.")
-@click.option("--max-drop", type=click.FloatRange(min=0), help="Fallback goal: top-1 drop vs float at most this many points.")
+@click.option("--min-sqnr", type=FiniteFloat(), help="Fallback goal: worst-output SQNR in dB at least this.")
+@click.option("--max-drop", type=FiniteFloat(min=0), help="Fallback goal: top-1 drop vs float at most this many points.")
 @click.option("--output", "-o", type=click.Path(path_type=Path), help="With --fallback: write the mixed-precision model here.")
 @click.option("--force", is_flag=True, help="Replace outputs that already exist (without it qpass refuses).")
 def analyze(model: Path, eval_data: str | None, report: Path | None, fallback: bool, min_sqnr: float | None,
@@ -363,6 +389,7 @@ def analyze(model: Path, eval_data: str | None, report: Path | None, fallback: b
            {"-o": output, "--report": report})
     analysis, mixed = run_analyze(model, target, opts["data"], ctx, graph_io.parse_input_shapes(opts["input_shape"]),
                                   opts["holdout"], opts["preprocess"], eval_data, goal)
+    _warn_random(opts["data"])
     files = graph_io.model_files(mixed, output) if fallback else {}
     if report is not None:
         files[report] = dumps(analysis.to_json())
@@ -481,12 +508,12 @@ def compile_command(model: Path, engine_name: str, output: Path | None, target_n
 @click.option("--rpc", "rpc_address", metavar="HOST:PORT", help="tvm: measure on the board whose RPC server is here.")
 @click.option("--tracker", metavar="HOST:PORT", help="tvm: request a board from this RPC tracker (with --key).")
 @click.option("--key", help="tvm: the device key to request from --tracker.")
-@click.option("--rpc-timeout", default=30.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+@click.option("--rpc-timeout", default=30.0, show_default=True, type=FiniteFloat(min=0, min_open=True),
               help="tvm: seconds any one RPC step (connect, request, upload, one sample) may take.")
 @click.option("--report", type=click.Path(path_type=Path), help="Write the measurements as JSON here.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random inputs.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-@click.option("--max-latency", type=click.FloatRange(min=0, min_open=True), metavar="MS",
+@click.option("--max-latency", type=FiniteFloat(min=0, min_open=True), metavar="MS",
               help="Gate: exit 1 if the model's median latency is above this many milliseconds (report written first).")
 @click.option("--force", is_flag=True, help="Replace a report that already exists (without it qpass refuses).")
 def bench(model: Path, engine_name: str, compare: Path | None, warmup: int, runs: int, batch_size: int, threads: int,
@@ -564,8 +591,9 @@ def _remote_device(rpc_address: str | None, tracker: str | None, key: str | None
 @config_option
 @click.option("--host", default="0.0.0.0", show_default=True, help="Address to listen on.")
 @click.option("--port", default=9090, show_default=True, type=click.IntRange(1, 65535),
-              help="First port to try; the first free one below --port-end is taken.")
-@click.option("--port-end", type=click.IntRange(2, 65536), help="End of the port range [default: --port + 100].")
+              help="Port to listen on (in use: an error, unless --port-end gives a range to search).")
+@click.option("--port-end", type=click.IntRange(2, 65536),
+              help="Search [--port, --port-end) for the first free port, as TVM's server does [default: --port only].")
 @click.option("--tracker", metavar="HOST:PORT", help="Register with this RPC tracker (with --key).")
 @click.option("--key", default="", help="Device key to register under at --tracker, e.g. rk3588.")
 def rpc_server(host: str, port: int, port_end: int | None, tracker: str | None, key: str) -> None:
@@ -581,7 +609,7 @@ def rpc_server(host: str, port: int, port_end: int | None, tracker: str | None, 
     """
     if tracker and not key:
         raise InputError("--tracker needs --key (the name clients request this device by)")
-    port_end = port_end or port + 100
+    port_end = port_end or port + 1
     if port_end <= port:
         raise InputError(f"--port-end {port_end} must be above --port {port}")
     from qpasses.targets.lower.tvm_rpc import serve

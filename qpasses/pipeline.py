@@ -6,6 +6,7 @@ The sequence is the same for every target; what differs is data in the target fi
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -14,8 +15,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from qpasses.calibration.data import ArraySource, DataSource, open_source
-from qpasses.calibration.runner import input_specs, run_outputs
-from qpasses.errors import CalibrationError
+from qpasses.calibration.runner import check_loads, input_specs, run_outputs
+from qpasses.errors import CalibrationError, InputError, UnsupportedModelError
 from qpasses.targets.schema import Target
 
 from . import graph as graph_io
@@ -112,9 +113,13 @@ def prepare(model_path: str | Path, data: str | Path | None, ctx: PassContext,
     given = input_shapes or {}
     shapes = {**(shapes_from_data(raw, source, set(given)) if source is not None else {}), **given}
     model = graph_io.normalize(raw, shapes)
+    check_loads(model, str(model_path))
     held: DataSource = ArraySource({}, rows=np.arange(0))
     if source is not None:
-        n_hold = holdout_size(len(source)) if holdout is None else min(holdout, len(source) - 1)
+        if holdout is not None and holdout >= len(source):
+            raise InputError(f"--holdout {holdout} leaves nothing to calibrate on: --data has {len(source)} "
+                             f"sample(s); hold back fewer, or give --eval-data")
+        n_hold = holdout_size(len(source)) if holdout is None else holdout
         source, held = source.split(n_hold)
     ctx.data = source
     return model, held
@@ -147,6 +152,10 @@ def quantize(model_path: str | Path, target: Target, data: str | Path | None, ct
                           adaround_iterations=techniques.adaround_iterations)
     snapshots: dict[tuple[str, ...], tuple[QuantState, list[PassResult]]] = {}
     best = _run(model, target, ctx, accepted, held, snapshots)
+    if not best.state.plan.quantized_nodes:
+        reasons = Counter(best.state.plan.float_nodes.values())
+        why = "; ".join(f"{n} node(s): {reason}" for reason, n in reasons.most_common()) or "the model has no nodes"
+        raise UnsupportedModelError(f"nothing to quantize for target {target.name}: every node stays float ({why})")
     decisions: list[Decision] = []
     why: list[str] = []
     for name, pass_name in TECHNIQUES.items():

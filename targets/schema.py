@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import onnx.defs
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -209,13 +211,16 @@ def _quantizer(f: _Fields) -> Quantizer:
     return q
 
 
-def _op_rule(f: _Fields) -> OpRule:
+def _op_rule(op: str, f: _Fields) -> OpRule:
     inputs = f.take("inputs", (str, list), "all")
     if isinstance(inputs, str) and inputs != "all":
         raise f.fail("inputs", f"expected \"all\" or a list of input indices, got {inputs!r}")
     if isinstance(inputs, list):
         if not inputs or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in inputs):
             raise f.fail("inputs", "expected a non-empty list of input indices")
+        count = _input_count(op)
+        if count is not None and max(inputs) >= count:
+            raise f.fail("inputs", f"{op} has {count} input(s) (indices 0..{count - 1}), got {inputs}")
         inputs = tuple(inputs)
     rule = OpRule(
         inputs=inputs,
@@ -224,6 +229,15 @@ def _op_rule(f: _Fields) -> OpRule:
     )
     f.done()
     return rule
+
+
+def _input_count(op: str) -> int | None:
+    """How many inputs the ONNX op takes at most (None: variadic, or not an ONNX op)."""
+    try:
+        count = onnx.defs.get_schema(op).max_input
+    except onnx.defs.SchemaError:
+        return None
+    return count if count < 2**16 else None
 
 
 def _tvm_device(f: _Fields) -> TvmDevice:
@@ -239,7 +253,7 @@ def _from_dict(data: dict[str, Any], source: str) -> Target:
     f = _Fields(data, "", source)
     name = f.take("name", str)
     ops_table = f.table("ops")
-    ops = {op: _op_rule(ops_table.table(op)) for op in sorted(ops_table.data)}
+    ops = {op: _op_rule(op, ops_table.table(op)) for op in sorted(ops_table.data)}
     supergroups = f.take("supergroups", list, [])
     for i, group in enumerate(supergroups):
         if not (isinstance(group, list) and len(group) >= 2 and all(isinstance(o, str) for o in group)):

@@ -2,20 +2,32 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime
 import pytest
 from onnx import TensorProto, helper
+from PIL import Image
 
 from conftest import EXAMPLE
 
 
 def qpass(*args: str, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run(["qpass", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+def tree(root: Path) -> dict[str, tuple[str, int]]:
+    """Every file under `root`: its hash and mode, to show that a failed command changed nothing."""
+    return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mode)
+            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, code: int, text: str) -> None:
@@ -61,6 +73,9 @@ def test_default_output_goes_next_to_the_input(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "m.acl.int8.onnx").is_file()
     assert model.read_bytes() == (EXAMPLE / "model.onnx").read_bytes()
+    umask = os.umask(0o022)
+    os.umask(umask)  # qpass inherits the test's umask: its outputs get what a plain open() would give
+    assert stat.S_IMODE((tmp_path / "m.acl.int8.onnx").stat().st_mode) == 0o666 & ~umask
 
 
 def test_never_overwrites_the_input(tmp_path):
@@ -79,6 +94,11 @@ def test_never_overwrites_the_input(tmp_path):
     (["-o", "{out}", "--report", "{out}"], "-o and --report both name"),
     (["--report", "{tmp}/r.json", "--html", "{tmp}/r.json"], "--report and --html both name"),
     (["--report", "{tmp}"], "is a directory"),
+    (["--report", "{tmp}/link.json", "--force"], "--report {tmp}/link.json is the input model"),
+    (["--report", "{tmp}/./sub/../m.onnx", "--force"], "is the input model"),
+    (["--config", "{tmp}/c.toml", "--html", "{tmp}/c.toml", "--force"], "is the --config file"),
+    (["--target", "{tmp}/t.toml", "--export-encodings", "{tmp}/t.toml", "--force"], "is the --target file"),
+    (["--report", "{tmp}/m.onnx/r.json"], "m.onnx is not a directory"),
 ])
 def test_no_output_replaces_an_input_or_another_output(tmp_path, flags, message):
     """Checked before any work, --force or not: the input, the data and every output survive and
@@ -86,12 +106,33 @@ def test_no_output_replaces_an_input_or_another_output(tmp_path, flags, message)
     model, calib, out = tmp_path / "m.onnx", tmp_path / "calib.npz", tmp_path / "out.onnx"
     model.write_bytes((EXAMPLE / "model.onnx").read_bytes())
     calib.write_bytes((EXAMPLE / "calib.npz").read_bytes())
+    (tmp_path / "link.json").symlink_to(model)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "c.toml").write_text("[quantize]\ncalib = \"kl\"\n")
+    (tmp_path / "t.toml").write_text('extends = "tensorrt"\n')
     names = {"model": model, "calib": calib, "out": out, "tmp": tmp_path}
+    before = tree(tmp_path)
     proc = qpass("quantize", model, "-d", calib, "-o", out, *[f.format(**names) for f in flags])
     assert_one_line_error(proc, 2, message.format(**names))
-    assert model.read_bytes() == (EXAMPLE / "model.onnx").read_bytes()
-    assert calib.read_bytes() == (EXAMPLE / "calib.npz").read_bytes()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.npz", "m.onnx"]
+    assert tree(tmp_path) == before
+
+
+def test_bench_refuses_a_library_it_cannot_load(tmp_path):
+    """A truncated library would kill the process at dlopen (SIGBUS); a text file is no artifact at all."""
+    library = min(Path(onnxruntime.__file__).parent.rglob("*.so"), key=lambda p: p.stat().st_size)
+    data = library.read_bytes()
+    (tmp_path / "cut.so").write_bytes(data[:len(data) // 2])
+    (tmp_path / "text.so").write_text("not a library\n")
+    for name in ("cut.so", "text.so"):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "dtype": "float32"}]}))
+    before = tree(tmp_path)
+    assert_one_line_error(qpass("bench", tmp_path / "cut.so", "--engine", "tvm", "--report", tmp_path / "r.json"), 2,
+                          "cut.so is a damaged shared library: its header tables end past the file's")
+    assert_one_line_error(qpass("bench", tmp_path / "text.so", "--engine", "tvm"), 2,
+                          "text.so is neither an ONNX model, a TensorRT engine nor a shared library")
+    assert_one_line_error(qpass("compile", EXAMPLE / "model.onnx", "--engine", "tvm", "-o", tmp_path / "q.so",
+                                "--report", tmp_path / "q.so.json"), 2, "-o's companion q.so.json and --report both name")
+    assert tree(tmp_path) == before
 
 
 @pytest.mark.parametrize("case", ["missing", "no input key", "wrong shape", "latency of another schema"])
@@ -151,6 +192,23 @@ def bad_inputs(tmp_path):
     (tmp_path / "target.toml").write_text('extends = "tensorrt"\n[weight]\ngranularity = "channel"\n')
     nan_model(tmp_path / "nan.onnx")
     quantized_model(tmp_path / "q.onnx")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    custom = helper.make_graph([helper.make_node("Relu", ["x"], ["t"]), helper.make_node("Swoosh", ["t"], ["y"], domain="my.ops")],
+                               "g", [x], [y])
+    onnx.save(helper.make_model(custom, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("my.ops", 1)]),
+              tmp_path / "custom.onnx")
+    relu = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])
+    onnx.save(helper.make_model(relu, opset_imports=[helper.make_opsetid("", 99)]), tmp_path / "opset99.onnx")
+    onnx.save(helper.make_model(relu, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "relu.onnx")
+    (tmp_path / "inputs.toml").write_text('extends = "onnxruntime"\n[ops.Conv]\ninputs = [5, 7]\n')
+    (tmp_path / "quantise.toml").write_text('[quantise]\ncalib = "kl"\n')
+    (tmp_path / "images").mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((12, 12, 3), 40 * i, np.uint8)).save(tmp_path / "images" / f"{i}.png")
+    (tmp_path / "resize.toml").write_text("resize = -8\nchannels = \"L\"\n")
+    with np.load(EXAMPLE / "eval.npz") as data:
+        np.savez(tmp_path / "nan_labels.npz", input=data["input"], labels=np.full(len(data["input"]), np.nan))
     return tmp_path
 
 
@@ -167,15 +225,34 @@ CASES = [
     ([EXAMPLE / "model.onnx", "--data", "missing.npz"], "no such file"),
     (["nan.onnx", "--data", "neg.npy"], "tensor logx has NaN or Inf"),
     ([EXAMPLE / "model.onnx", "--input-shape", "image=1x1x8x8", "--data", EXAMPLE / "calib.npz"], "model inputs are input"),
+    (["custom.onnx", "--data", "random"], "custom.onnx: ONNX Runtime cannot load it: my.ops:Swoosh(-1) is not a registered"),
+    (["opset99.onnx", "--data", "random"], "opset99.onnx: ONNX Runtime cannot load it: ONNX Runtime only *guarantees*"),
+    (["relu.onnx", "--data", "random"], "nothing to quantize for target onnxruntime: every node stays float "
+                                        "(1 node(s): the target has no int8 rule for Relu)"),
+    ([EXAMPLE / "model.onnx", "--data", EXAMPLE / "calib.npz", "--holdout", "1000"],
+     "--holdout 1000 leaves nothing to calibrate on: --data has 400 sample(s)"),
+    ([EXAMPLE / "model.onnx", "--data", EXAMPLE / "calib.npz", "--calib", "meanstd", "--meanstd-k", "nan"],
+     "'nan' is not a finite number"),
+    ([EXAMPLE / "model.onnx", "--data", EXAMPLE / "calib.npz", "--meanstd-k", "inf"], "'inf' is not a finite number"),
+    ([EXAMPLE / "model.onnx", "--data", EXAMPLE / "calib.npz", "--min-sqnr", "nan"], "'nan' is not a finite number"),
+    ([EXAMPLE / "model.onnx", "--data", "random:99999999999999999999"], "expected random or random:N with 0 < N <= 4096"),
+    ([EXAMPLE / "model.onnx", "--data", "images", "--preprocess", "resize.toml"],
+     "resize.toml: resize: expected a positive integer, got -8"),
+    ([EXAMPLE / "model.onnx", "--data", EXAMPLE / "calib.npz", "--target", "inputs.toml"],
+     "ops.Conv.inputs: Conv has 3 input(s) (indices 0..2), got [5, 7]"),
+    ([EXAMPLE / "model.onnx", "--data", EXAMPLE / "calib.npz", "--config", "quantise.toml"],
+     "[quantise] is not a qpass command"),
+    ([EXAMPLE / "model.onnx", "--data", EXAMPLE / "calib.npz", "--eval-data", "nan_labels.npz"],
+     "nan_labels.npz: labels must be one class index (an integer >= 0) per sample, got float64 [497]"),
 ]
 
 
 @pytest.mark.parametrize("args, message", CASES, ids=[c[1] for c in CASES])
 def test_bad_input_is_one_line_and_writes_nothing(bad_inputs, args, message):
-    before = sorted(p.name for p in bad_inputs.iterdir())
-    proc = qpass("quantize", *args, "-o", "out.onnx", cwd=bad_inputs)
+    before = tree(bad_inputs)
+    proc = qpass("quantize", *args, "-o", "out.onnx", "--report", "r.json", cwd=bad_inputs)
     assert_one_line_error(proc, 2, message)
-    assert sorted(p.name for p in bad_inputs.iterdir()) == before
+    assert tree(bad_inputs) == before
 
 
 def test_random_data_says_loudly_it_is_not_calibration(tmp_path):

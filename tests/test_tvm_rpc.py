@@ -304,3 +304,29 @@ def test_cli_option_errors(libraries):
     assert_one_line_error(qpass("bench", lib, "--engine", "tvm", "--rpc", "nowhere"), 2, "'nowhere' is not HOST:PORT")
     assert_one_line_error(qpass("rpc-server", "--tracker", "127.0.0.1:9190"), 2, "--tracker needs --key")
     assert_one_line_error(qpass("rpc-server", "--port", "9300", "--port-end", "9200"), 2, "must be above --port")
+
+
+def test_rpc_server_says_where_it_serves_and_only_what_is_true(tracker):
+    """A port in use is an error unless a range is given; "registered" only once the tracker lists it."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert_one_line_error(qpass("rpc-server", "--host", "127.0.0.1", "--port", str(port)), 2,
+                              f"port {port} is in use on 127.0.0.1 (give another --port, or --port-end to search a range)")
+        server = Process(sys.executable, "-m", "qpasses.cli", "rpc-server", "--host", "127.0.0.1", "--port", str(port),
+                         "--port-end", str(port + 50), "--tracker", f"127.0.0.1:{tracker}", "--key", "qboard")
+        try:
+            line = server.wait_for("serving on")
+            served = int(line.split()[2].rstrip(",").rsplit(":", 1)[1])
+            assert port < served < port + 50 and f"registered at 127.0.0.1:{tracker} as qboard" in line
+            from tvm import rpc
+
+            listed = rpc.connect_tracker("127.0.0.1", tracker).summary()["server_info"]
+            assert any(s["key"] == "server:qboard" and s["addr"][-1] == served for s in listed)
+        finally:
+            server.kill()
+    closed = free_port()
+    assert_one_line_error(qpass("rpc-server", "--host", "127.0.0.1", "--port", str(free_port()), "--tracker",
+                                f"127.0.0.1:{closed}", "--key", "k"), 3,
+                          f"cannot reach tracker 127.0.0.1:{closed} key k: Connection refused")

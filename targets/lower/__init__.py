@@ -23,7 +23,8 @@ def engine(name: str) -> ModuleType:
 
 
 def file_kind(path: Path) -> str:
-    """What an artifact looks like from its first bytes: "elf" (a shared library), "tensorrt", or "onnx"."""
+    """What an artifact looks like from its first bytes: "elf" (a shared library), "tensorrt", "onnx"
+    (a protobuf whose first field is ir_version, as every ONNX writer puts it), or "unknown"."""
     try:
         with open(path, "rb") as f:
             head = f.read(64)
@@ -33,15 +34,51 @@ def file_kind(path: Path) -> str:
         return "elf"
     if b"ftrt" in head[:32]:
         return "tensorrt"
-    return "onnx"
+    return "onnx" if head[:1] == b"\x08" else "unknown"
 
 
 def expect_kind(path: Path, engine_name: str) -> None:
-    """A one-line error when the artifact was made for another engine."""
+    """A one-line error when the artifact was made for another engine, or is not whole."""
     kind = file_kind(path)
+    if kind == "unknown":
+        raise InputError(f"{path} is neither an ONNX model, a TensorRT engine nor a shared library")
     if kind == KIND[engine_name]:
+        problem = elf_problem(path) if kind == "elf" else None
+        if problem:  # loading it would crash the process (SIGBUS) instead of failing
+            raise InputError(f"{path} is a damaged shared library: {problem}; build it again with `qpass compile`")
         return
     names = {"elf": "a shared library (a TVM module?)", "tensorrt": "a serialized TensorRT engine", "onnx": "an ONNX model"}
     hint = {"tensorrt": "--engine tensorrt", "onnx": "--engine onnxruntime, or build an engine with `qpass compile`",
             "elf": "--engine tvm"}[kind]
     raise InputError(f"{path} is {names[kind]}, not what --engine {engine_name} runs (use {hint})")
+
+
+def elf_problem(path: Path) -> str | None:
+    """Why an ELF file cannot be whole (a header, section or loaded segment past its end), or None.
+    `dlopen` maps a truncated library and the first touch of a missing page kills the process."""
+    data = path.read_bytes()
+    size = len(data)
+    if size < 64 or data[4] not in (1, 2) or data[5] not in (1, 2):
+        return "its ELF header is cut short"
+    wide, order = data[4] == 2, "little" if data[5] == 1 else "big"
+
+    def field(offset: int, width: int) -> int:
+        return int.from_bytes(data[offset:offset + width], order)
+
+    phoff, shoff = (field(0x20, 8), field(0x28, 8)) if wide else (field(0x1C, 4), field(0x20, 4))
+    base = 0x36 if wide else 0x2A
+    phentsize, phnum, shentsize, shnum = (field(base + 2 * i, 2) for i in range(4))
+    if phoff + phnum * phentsize > size or shoff + shnum * shentsize > size:
+        return f"its header tables end past the file's {size} bytes"
+    for i in range(phnum):  # PT_LOAD segments: p_offset + p_filesz
+        entry = phoff + i * phentsize
+        offset, filesz = (field(entry + 8, 8), field(entry + 0x20, 8)) if wide else (field(entry + 4, 4), field(entry + 16, 4))
+        if field(entry, 4) == 1 and offset + filesz > size:
+            return f"a loaded segment ends at byte {offset + filesz}, past the file's {size}"
+    for i in range(shnum):  # sections with contents (not SHT_NOBITS): sh_offset + sh_size
+        entry = shoff + i * shentsize
+        offset, length = (field(entry + 0x18, 8), field(entry + 0x20, 8)) if wide else \
+            (field(entry + 0x10, 4), field(entry + 0x14, 4))
+        if field(entry + 4, 4) != 8 and offset + length > size:
+            return f"a section ends at byte {offset + length}, past the file's {size}"
+    return None

@@ -24,6 +24,7 @@ import onnx
 import onnxruntime as ort
 
 from qpasses import graph as graph_io
+from qpasses.calibration.runner import check_loads, ort_message
 from qpasses.bench import cpu_description, has_vnni, seeded_inputs, static_shapes
 from qpasses.errors import EngineError
 
@@ -72,7 +73,7 @@ def _session(model: onnx.ModelProto | str, options: ort.SessionOptions) -> ort.I
     try:
         return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise EngineError(f"ONNX Runtime cannot load the model: {str(exc).splitlines()[0]}") from None
+        raise EngineError(f"ONNX Runtime cannot load the model: {ort_message(exc)}") from None
 
 
 def is_quantized(model: onnx.ModelProto) -> bool:
@@ -82,6 +83,7 @@ def is_quantized(model: onnx.ModelProto) -> bool:
 def compile_model(model_path: Path, output: Path, opt_level: str = "extended") -> CompileReport:
     """Optimise `model_path` offline into `output` (atomically) and report what runs in integer."""
     model = graph_io.load_model(model_path)
+    check_loads(model, str(model_path))
     with graph_io.writing(output):  # ORT writes the optimised model itself: to a temp file beside the output
         fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".onnx")
         os.close(fd)

@@ -15,6 +15,7 @@ import os
 import platform
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -165,17 +166,42 @@ def _register_functions() -> None:
     tvm_ffi.register_global_func(SET_THREADS, set_threads, override=True)
 
 
-def serve(host: str, port: int, port_end: int, tracker: str | None, key: str):
-    """Start TVM's RPC server here (registered with `tracker` under `key` if given): a `tvm.rpc.Server`."""
+def serve(host: str, port: int, port_end: int, tracker: str | None, key: str, timeout: float = 10.0):
+    """Start TVM's RPC server on the first free port in [port, port_end), registered with `tracker`
+    under `key` if given: a `tvm.rpc.Server`, returned once it listens (and the tracker lists it)."""
     from tvm import rpc
 
-    tracker_addr = None
-    if tracker:
-        where = Endpoint.parse(tracker)
-        tracker_addr = (where.host, where.port)
+    at = Endpoint.parse(tracker, key, timeout) if tracker else None
+    if at is not None:  # TVM's server would retry an unreachable tracker forever, silently
+        _probe(at)
+        bounded(lambda: rpc.connect_tracker(at.host, at.port).summary(), timeout, f"{at}: not a TVM RPC tracker")
     try:
-        server = rpc.Server(host, port, port_end, key=key, tracker_addr=tracker_addr,
+        server = rpc.Server(host, port, port_end, key=key, tracker_addr=(at.host, at.port) if at else None,
                             server_init_callback=_register_functions)
     except Exception as exc:
-        raise EngineError(f"cannot start the RPC server on {host}:{port}-{port_end}: {last_line(exc)}") from None
+        if "cannot bind" not in str(exc):
+            raise EngineError(f"cannot start the RPC server on {host}:{port}-{port_end}: {last_line(exc)}") from None
+        taken = f"port {port} is in use" if port_end == port + 1 else f"ports {port}..{port_end - 1} are all in use"
+        raise InputError(f"{taken} on {host} (give another --port, or --port-end to search a range)") from None
+    if at is not None:
+        try:
+            _await_registration(at, server.port)
+        except EngineError:
+            server.terminate()
+            raise
     return server
+
+
+def _await_registration(at: Endpoint, port: int) -> None:
+    """Until the tracker lists a server under `at.key` on `port`: only then is it registered."""
+    from tvm import rpc
+
+    deadline = time.monotonic() + at.timeout
+    while True:
+        summary = bounded(lambda: rpc.connect_tracker(at.host, at.port).summary(), at.timeout, f"{at}: tracker summary")
+        if any(s.get("key") == f"server:{at.key}" and list(s.get("addr", []))[-1:] == [port]
+               for s in summary.get("server_info", [])):
+            return
+        if time.monotonic() > deadline:
+            raise EngineError(f"{at} does not list this server within {at.timeout:g} s: not registered")
+        time.sleep(0.2)
