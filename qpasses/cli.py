@@ -35,7 +35,7 @@ from . import graph as graph_io
 from .analyze import Goal, analyze as run_analyze, format_analysis
 from .bench import BenchResult, IncompleteRun, format_bench, measure
 from .encodings import read_encodings, to_encodings
-from .outputs import Files, write_all
+from .outputs import Files
 from .fidelity import compare, format_fidelity
 from .html_report import WORST_SHOWN, input_histograms, layer_sqnr, render
 from .pass_infra import PassContext
@@ -264,7 +264,7 @@ def quantize(model: Path, output: Path | None, cle: bool, cle_replace_relu6: boo
         files[export_encodings] = dumps(to_encodings(result.state.plan, target))
     if html is not None:
         files[html] = _html(json.loads(dumps(record)), result, samples, ctx.batch_size)
-    write_all(files)  # together, once nothing can fail for bad input (the gates fail after the writes)
+    graph_io.write_all(files)  # together, once nothing can fail for bad input (the gates fail after the writes)
     if not ctx.quiet:
         how = f"encodings from {encodings_path}" if encodings_path is not None else \
             f"{ctx.calib_method} activations, {ctx.weight_calib} weights"
@@ -346,7 +346,7 @@ def eval_command(reference: Path, candidate: Path, data: str, preprocess: Path |
         raise InputError("--max-drop needs a classifier (first output [N, classes]); use --min-sqnr")
     failures = result.failures(min_sqnr, max_drop)
     if report is not None:
-        write_all({report: dumps({
+        graph_io.write_all({report: dumps({
             "schema": "qpass.eval", "version": 1, "reference": {"path": str(reference), "sha256": sha256(reference)},
             "candidate": {"path": str(candidate), "sha256": sha256(candidate)}, **result.to_json(),
             "gates": {"min_sqnr": min_sqnr, "max_drop": max_drop, "failed": failures}})})
@@ -393,7 +393,7 @@ def analyze(model: Path, eval_data: str | None, report: Path | None, fallback: b
     files = graph_io.model_files(mixed, output) if fallback else {}
     if report is not None:
         files[report] = dumps(analysis.to_json())
-    write_all(files)
+    graph_io.write_all(files)
     click.echo(format_analysis(analysis))
     if fallback:
         click.echo(f"wrote {output}", err=True)
@@ -471,7 +471,7 @@ def compile_command(model: Path, engine_name: str, output: Path | None, target_n
                        "mattr": mattr, "int_kernel": int_kernel, "quiet": quiet}}[engine_name]
     result = engine(engine_name).compile_model(model, output, **options)
     if report is not None:
-        write_all({report: dumps(result.to_json())})
+        graph_io.write_all({report: dumps(result.to_json())})
     if not quiet:
         integer = ", ".join(f"{op} x{n}" for op, n in result.integer_nodes.items()) or "none"
         click.echo(f"integer kernels: {integer}", err=True)
@@ -563,7 +563,7 @@ def bench(model: Path, engine_name: str, compare: Path | None, warmup: int, runs
         failed = [f"median {median:.3f} ms > --max-latency {max_latency:g} ms"] if median > max_latency else []
         result.gates = {"max_latency": max_latency, "failed": failed}
     if report is not None:
-        write_all({report: dumps(result.to_json())})
+        graph_io.write_all({report: dumps(result.to_json())})
     click.echo(format_bench(result))
     if result.error:
         kept = f"; the runs made before are in {report}" if report is not None else ""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,6 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .errors import InputError, UnsupportedModelError
-from .outputs import write_all
 
 MIN_OPSET = 13
 QUANTIZED_OPS = {
@@ -144,7 +144,7 @@ def model_files(model: onnx.ModelProto, path: Path) -> dict[Path, bytes]:
     onnx.external_data_helper.convert_model_to_external_data(model, all_tensors_to_one_file=True,
                                                              location=data_name, size_threshold=1024)
     blob = bytearray()
-    for tensor in _tensors(model.graph):
+    for tensor in stored_tensors(model.graph):
         if not onnx.external_data_helper.uses_external_data(tensor):
             continue
         blob.extend(b"\0" * (-len(blob) % 4096))  # page-aligned, as onnx.save writes it, for mmap
@@ -155,7 +155,7 @@ def model_files(model: onnx.ModelProto, path: Path) -> dict[Path, bytes]:
     return {path: model.SerializeToString(deterministic=True), path.parent / data_name: bytes(blob)}
 
 
-def _tensors(graph: onnx.GraphProto):
+def stored_tensors(graph: onnx.GraphProto):
     """Every tensor a graph stores: initializers and tensor attributes, subgraphs included."""
     yield from graph.initializer
     for node in graph.node:
@@ -163,7 +163,37 @@ def _tensors(graph: onnx.GraphProto):
             if attr.HasField("t"):
                 yield attr.t
             for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
-                yield from _tensors(sub)
+                yield from stored_tensors(sub)
+
+
+def umask_mode(base: int = 0o666) -> int:
+    """The permissions `open()` (base 0o666) or a linker (0o777) would give a new file; temp
+    files are 0600 until published."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return base & ~mask
+
+
+def write_all(files: dict[Path, bytes]) -> None:
+    """Write every file to a temp file beside it first, then rename them all into place: an error
+    while writing (a full disk, a read-only directory) leaves every earlier file as it was."""
+    staged: list[tuple[str, Path]] = []
+    try:
+        for path, data in files.items():
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+                staged.append((tmp, path))
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                os.chmod(tmp, umask_mode())
+            except OSError as exc:
+                raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    finally:
+        for tmp, _ in staged:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -1,4 +1,5 @@
-"""The files a command reads and writes: all checked before any work, all written together at the end.
+"""The files a command reads and writes, all checked before any work (`graph.write_all` then writes
+the outputs together at the end).
 
 A pipeline must never lose a file: no output may be an input (not even with --force, and not
 through a symlink, a hard link or `./`), two outputs may not be one file, and an output that
@@ -9,7 +10,6 @@ library and the external-data file of an ONNX model.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +18,7 @@ import onnx
 from qpasses.calibration.data import is_random
 
 from .errors import InputError
+from .graph import stored_tensors
 
 
 def written_with(path: Path) -> list[Path]:
@@ -35,8 +36,7 @@ def companions(path: Path) -> list[Path]:
         model = onnx.load(str(path), load_external_data=False)
     except Exception:  # not loadable: the command that reads it says why
         return []
-    tensors = list(model.graph.initializer) + [a.t for n in model.graph.node for a in n.attribute if a.HasField("t")]
-    found = {path.parent / e.value for t in tensors for e in t.external_data if e.key == "location"}
+    found = {path.parent / e.value for t in stored_tensors(model.graph) for e in t.external_data if e.key == "location"}
     return sorted(found)
 
 
@@ -91,32 +91,3 @@ class Files:
                 if os.path.samefile(path, output):
                     return what
         return None
-
-
-def umask_mode() -> int:
-    """The permissions a plain `open()` would give a new file (temp files are 0600 until published)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def write_all(files: dict[Path, bytes]) -> None:
-    """Write every file to a temp file beside it first, then rename them all into place: an error
-    while writing (a full disk, a read-only directory) leaves every earlier file as it was."""
-    staged: list[tuple[str, Path]] = []
-    try:
-        for path, data in files.items():
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-                staged.append((tmp, path))
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                os.chmod(tmp, umask_mode())
-            except OSError as exc:
-                raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
-        for tmp, path in staged:
-            os.replace(tmp, path)
-    finally:
-        for tmp, _ in staged:
-            Path(tmp).unlink(missing_ok=True)

@@ -65,15 +65,20 @@ def test_conv_with_a_runtime_weight_stays_float_and_is_reported(tmp_path):
     from onnx import TensorProto, helper
 
     w = helper.make_tensor("w_in", TensorProto.FLOAT, [3, 2, 1, 1], np.ones(6))
+    w2 = helper.make_tensor("w2", TensorProto.FLOAT, [3, 3, 1, 1], np.linspace(-1, 1, 9))
     nodes = [helper.make_node("Relu", ["w_in"], ["w"], name="make_weight"),
-             helper.make_node("Conv", ["x", "w"], ["y"], name="dynamic_conv")]
+             helper.make_node("Conv", ["x", "w"], ["t"], name="dynamic_conv"),
+             helper.make_node("Conv", ["t", "w2"], ["y"], name="static_conv")]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 4, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 4, 4])], [w])
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 4, 4])], [w, w2])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "m.onnx")
     np.save(tmp_path / "d.npy", np.random.default_rng(0).standard_normal((4, 2, 4, 4)).astype(np.float32))
     result = quantize(tmp_path / "m.onnx", load_target("tensorrt"), tmp_path / "d.npy", PassContext(quiet=True))
     assert result.state.plan.float_nodes["dynamic_conv"] == "its weight is computed at run time, not a constant"
-    assert not any(n.op_type == "QuantizeLinear" for n in result.model.graph.node)
+    assert "static_conv" in result.state.plan.quantized_nodes
+    producer = {o: n.op_type for n in result.model.graph.node for o in n.output}
+    dynamic = next(n for n in result.model.graph.node if n.name == "dynamic_conv")
+    assert [producer.get(i) for i in dynamic.input] == [None, "Relu"]  # no Q/DQ on its input or weight
 
 
 @pytest.mark.parametrize("op, trans_b, w_shape, axis", [

@@ -1,5 +1,8 @@
 """Loading and normalising models: the guarantees every pass relies on."""
 
+import os
+import stat
+
 import numpy as np
 import onnx
 import pytest
@@ -133,3 +136,43 @@ def test_stale_value_info_is_inferred_anew_for_the_given_sizes():
               for v in list(model.graph.value_info) + list(model.graph.output)}
     assert shapes["c"] == [1, 4, 48, 192] and shapes["y"] == [1, 4, 48, 192]
     onnx.checker.check_model(model)  # the graph output keeps a shape: the saved model loads again
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
+def test_written_files_get_the_umask_permissions(tmp_path, mask):
+    old = os.umask(mask)
+    try:
+        graph_io.write_all({tmp_path / "a.json": b"{}", tmp_path / "sub" / "b.onnx": b"\x08"})
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "a.json", tmp_path / "sub" / "b.onnx"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
+
+
+def test_a_failed_write_replaces_nothing(tmp_path):
+    """Every file is staged before any is renamed: one that cannot be written leaves the others as they were."""
+    kept, blocker = tmp_path / "kept.json", tmp_path / "file"
+    kept.write_text("earlier")
+    blocker.write_text("a file, not a directory")
+    with pytest.raises(InputError, match="cannot write"):
+        graph_io.write_all({kept: b"new", blocker / "x.json": b"{}"})
+    assert kept.read_text() == "earlier"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "kept.json"]  # no temp file left behind
+
+
+def test_a_model_past_the_protobuf_limit_is_saved_with_external_data(tmp_path, monkeypatch):
+    """Past 2 GB (here a lowered limit) the weights go to `<name>.data`; ONNX Runtime reads the pair back."""
+    w = np.arange(64 * 64, dtype=np.float32).reshape(64, 64)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
+                              [onnx.numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    monkeypatch.setattr(graph_io, "_EXTERNAL_DATA_LIMIT", 1000)
+    graph_io.save_model(model, tmp_path / "m.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+    assert (tmp_path / "m.onnx").stat().st_size < 1000 and len(model.graph.initializer[0].raw_data) == w.nbytes
+    import onnxruntime as ort
+
+    x = np.ones((1, 64), np.float32)
+    np.testing.assert_array_equal(ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"x": x})[0], x @ w)

@@ -5,7 +5,9 @@ whose outputs match ONNX Runtime running the Q/DQ graph; the ARM build is an aar
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 
 import numpy as np
 import onnx
@@ -163,6 +165,10 @@ def test_compile_is_deterministic(tmp_path):
     compile_model(qdq, tmp_path / "a.so")
     compile_model(qdq, tmp_path / "b.so")
     assert (tmp_path / "a.so").read_bytes() == (tmp_path / "b.so").read_bytes()
+    mask = os.umask(0o022)
+    os.umask(mask)  # a library gets what a linker gives one it creates, its sidecar what open() gives
+    assert stat.S_IMODE((tmp_path / "a.so").stat().st_mode) == 0o777 & ~mask
+    assert stat.S_IMODE((tmp_path / "a.so.json").stat().st_mode) == 0o666 & ~mask
 
 
 def test_cli_compile_and_bench_against_float(tmp_path):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import stat
 
 import numpy as np
 import onnx
@@ -11,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from qpasses.errors import InputError
-from qpasses.outputs import Files, companions, write_all
+from qpasses.outputs import Files, companions
 
 
 def external_model(path):
@@ -69,25 +68,3 @@ def test_existing_outputs_need_force_and_parents_must_be_directories(tmp_path, m
     with pytest.raises(InputError, match=f"{model} is not a directory"):
         Files({}, {"--report": model / "r.json"})
     Files({"the --data file": "random:8"}, {"-o": tmp_path / "new" / "deeper" / "o.onnx"})  # created when written
-
-
-@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
-def test_written_files_get_the_umask_permissions(tmp_path, mask):
-    old = os.umask(mask)
-    try:
-        write_all({tmp_path / "a.json": b"{}", tmp_path / "sub" / "b.onnx": b"\x08"})
-    finally:
-        os.umask(old)
-    for path in (tmp_path / "a.json", tmp_path / "sub" / "b.onnx"):
-        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
-
-
-def test_a_failed_write_replaces_nothing(tmp_path):
-    """Every file is staged before any is renamed: one that cannot be written leaves the others as they were."""
-    kept, blocker = tmp_path / "kept.json", tmp_path / "file"
-    kept.write_text("earlier")
-    blocker.write_text("a file, not a directory")
-    with pytest.raises(InputError, match="cannot write"):
-        write_all({kept: b"new", blocker / "x.json": b"{}"})
-    assert kept.read_text() == "earlier"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "kept.json"]  # no temp file left behind

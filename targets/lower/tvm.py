@@ -193,6 +193,7 @@ def _export(executable, output: Path, cross_compiler: str) -> None:
     try:
         fcompile = cc.cross_compiler(cross_compiler) if cross_compiler else None
         executable.export_library(tmp, fcompile=fcompile)
+        os.chmod(tmp, graph_io.umask_mode(0o777))  # as the linker gives a library it creates
         os.replace(tmp, output)
     except Exception as exc:
         hint = f" (is {cross_compiler} installed? Debian: gcc-aarch64-linux-gnu)" if cross_compiler else ""
