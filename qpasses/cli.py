@@ -35,9 +35,9 @@ from . import graph as graph_io
 from .analyze import Goal, analyze as run_analyze, format_analysis
 from .bench import BenchResult, IncompleteRun, format_bench, measure
 from .encodings import read_encodings, to_encodings
-from .outputs import Files
 from .fidelity import compare, format_fidelity
 from .html_report import WORST_SHOWN, input_histograms, layer_sqnr, render
+from .outputs import Files
 from .pass_infra import PassContext
 from .pipeline import ALL_PASSES, Techniques, quantize as run_quantize, shapes_from_data
 from .report import dumps, quantize_report, sha256
@@ -137,7 +137,7 @@ def calibration_options(command):
         click.option("--meanstd-k", type=FiniteFloat(), help="k of mean +/- k*std for meanstd [default: 3]."),
         click.option("--data", "-d",
                      help="Calibration inputs: a .npy/.npz file, a directory of them, a directory of images, "
-              "or 'random[:N]' (a smoke test, not calibration)."),
+                          "or 'random[:N]' (a smoke test, not calibration)."),
         click.option("--preprocess", type=click.Path(path_type=Path), help="Preprocessing spec (TOML) for an image directory."),
         click.option("--input-shape", multiple=True, metavar="NAME=1x3x224x224", help="Sizes for dynamic input dimensions."),
         click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1)),
