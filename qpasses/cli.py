@@ -191,6 +191,9 @@ def _setup(opts: dict) -> tuple:
 @click.option("--min-sqnr", type=FiniteFloat(), help="Gate: exit 1 if the worst output's SQNR is below this many dB.")
 @click.option("--max-drop", type=FiniteFloat(min=0),
               help="Gate: exit 1 if top-1 falls more than this many points below the float model's.")
+@click.option("--min-int8-coverage", type=FiniteFloat(0, 100), metavar="PERCENT",
+              help="Gate: exit 1 if less than this share of the planned int8 conv/matmul MACs runs in the engine's "
+                   "integer kernels (targets that name their engine: onnxruntime).")
 @click.option("--html", type=click.Path(path_type=Path),
               help="Write a self-contained HTML page: summary, SQNR per layer, histograms of the worst layers' inputs.")
 @click.option("--latency", type=click.Path(path_type=Path), help="With --html: a `qpass bench --report` file to show.")
@@ -201,7 +204,8 @@ def _setup(opts: dict) -> tuple:
 @click.option("--force", is_flag=True, help="Replace outputs that already exist (without it qpass refuses).")
 def quantize(model: Path, output: Path | None, cle: bool, cle_replace_relu6: bool, bn_recal: bool,
              bias_correction: str | None, adaround: bool, adaround_iters: int, report: Path | None,
-             eval_data: str | None, min_sqnr: float | None, max_drop: float | None, html: Path | None,
+             eval_data: str | None, min_sqnr: float | None, max_drop: float | None,
+             min_int8_coverage: float | None, html: Path | None,
              latency: Path | None, export_encodings: Path | None, encodings_path: Path | None, force: bool,
              **opts) -> None:
     """Quantize MODEL for a target and write a Q/DQ ONNX model.
@@ -222,6 +226,9 @@ def quantize(model: Path, output: Path | None, cle: bool, cle_replace_relu6: boo
            {"-o": output, "--report": report, "--html": html, "--export-encodings": export_encodings})
     techniques = Techniques(cle=cle, cle_replace_relu6=cle_replace_relu6, bn_recal=bn_recal, bias_correction=bias_correction,
                             adaround=adaround, adaround_iterations=adaround_iters)
+    if min_int8_coverage is not None and not target.engine:
+        raise InputError(f"--min-int8-coverage reads the engine's optimised graph: target {target.name} names no engine "
+                         "(use --target onnxruntime, or set engine = \"onnxruntime\" in the target file)")
     if latency is not None and html is None:
         raise InputError("--latency goes with --html")
     bench_record = _read_json(latency, "--latency") if latency is not None else None
@@ -249,13 +256,20 @@ def quantize(model: Path, output: Path | None, cle: bool, cle_replace_relu6: boo
         if max_drop is not None and evaluation.metric is None:
             raise InputError("--max-drop needs a classifier (first output [N, classes]); use --min-sqnr")
         failures = evaluation.failures(min_sqnr, max_drop)
+    coverage = engine(target.engine).int8_coverage(result.model) if target.engine else None
+    if min_int8_coverage is not None and coverage is not None and coverage.share is not None \
+            and 100 * coverage.share < min_int8_coverage:
+        failures.append(f"int8 coverage {100 * coverage.share:.1f}% < --min-int8-coverage {min_int8_coverage:g}%")
     files = graph_io.model_files(result.model, output)
     record = quantize_report(result, ctx, techniques, model, output, files[output], conformance)
     record["calibration"]["data"] = opts["data"]
     if evaluation is not None:
         record["fidelity"]["evaluation"] = {"data": eval_data or "held back from --data", **evaluation.to_json()}
-    if min_sqnr is not None or max_drop is not None:
-        record["gates"] = {"min_sqnr": min_sqnr, "max_drop": max_drop, "failed": failures}
+    if coverage is not None:
+        record["engine"] = {"name": target.engine, **coverage.to_json()}
+    if min_sqnr is not None or max_drop is not None or min_int8_coverage is not None:
+        record["gates"] = {"min_sqnr": min_sqnr, "max_drop": max_drop, "min_int8_coverage": min_int8_coverage,
+                           "failed": failures}
     if bench_record is not None:
         record["latency"] = bench_record
     if report is not None:
@@ -269,6 +283,8 @@ def quantize(model: Path, output: Path | None, cle: bool, cle_replace_relu6: boo
         how = f"encodings from {encodings_path}" if encodings_path is not None else \
             f"{ctx.calib_method} activations, {ctx.weight_calib} weights"
         _print_summary(result, output, how)
+        if coverage is not None:
+            _print_coverage(target.engine, coverage)
         if evaluation is not None:
             click.echo(f"evaluation: {format_fidelity(evaluation)}", err=True)
     if not conformance.ok:
@@ -647,6 +663,19 @@ def _print_summary(result, output: Path, methods: str) -> None:
     echo(f"wrote {output}")
 
 
+def _print_coverage(engine_name: str, coverage) -> None:
+    """What the engine runs of the int8 plan: the share in integer kernels, and why the rest is float."""
+    click.echo(f"{engine_name}: {coverage.summary()}", err=True)
+    for node in [n for n in coverage.nodes if not n.integer][:FLOAT_SHOWN]:
+        click.echo(f"  runs float: {node.name} ({node.op}, {node.macs / 1e6:.1f} M MACs): {node.reason}", err=True)
+    hidden = sum(not n.integer for n in coverage.nodes) - FLOAT_SHOWN
+    if hidden > 0:
+        click.echo(f"  ... and {hidden} more (--report lists them all)", err=True)
+
+
+FLOAT_SHOWN = 10  # planned-int8 nodes that run float, listed in the summary
+
+
 @cli.group(invoke_without_command=True)
 @click.pass_context
 def targets(ctx: click.Context) -> None:
@@ -689,6 +718,12 @@ def targets_show(name: str) -> None:
         click.echo("  supergroups (no Q/DQ inside): " + ", ".join(" + ".join(g) for g in t.supergroups))
     if t.float_ops:
         click.echo("  kept in float: " + ", ".join(t.float_ops))
+    if t.fusion:
+        click.echo("  fusion: an op runs in integer only as a whole DequantizeLinear -> op -> QuantizeLinear group; "
+                   "Q/DQ only where such a group needs it" + (f"; float output allowed: {', '.join(t.fusion.float_output)}"
+                                                             if t.fusion.float_output else ""))
+    if t.engine:
+        click.echo(f"  engine: {t.engine} (quantize reads its optimised graph back: int8 coverage)")
 
 
 @cli.command()

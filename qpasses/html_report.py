@@ -76,7 +76,8 @@ def render(record: dict, sqnr_by_layer: dict[str, float], histograms: list[Histo
     `qpass bench --report` record of its artifact."""
     target = record["target"]["name"]
     title = f"qpass: {record['input']['path']} for {target}"
-    sections = [_summary(record), _sqnr_bars(sqnr_by_layer), _histograms(histograms), _placement(record)]
+    sections = [_summary(record), _engine(record.get("engine")), _sqnr_bars(sqnr_by_layer), _histograms(histograms),
+                _placement(record)]
     if bench:
         sections.append(_latency(bench))
     body = "\n".join(sections)
@@ -93,6 +94,20 @@ th {{ background: #f3f3f3; }} .fail {{ color: #b00020; font-weight: 600; }} .ok 
 {body}
 </body></html>
 """
+
+
+def _engine(engine: dict | None) -> str:
+    """What the engine's own optimised graph runs of the int8 plan (the report's `engine`)."""
+    if not engine or engine["int8_coverage"] is None:
+        return ""
+    head = (f"<h2>What {_e(engine['name'])} runs</h2>\n<p>{100 * engine['int8_coverage']:.1f}% of the planned int8 "
+            f"conv/matmul MACs run in integer kernels ({engine['integer']} of {engine['planned']} nodes); "
+            f"{len(engine['overhead_qdq'])} Q/DQ pair(s) feed no integer kernel.</p>")
+    if not engine["float_nodes"]:
+        return head
+    rows = "\n".join(f"<tr><td><code>{_e(n['name'])}</code></td><td>{_e(n['op'])} as {_e(n['kernel'])}</td>"
+                     f"<td>{n['macs'] / 1e6:.1f} M</td><td>{_e(n['reason'])}</td></tr>" for n in engine["float_nodes"])
+    return f"{head}\n<table><tr><th>planned int8, runs float</th><th>op</th><th>MACs</th><th>why</th></tr>\n{rows}</table>"
 
 
 def _summary(record: dict) -> str:

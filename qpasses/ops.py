@@ -68,3 +68,18 @@ def weight_axis(node: gs.Node) -> int:
     """The output-channel axis of a weighted node's weight."""
     spec = WEIGHTED_OPS[node.op]
     return spec.weight_axis(node.attrs, len(node.inputs[spec.weight_input].shape))
+
+
+def macs(op: str, attrs: dict, input_shapes: list[tuple[int, ...]], output_shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates of one weighted op: output elements times the length of the sum behind
+    each, read off the weight, whose shape is always known (ConvTranspose: input elements times its
+    fan-out). An unknown shape (an empty tuple) counts 0."""
+    x, w = input_shapes
+    outputs = int(np.prod(output_shape, dtype=np.int64)) if output_shape else 0
+    if op == "Conv":
+        return outputs * int(np.prod(w[1:], dtype=np.int64))
+    if op == "ConvTranspose":
+        return int(np.prod(x, dtype=np.int64)) * int(np.prod(w[1:], dtype=np.int64)) if x else 0
+    if op == "Gemm":
+        return outputs * w[1 if attrs.get("transB", 0) else 0] if w else 0
+    return outputs * (w[-2] if len(w) >= 2 else x[-1] if x else 0)  # MatMul

@@ -21,6 +21,7 @@ class ActivationQuant:
     tensor: str
     consumers: list[Edge]
     share: str = ""  # anchor tensor of the quantizer this tensor shares (itself when alone)
+    written: bool = False  # quantized for its producer's integer kernel to write (fusing engines)
 
 
 @dataclass
@@ -90,10 +91,12 @@ class QuantPlan:
             return self
         layer_of = self.layer_of()
         is_float = lambda node: layer_of.get(node, node) in layers  # noqa: E731
+        writer = {t: n for n, t in self.node_outputs.items()}
         activations = {}
         for name, act in self.activations.items():
             consumers = [e for e in act.consumers if not is_float(e[0])]
-            if consumers or name in self.model_outputs:
+            quantized_readers = [e for e in consumers if e[0] not in self.float_nodes]  # not passive float readers
+            if quantized_readers or name in self.model_outputs or (act.written and not is_float(writer.get(name, ""))):
                 activations[name] = replace(act, consumers=consumers)
         return replace(
             self,

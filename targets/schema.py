@@ -71,6 +71,17 @@ class TvmDevice:
 
 
 @dataclass(frozen=True)
+class Fusion:
+    """The `[fusion]` table, for engines that turn DequantizeLinear -> op -> QuantizeLinear groups into
+    integer kernels (ONNX Runtime's QDQ selectors): an op under [ops] runs in integer only when every
+    input its rule names comes from a DequantizeLinear and, unless listed in `float_output`, a
+    QuantizeLinear that nothing else bypasses reads its output. qpass then places exactly the Q/DQ
+    such kernels read or write, and every reader of a quantized tensor reads its DequantizeLinear."""
+
+    float_output: tuple[str, ...] = ()  # ops whose integer kernel may write float (QGemm, MatMulIntegerToFloat)
+
+
+@dataclass(frozen=True)
 class Target:
     name: str
     summary: str
@@ -86,6 +97,8 @@ class Target:
     supergroups: tuple[tuple[str, ...], ...]
     float_ops: tuple[str, ...]
     tvm: TvmDevice | None = None  # where `qpass compile --engine tvm` builds for, if the target runs on TVM
+    engine: str = ""  # the engine whose own optimised graph `quantize` reads back (int8 coverage): "onnxruntime"
+    fusion: Fusion | None = None  # how the engine fuses Q/DQ groups, when it does (see Fusion)
     source: str = ""
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -240,6 +253,14 @@ def _input_count(op: str) -> int | None:
     return count if count < 2**16 else None
 
 
+def _fusion(f: _Fields) -> Fusion:
+    float_output = f.take("float_output", list, [])
+    if not all(isinstance(o, str) for o in float_output):
+        raise f.fail("float_output", "expected a list of op types")
+    f.done()
+    return Fusion(float_output=tuple(float_output))
+
+
 def _tvm_device(f: _Fields) -> TvmDevice:
     llvm = f.take("llvm", dict)
     if llvm.get("kind") != "llvm":
@@ -276,6 +297,8 @@ def _from_dict(data: dict[str, Any], source: str) -> Target:
         supergroups=tuple(tuple(g) for g in supergroups),
         float_ops=tuple(float_ops),
         tvm=_tvm_device(f.table("tvm")) if "tvm" in f.data else None,
+        engine=f.choice("engine", ("", "onnxruntime"), ""),
+        fusion=_fusion(f.table("fusion")) if "fusion" in f.data else None,
         source=source,
         raw=dict(data),
     )

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 from conftest import EXAMPLE, ZOO_NAMES
 from qpasses.bench import has_vnni
@@ -15,7 +16,8 @@ from qpasses.calibration.runner import session
 from qpasses.pass_infra import PassContext
 from qpasses.pipeline import quantize, sqnr
 from qpasses.targets import load_target
-from qpasses.targets.lower.onnxruntime import Runner, compile_model
+from qpasses.targets.check import check_model
+from qpasses.targets.lower.onnxruntime import INTEGER_OPS, Runner, compile_model, int8_coverage, optimized
 from test_cli import assert_one_line_error, qpass
 
 WEIGHTED = {"Conv", "Gemm", "MatMul", "ConvTranspose"}
@@ -109,3 +111,123 @@ def test_bad_input_is_one_line(tmp_path, args, code, text):
     (tmp_path / "blocked").write_text("")
     names = {"plan": tmp_path / "m.plan", "so": tmp_path / "m.so", "qdq": qdq, "blocked": tmp_path / "blocked"}
     assert_one_line_error(qpass(*[str(a).format(**names) for a in args]), code, text)
+
+
+def fusion_case(op: str) -> onnx.ModelProto:
+    """The smallest DequantizeLinear -> op -> QuantizeLinear group for an op of the target's [ops]."""
+    rng = np.random.default_rng(0)
+    weights = {"Conv": [3, 4, 3, 3], "Gemm": [4, 5], "MatMul": [6, 5]}
+    shape = [1, 4] if op == "Gemm" else [1, 4, 6, 6]
+    inits = [numpy_helper.from_array(np.array(0.02, np.float32), "s"), numpy_helper.from_array(np.array(128, np.uint8), "z")]
+    nodes, inputs, args = [], [], []
+    for i in range(2 if op in ("Add", "Mul", "Concat") or op in weights else 1):
+        if i == 1 and op in weights:
+            inits += [numpy_helper.from_array(rng.integers(-60, 60, weights[op]).astype(np.int8), "w"),
+                      numpy_helper.from_array(np.array(0.01, np.float32), "ws"),
+                      numpy_helper.from_array(np.array(0, np.int8), "wz")]
+            nodes.append(helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["w_dq"]))
+            args.append("w_dq")
+            continue
+        nodes += [helper.make_node("QuantizeLinear", [f"x{i}", "s", "z"], [f"x{i}_q"]),
+                  helper.make_node("DequantizeLinear", [f"x{i}_q", "s", "z"], [f"x{i}_dq"])]
+        inputs.append(helper.make_tensor_value_info(f"x{i}", TensorProto.FLOAT, shape))
+        args.append(f"x{i}_dq")
+    extra = {"Reshape": np.array([1, -1], np.int64), "Squeeze": np.array([0], np.int64),
+             "Unsqueeze": np.array([0], np.int64), "Resize": np.array([1, 1, 2, 2], np.float32)}
+    if op in extra:
+        inits.append(numpy_helper.from_array(extra[op], "extra"))
+        args += ["", "extra"] if op == "Resize" else ["extra"]
+    attrs = {"Concat": {"axis": 1}, "MaxPool": {"kernel_shape": [2, 2]}, "AveragePool": {"kernel_shape": [2, 2]},
+             "Transpose": {"perm": [0, 2, 3, 1]}}.get(op, {})
+    nodes += [helper.make_node(op, args, ["y"], name="target", **attrs),
+              helper.make_node("QuantizeLinear", ["y", "s", "z"], ["y_q"]),
+              helper.make_node("DequantizeLinear", ["y_q", "s", "z"], ["out"])]
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("op", sorted(load_target("onnxruntime").ops))
+def test_every_op_the_target_quantizes_runs_on_int8_in_onnxruntime(op):
+    """The target file's [ops] are engine facts: ORT's optimiser turns each group into an integer
+    kernel (QLinear*, QGemm) or runs the op on the int8 values (Reshape, MaxPool, ...). An ORT
+    upgrade that changes a fusion fails here."""
+    runs = optimized(fusion_case(op)).graph.node
+    producer = {o: n.op_type for n in runs for o in n.output}
+    node = next(n for n in runs if n.name == "target")
+    on_int8 = producer.get(node.input[0]) == "QuantizeLinear"
+    assert node.op_type in INTEGER_OPS or (node.op_type == op and on_int8), [n.op_type for n in runs]
+
+
+def hard_swish_and_layer_norm(path):
+    """What Paddle and YOLO exports hold: hard-swish as x * HardSigmoid(x) and as x * Clip(x + 3) / 6,
+    a MatMul with its bias as a separate Add, a LayerNorm written out (ReduceMean, Pow, Sqrt)."""
+    rng = np.random.default_rng(0)
+    w = lambda name, *shape: numpy_helper.from_array((rng.standard_normal(shape) * 0.3).astype(np.float32), name)  # noqa: E731
+    c = lambda name, value: numpy_helper.from_array(np.array(value, np.float32), name)  # noqa: E731
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("HardSigmoid", ["c1"], ["g1"], name="hsig", alpha=1 / 6),
+        helper.make_node("Mul", ["c1", "g1"], ["h1"], name="hswish1"),
+        helper.make_node("Conv", ["h1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1], group=8),
+        helper.make_node("Add", ["c2", "three"], ["a2"], name="plus3"),
+        helper.make_node("Clip", ["a2", "zero", "six"], ["k2"], name="clip"),
+        helper.make_node("Mul", ["c2", "k2"], ["m2"], name="times"),
+        helper.make_node("Div", ["m2", "six"], ["h2"], name="over6"),
+        helper.make_node("Conv", ["h2", "w3"], ["c3"], name="conv3"),  # no bias, as exporters often leave it
+        helper.make_node("Flatten", ["c3"], ["f"], name="flat"),
+        helper.make_node("MatMul", ["f", "w4"], ["mm"], name="matmul"),
+        helper.make_node("Add", ["mm", "b4"], ["y"], name="bias"),
+        helper.make_node("ReduceMean", ["y"], ["mean"], name="mean", axes=[1]),
+        helper.make_node("Sub", ["y", "mean"], ["d"], name="centre"),
+        helper.make_node("Pow", ["d", "two"], ["d2"], name="square"),
+        helper.make_node("ReduceMean", ["d2"], ["var"], name="var", axes=[1]),
+        helper.make_node("Sqrt", ["var"], ["std"], name="std"),
+        helper.make_node("Div", ["d", "std"], ["out"], name="normalise"),
+    ]
+    inits = [w("w1", 8, 3, 3, 3), w("b1", 8), w("w2", 8, 1, 3, 3), w("b2", 8), w("w3", 4, 8, 1, 1),
+             w("w4", 4 * 8 * 8, 16), w("b4", 16), c("three", 3.0), c("zero", 0.0), c("six", 6.0), c("two", 2.0)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 16])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    np.save(path.with_suffix(".npy"), rng.standard_normal((24, 3, 8, 8)).astype(np.float32))
+    return path
+
+
+def test_the_plan_runs_in_integer_as_planned(tmp_path):
+    """Every node the plan quantizes runs an integer kernel in ORT, every conv/matmul MAC runs in
+    integer, and no Q/DQ pair is a round trip that no integer kernel reads or writes."""
+    source = hard_swish_and_layer_norm(tmp_path / "m.onnx")
+    result = quantize(source, load_target("onnxruntime"), source.with_suffix(".npy"), PassContext(quiet=True))
+    coverage = int8_coverage(result.model)
+    assert coverage.share == 1.0 and coverage.overhead == [], coverage.to_json()
+    assert {n.name for n in coverage.nodes} == {"conv1", "conv2", "conv3", "matmul"}
+    runs = {n.name: n.op_type for n in optimized(result.model).graph.node}
+    assert {name: runs[name] for name in result.state.plan.quantized_nodes if runs[name] not in INTEGER_OPS} == \
+        {"flat": "Flatten"}  # runs on the int8 values, between QLinearConv and QLinearMatMul's float-output form
+    assert result.state.plan.float_nodes["bias"].startswith("the engine fuses Add only with every input dequantized")
+    assert check_model(result.model, load_target("onnxruntime")).ok
+    assert result.score_db > 25  # measured 31 dB on the held-back samples
+
+
+def test_coverage_names_why_a_planned_layer_runs_float(tmp_path):
+    """Planned for a target without ORT's fusion facts, the hard-swish convs keep a float reader
+    beside their QuantizeLinear, and ORT runs them in float: the coverage says so, by MACs."""
+    source = hard_swish_and_layer_norm(tmp_path / "m.onnx")
+    target = tmp_path / "plain.toml"
+    target.write_text('extends = "fbgemm"\nname = "plain"\nengine = "onnxruntime"\n')
+    model = quantize(source, load_target(str(target)), source.with_suffix(".npy"), PassContext(quiet=True)).model
+    coverage = int8_coverage(model)
+    float_nodes = {n.name: n.reason for n in coverage.nodes if not n.integer}
+    assert float_nodes["conv1"] == ("its output also goes to HardSigmoid unquantized: ORT fuses Conv only when one "
+                                    "QuantizeLinear is its output's only reader")
+    assert 0 < coverage.share < 1 and coverage.overhead
+    proc = qpass("quantize", source, "-t", target, "-d", source.with_suffix(".npy"), "-o", tmp_path / "q.onnx",
+                 "--report", tmp_path / "r.json", "--html", tmp_path / "r.html", "--min-int8-coverage", "99")
+    assert proc.returncode == 1 and "int8 coverage" in proc.stderr and "runs float: conv1 (Conv" in proc.stderr
+    page = (tmp_path / "r.html").read_text()
+    assert "What onnxruntime runs" in page and "<code>conv1</code></td><td>Conv as Conv" in page
+    record = json.loads((tmp_path / "r.json").read_text())
+    assert record["engine"]["int8_coverage"] == pytest.approx(coverage.share)
+    assert record["gates"]["failed"][0].startswith("int8 coverage")
+    assert_one_line_error(qpass("quantize", source, "-t", "tensorrt", "-d", source.with_suffix(".npy"), "-o",
+                                tmp_path / "t.onnx", "--min-int8-coverage", "99"), 2, "target tensorrt names no engine")

@@ -133,6 +133,8 @@ def build_plan(graph: gs.Graph, target: Target) -> QuantPlan:
         return True
 
     share_nodes = []
+    wanted: dict[str, list[str]] = {}  # quantized node -> the activation tensors its rule quantizes
+    constants: dict[str, list[str]] = {}  # quantized node -> float constants among its rule's inputs
     for node in graph.nodes:
         rule = target.ops.get(node.op)
         if node.op in target.float_ops:
@@ -169,6 +171,10 @@ def build_plan(graph: gs.Graph, target: Target) -> QuantPlan:
         added = [add_edge(node.inputs[idx], node, idx) for idx in indices if idx not in skip]
         if 1 in skip or any(added):
             plan.quantized_nodes.append(node.name)
+            wanted[node.name] = [node.inputs[idx].name for idx in indices if idx not in skip
+                                 and (node.name, idx) in edges.get(node.inputs[idx].name, [])]
+            constants[node.name] = [node.inputs[idx].name for idx in indices if idx not in skip
+                                    and isinstance(node.inputs[idx], gs.Constant) and _is_float(node.inputs[idx])]
         else:
             plan.float_nodes[node.name] = "no float activation input to quantize (all inside a supergroup or constant)"
         if rule.share:
@@ -187,21 +193,76 @@ def build_plan(graph: gs.Graph, target: Target) -> QuantPlan:
                 edges.setdefault(tensor.name, [])
                 plan.model_outputs.append(tensor.name)
 
+    written = _fit_fusion(graph, target, plan, edges, wanted, constants, groups, inner) if target.fusion else set()
+
     producer_order = {t.name: i for i, t in enumerate(graph.inputs)}
     for i, node in enumerate(graph.nodes):
         for out in node.outputs:
             producer_order[out.name] = len(graph.inputs) + i
     shares = _Shares(producer_order)
-    for node in share_nodes:
+    for node in [n for n in share_nodes if n.name in plan.quantized_nodes]:
         members = [t.name for t in node.inputs if t.name in edges] + [node.outputs[0].name]
         for name in members[1:]:
             shares.union(members[0], name)
 
     for name in sorted(edges, key=lambda n: (producer_order.get(n, -1), n)):
-        plan.activations[name] = ActivationQuant(name, edges[name], shares.find(name))
+        plan.activations[name] = ActivationQuant(name, edges[name], shares.find(name), name in written)
     for act in plan.activations.values():
         plan.shares.setdefault(act.share, []).append(act.tensor)
     # a bias can be integer only if its input really is quantized per tensor
-    plan.biases = [b for b in plan.biases if b.input_tensor in plan.activations
+    plan.weights = [w for w in plan.weights if w.node in plan.quantized_nodes]
+    plan.biases = [b for b in plan.biases if b.node in plan.quantized_nodes and b.input_tensor in plan.activations
                    and any(e[0] == b.node for e in plan.activations[b.input_tensor].consumers)]
     return plan
+
+
+def _fit_fusion(graph: gs.Graph, target: Target, plan: QuantPlan, edges: dict[str, list[Edge]],
+                wanted: dict[str, list[str]], constants: dict[str, list[str]], groups: list[list[gs.Node]],
+                inner: set[Edge]) -> set[str]:
+    """For an engine that fuses DequantizeLinear -> op -> QuantizeLinear groups (`[fusion]`): keep
+    exactly the Q/DQ that an integer kernel reads or writes, quantize each weighted layer's output
+    so that the layer can fuse, and let every reader of a quantized tensor read the dequantized
+    value (a reader that bypasses the QuantizeLinear stops the producer's fusion). Returns the
+    tensors quantized for their producer's sake (an integer kernel writes them)."""
+    nodes = {n.name: n for n in graph.nodes}
+    tail = {g[0].name: g[-1] for g in groups}  # a supergroup writes its last node's output
+    out_of = {n: (tail.get(n) or nodes[n]).outputs[0].name for n in plan.quantized_nodes}
+    writer = {t: n for n, t in out_of.items()}
+    model_outputs = {t.name for t in graph.outputs} - set(plan.model_outputs)
+    needs_out = {n for n in plan.quantized_nodes if nodes[n].op not in target.fusion.float_output}
+    for name in needs_out:
+        if nodes[name].op in WEIGHTED_OPS and out_of[name] not in model_outputs:
+            edges.setdefault(out_of[name], [])
+    quantized = set(edges)
+
+    def fuses(name: str) -> bool:  # a float constant input (a bias Add's bias) has no DequantizeLinear either
+        if constants[name] or not all(t in quantized for t in wanted[name]):
+            return False
+        return name not in needs_out or (out_of[name] in quantized and out_of[name] not in model_outputs)
+
+    changed = True
+    while changed:  # drop Q/DQ that no fused kernel reads or writes, until nothing changes
+        changed = False
+        for tensor in sorted(quantized - set(plan.model_outputs)):
+            read = any(fuses(c) for c, _ in edges[tensor] if tensor in wanted.get(c, []))
+            if not read and not (tensor in writer and fuses(writer[tensor])):
+                quantized.discard(tensor)
+                changed = True
+    for name in [n for n in plan.quantized_nodes if not fuses(n)]:
+        plan.quantized_nodes.remove(name)
+        op = nodes[name].op
+        plan.float_nodes[name] = (
+            f"the engine fuses {op} only with every input dequantized, and one is a float constant"
+            if constants[name] else
+            f"the engine fuses {op} only with every input dequantized, and one has no integer kernel writing or "
+            "reading it" if any(t not in quantized for t in wanted[name]) else
+            f"the engine fuses {op} only with its output quantized, and that is "
+            + ("a model output" if out_of[name] in model_outputs else "read by float ops only"))
+    tensors = graph.tensors()
+    for tensor in list(edges):
+        if tensor not in quantized:
+            del edges[tensor]
+            continue
+        edges[tensor] = [(reader.name, idx) for reader in tensors[tensor].outputs if nodes.get(reader.name) is reader
+                         for idx, t in enumerate(reader.inputs) if t.name == tensor and (reader.name, idx) not in inner]
+    return {t for t in quantized if t in writer and fuses(writer[t])}

@@ -13,7 +13,6 @@ node except Q/DQ runs in float and is listed.
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,6 +26,7 @@ from qpasses import graph as graph_io
 from qpasses.calibration.runner import check_loads, ort_message
 from qpasses.bench import cpu_description, has_vnni, seeded_inputs, static_shapes
 from qpasses.errors import EngineError
+from qpasses.ops import WEIGHTED_OPS, macs
 
 LEVELS = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
           "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
@@ -53,6 +53,7 @@ class CompileReport:
     float_nodes: list[dict] = field(default_factory=list)  # {name, op}
     qdq_nodes: dict[str, int] = field(default_factory=dict)  # Q/DQ ORT left in place
     warnings: list[str] = field(default_factory=list)
+    coverage: dict = field(default_factory=dict)  # Int8Coverage.to_json(): planned int8 vs what runs integer
 
     def to_json(self) -> dict:
         return {"schema": "qpass.compile", "version": 1, **asdict(self)}
@@ -80,28 +81,136 @@ def is_quantized(model: onnx.ModelProto) -> bool:
     return any(n.op_type in QDQ_OPS | INTEGER_OPS for n in model.graph.node)
 
 
+def optimized(model: onnx.ModelProto, level: str = "extended", directory: Path | None = None) -> onnx.ModelProto:
+    """The graph ONNX Runtime runs for `model`: its own optimiser's output at `level` (Q/DQ fusion
+    happens at "extended"), saved by ORT to a temp file in `directory` and read back."""
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".qpass-ort-") as tmp:
+        options = _options(LEVELS[level])
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        _session(model, options)
+        return onnx.load(options.optimized_model_filepath)
+
+
 def compile_model(model_path: Path, output: Path, opt_level: str = "extended") -> CompileReport:
     """Optimise `model_path` offline into `output` (atomically) and report what runs in integer."""
     model = graph_io.load_model(model_path)
     check_loads(model, str(model_path))
     with graph_io.writing(output):  # ORT writes the optimised model itself: to a temp file beside the output
-        fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".onnx")
-        os.close(fd)
-    try:
-        options = _options(LEVELS[opt_level])
-        options.optimized_model_filepath = tmp
-        _session(model, options)
-        optimized = onnx.load(tmp)
-        onnx.helper.set_model_props(optimized, {**{p.key: p.value for p in optimized.metadata_props},
-                                                METADATA_KEY: f"onnxruntime {ort.__version__}, {opt_level}"})
-        graph_io.save_model(optimized, output)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+        result = optimized(model, opt_level, output.parent)
+    onnx.helper.set_model_props(result, {**{p.key: p.value for p in result.metadata_props},
+                                         METADATA_KEY: f"onnxruntime {ort.__version__}, {opt_level}"})
+    graph_io.save_model(result, output)
     report = CompileReport("onnxruntime", str(model_path), str(output), opt_level, ort.__version__, cpu_description())
-    _describe(optimized, report)
+    _describe(result, report)
+    report.coverage = int8_coverage(model, result).to_json()
     if not is_quantized(model):
         report.warnings.append("the model has no Q/DQ: it runs entirely in float")
     return report
+
+
+@dataclass
+class PlannedNode:
+    """A conv/matmul the Q/DQ model plans in int8 (a DequantizeLinear feeds it), and what ORT runs."""
+
+    name: str
+    op: str
+    macs: int
+    kernel: str  # the op ORT's optimised graph runs in its place
+    reason: str = ""  # why it runs in float, when it does
+
+    @property
+    def integer(self) -> bool:
+        return self.kernel in INTEGER_OPS
+
+
+@dataclass
+class Int8Coverage:
+    """How much of what qpass planned in int8 ORT runs in integer kernels, by conv/matmul MACs,
+    and the Q/DQ round trips that no integer kernel reads (pure overhead)."""
+
+    nodes: list[PlannedNode]
+    overhead: list[str]  # tensors quantized and at once dequantized, read by float ops only
+
+    @property
+    def share(self) -> float | None:
+        total = sum(n.macs for n in self.nodes)
+        return sum(n.macs for n in self.nodes if n.integer) / total if total else None
+
+    def to_json(self) -> dict:
+        return {"int8_coverage": self.share, "planned": len(self.nodes),
+                "integer": sum(n.integer for n in self.nodes), "macs": sum(n.macs for n in self.nodes),
+                "float_nodes": [asdict(n) for n in self.nodes if not n.integer], "overhead_qdq": self.overhead}
+
+    def summary(self) -> str:
+        if self.share is None:
+            return "no planned int8 conv/matmul"
+        integer = sum(n.integer for n in self.nodes)
+        return (f"{100 * self.share:.1f}% of planned int8 conv/matmul MACs run in integer kernels "
+                f"({integer} of {len(self.nodes)} nodes); {len(self.overhead)} Q/DQ pair(s) feed no integer kernel")
+
+
+def int8_coverage(model: onnx.ModelProto, runs: onnx.ModelProto | None = None) -> Int8Coverage:
+    """Map every planned-int8 conv/matmul of the Q/DQ `model` to what ORT's optimised graph `runs`
+    (built here at "extended" when not given): ORT keeps node names when it fuses."""
+    runs = runs if runs is not None else optimized(model)
+    shapes = _shapes(model)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    outputs = {o.name for o in model.graph.output}
+    kernels = {n.name: n.op_type for n in runs.graph.node}
+    planned = []
+    for node in model.graph.node:
+        fed = [producer[i].op_type == "DequantizeLinear" for i in node.input[:2] if i in producer]
+        if node.op_type not in WEIGHTED_OPS or not any(fed):
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        count = macs(node.op_type, attrs, [shapes.get(i, ()) for i in node.input[:2]], shapes.get(node.output[0], ()))
+        entry = PlannedNode(node.name, node.op_type, count, kernels.get(node.name, "(removed)"))
+        if not entry.integer:
+            entry.reason = _why_float(node, producer, readers.get(node.output[0], []), node.output[0] in outputs)
+        planned.append(entry)
+    inits = {i.name for i in runs.graph.initializer}
+    run_readers: dict[str, list[str]] = {}
+    for node in runs.graph.node:
+        for name in node.input:
+            run_readers.setdefault(name, []).append(node.op_type)
+    overhead = sorted(n.input[0] for n in runs.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits
+                      and all(op == "DequantizeLinear" for op in run_readers.get(n.output[0], [])))
+    return Int8Coverage(planned, overhead)
+
+
+def _why_float(node: onnx.NodeProto, producer: dict, readers: list[onnx.NodeProto], is_output: bool) -> str:
+    """Why ORT's QDQ fusion skipped a planned conv/matmul, read off the Q/DQ graph around it."""
+    unquantized = [i for i in node.input[:2] if i not in producer or producer[i].op_type != "DequantizeLinear"]
+    if unquantized and node.op_type == "MatMul" and unquantized[0] in producer:
+        return f"input {unquantized[0]} is not quantized: ORT fuses MatMul when both inputs come from DequantizeLinear"
+    if unquantized and node.input[0] in unquantized:
+        return "its input is not quantized: ORT fuses only a DequantizeLinear -> op -> QuantizeLinear group"
+    others = sorted({r.op_type for r in readers if r.op_type != "QuantizeLinear"})
+    if node.op_type != "MatMul" and (others or is_output):
+        also = ", ".join(others + (["the model output"] if is_output else []))
+        return (f"its output also goes to {also} unquantized: ORT fuses {node.op_type} only when one QuantizeLinear "
+                f"is its output's only reader")
+    if node.op_type != "MatMul" and not readers:
+        return "its output is not quantized"
+    if node.op_type != "MatMul" and len(readers) > 1:
+        return f"{len(readers)} QuantizeLinear nodes read its output: ORT fuses only with exactly one"
+    return f"ORT's fusion of {node.op_type} did not match (attributes, bias or types)"
+
+
+def _shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """Static sizes of every tensor (a symbolic dimension counts as 1, a batch of one)."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes = {}
+    for value in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        shapes[value.name] = tuple(d.dim_value if d.HasField("dim_value") else 1 for d in dims)
+    for init in model.graph.initializer:
+        shapes[init.name] = tuple(init.dims)
+    return shapes
 
 
 def _describe(model: onnx.ModelProto, report: CompileReport) -> None:
