@@ -40,6 +40,7 @@ def test_every_ci_corpus_model_quantizes_conforms_and_keeps_its_task(tmp_path):
         assert {r["config"] for r in by_model[model]} >= {"compile onnxruntime", "compile tvm-x86", "compile tvm-arm"}
         minmax = next(r for r in by_model[model] if r["config"] == "onnxruntime minmax")
         assert minmax["extra"][key] >= floor, minmax
+        assert minmax["int8_coverage"] == 1.0, minmax  # ORT runs every planned conv/matmul in an integer kernel
         assert next(r for r in by_model[model] if r["config"] == "eval")["sqnr_db"] > 10
         tvm = next(r for r in by_model[model] if r["config"] == "compile tvm-x86")
         assert tvm["metric"].startswith("compiled") and tvm["extra"][key] >= floor, tvm

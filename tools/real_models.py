@@ -39,6 +39,7 @@ import corpus_data  # noqa: E402
 from fetch_models import default_cache, fetch, registry  # noqa: E402
 
 from qpasses.targets import builtin_names  # noqa: E402
+from qpasses.targets.lower.onnxruntime import int8_coverage  # noqa: E402
 
 CALIBRATORS = ("minmax", "quantile", "mse", "kl", "norm", "meanstd")
 TECHNIQUES = (("--cle",), ("--bn-recal",), ("--bias-correction",), ("--bias-correction", "analytic"))
@@ -55,6 +56,7 @@ class Row:
     seconds: float = 0.0
     peak_mib: float = 0.0
     latency_ratio: float | None = None
+    int8_coverage: float | None = None  # share of planned int8 conv/matmul MACs ORT runs in integer kernels
     note: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -368,6 +370,8 @@ def run_model(name: str, entry: dict, model: Path, work: Path, rows: list[tuple[
         check, check_err, _, _ = qpass("check", str(int8), "--target", target)
         row.conforms = check == 0
         row.metric, row.sqnr_db, row.extra = score(entry, model, int8, evals)
+        if label == "onnxruntime minmax":
+            row.int8_coverage = int8_coverage(onnx.load(int8)).share
         if label == "onnxruntime minmax" and entry["task"] != "vad":
             x = evals[0] if entry["task"] == "classifier" else evals
             row.latency_ratio = latency_ratio(model, int8, entry["input"], x)
@@ -455,12 +459,13 @@ def compile_rows(name: str, entry: dict, model: Path, int8: Path, evals, work: P
 
 def table(rows: list[Row]) -> str:
     lines = ["| model | quantize | exit | conforms | task metric (int8 vs float) | worst SQNR dB | "
-             "ORT int8/float | wall s | peak MiB |", "|---|---|---|---|---|---|---|---|---|"]
+             "ORT int8/float | int8 coverage | wall s | peak MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         conf = "" if r.conforms is None else ("yes" if r.conforms else "**no**")
         lines.append(f"| {r.model} | {r.config} | {r.exit_code} | {conf} | {r.metric or r.note} | "
                      f"{'' if r.sqnr_db is None else f'{r.sqnr_db:.1f}'} | "
-                     f"{'' if r.latency_ratio is None else f'{r.latency_ratio:.2f}'} | {r.seconds:.1f} | {r.peak_mib:.0f} |")
+                     f"{'' if r.latency_ratio is None else f'{r.latency_ratio:.2f}'} | "
+                     f"{'' if r.int8_coverage is None else f'{100 * r.int8_coverage:.0f}%'} | {r.seconds:.1f} | {r.peak_mib:.0f} |")
     return "\n".join(lines)
 
 
