@@ -1,7 +1,7 @@
 """Latency in ONNX Runtime (CPU): float vs qpass int8 vs onnxruntime.quantization int8 of the same model.
 
-Models: the bundled example, the test zoo (tests/models.py, 16x16 inputs) and a ResNet-18 at
-224x224 (random weights: latency does not depend on them), the conv-heavy case. Each int8 model
+Models: the bundled example, the test zoo (tests/models.py, 16x16 inputs), a ResNet-18 at
+224x224 (random weights: latency does not depend on them), the conv-heavy case, and the corpus. Each int8 model
 is calibrated on the same samples: qpass with `--target onnxruntime` (7-bit weights, safe on
 AVX2), ORT's `quantize_static` after its recommended `quant_pre_process`, QDQ format, per-channel,
 reduce_range (ORT's advice for CPUs without VNNI). All three are measured in one session per
@@ -11,15 +11,21 @@ It first measures the ceiling the CPU sets: one 1024^3 matrix product with const
 fp32 (MatMul) and in int8 (MatMulInteger u8·s8, u8·u8, s8·s8), the GEMM kernels under Conv and
 QLinearConv. No int8 model can beat float by more than the int8/fp32 throughput ratio printed there.
 
-Usage: python tools/bench_latency.py [--models ...] [--runs 50] [--workdir /tmp/qpass-latency]
-Prints a Markdown table of kernel throughput, then one of median latencies and the ratios
-float/qpass and ort-int8/qpass.
+Models also include the real-model corpus (tools/corpus.toml, calibrated as tools/real_models.py
+does), and for every int8 model the table says what ORT runs of it: the share of its planned
+conv/matmul MACs in integer kernels and the Q/DQ round trips no integer kernel reads or writes.
+
+Usage: python tools/bench_latency.py [--models ...] [--batches 1 8] [--runs 50] [--workdir /tmp/qpass-latency]
+Prints Markdown tables: kernel throughput, int8 coverage, then median latencies and the int8/float
+ratios of qpass and of ORT's quantize_static.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +35,7 @@ from qpasses.bench import cpu_description, measure
 from qpasses.pass_infra import PassContext
 from qpasses.pipeline import quantize
 from qpasses.targets import load_target
-from qpasses.targets.lower.onnxruntime import Runner
+from qpasses.targets.lower.onnxruntime import Runner, int8_coverage
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -38,14 +44,20 @@ sys.path.insert(0, str(ROOT / "tools"))
 from bench_calibration import build_model  # noqa: E402  (the same ResNet-18 at 224x224)
 from models import INPUT_SHAPE, ZOO, build, export  # noqa: E402
 
+# corpus models with one image-like input (the VAD's recurrent state and the refused model stay out)
+CORPUS = {name: entry for name, entry in tomllib.loads((ROOT / "tools" / "corpus.toml").read_text()).items()
+          if entry["task"] not in ("refused", "vad")}
 
-def ort_quantize_static(model: Path, calib: np.ndarray, output: Path) -> None:
+
+def ort_quantize_static(model: Path, calib: dict[str, np.ndarray], output: Path) -> None:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    count = len(next(iter(calib.values())))
+
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.batches = iter([{"input": calib[i:i + 16]} for i in range(0, len(calib), 16)])
+            self.batches = iter([{k: v[i:i + 1] for k, v in calib.items()} for i in range(count)])
 
         def get_next(self):
             return next(self.batches, None)
@@ -90,62 +102,105 @@ def kernel_ceiling(workdir: Path, runs: int, size: int = 1024) -> None:
 
 
 def source_and_calibration(name: str, workdir: Path) -> tuple[Path, Path]:
-    """A benchmark model (example, a zoo name, or resnet18-224) and its calibration .npy, in `workdir`."""
-    calib = workdir / f"{name}.calib.npy"
+    """A benchmark model (example, a zoo name, resnet18-224, or a corpus name) and its calibration
+    file (.npz keyed by input name), in `workdir`."""
+    calib = workdir / f"{name}.calib.npz"
     rng = np.random.default_rng(0)
+    if name in CORPUS:
+        from fetch_models import default_cache, fetch
+        from real_models import build_data
+
+        source = fetch(name, CORPUS[name], default_cache())
+        return source, build_data(name, CORPUS[name], source, workdir)[0]
     if name == "example":
-        np.save(calib, np.load(ROOT / "examples/digits/calib.npz")["input"][:128])
+        np.savez(calib, input=np.load(ROOT / "examples/digits/calib.npz")["input"][:128])
         return ROOT / "examples" / "digits" / "model.onnx", calib
     if name == "resnet18-224":
         source = workdir / "resnet18.onnx"
         if not source.exists():
             build_model(source)
-        np.save(calib, rng.standard_normal((32, 3, 224, 224)).astype(np.float32))
+        np.savez(calib, input=rng.standard_normal((32, 3, 224, 224)).astype(np.float32))
         return source, calib
     source = export(build(name), workdir / f"{name}.onnx")
-    np.save(calib, rng.standard_normal((128, *INPUT_SHAPE)).astype(np.float32))
+    np.savez(calib, input=rng.standard_normal((128, *INPUT_SHAPE)).astype(np.float32))
     return source, calib
 
 
-def prepare(workdir: Path, names: list[str]) -> dict[str, dict[str, Path]]:
+@dataclass
+class Case:
+    """One benchmark model: its int8 variants and the input sizes to time them at."""
+
+    models: dict[str, Path]
+    sample_shapes: dict[str, list[int]]  # input -> shape of one sample, without the batch axis
+
+    def shapes(self, batch: int) -> dict[str, list[int]]:
+        return {name: [batch, *shape] for name, shape in self.sample_shapes.items()}
+
+
+def prepare(workdir: Path, names: list[str]) -> dict[str, Case]:
     workdir.mkdir(parents=True, exist_ok=True)
-    models = {}
+    cases = {}
     for name in names:
         source, calib_path = source_and_calibration(name, workdir)
-        calib = np.load(calib_path)
+        with np.load(calib_path) as data:
+            calib = {k: data[k][:64] for k in data.files if k != "labels"}
         qpass_int8 = workdir / f"{name}.qpass.onnx"
         onnx.save(quantize(source, load_target("onnxruntime"), calib_path, PassContext(quiet=True)).model,
                   qpass_int8)
-        models[name] = {"float": source, "qpass int8": qpass_int8}
+        case = Case({"float": source, "qpass int8": qpass_int8}, {k: list(v.shape[1:]) for k, v in calib.items()})
         try:
             ort_quantize_static(source, calib, workdir / f"{name}.ort.onnx")
-            models[name]["ort int8"] = workdir / f"{name}.ort.onnx"
+            case.models["ort int8"] = workdir / f"{name}.ort.onnx"
         except Exception as exc:  # e.g. grouped ConvTranspose: ORT's quantizer mis-broadcasts the bias scale
             print(f"{name}: onnxruntime.quantization failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-    return models
+        cases[name] = case
+    return cases
+
+
+def coverage_table(cases: dict[str, Case]) -> None:
+    """What ORT runs of each int8 model: the integer share of its planned conv/matmul MACs and the
+    Q/DQ round trips no integer kernel reads or writes."""
+    print("| model | qpass int8 coverage | qpass Q/DQ overhead | ort int8 coverage | ort Q/DQ overhead |")
+    print("|---|---|---|---|---|")
+    for name, case in cases.items():
+        cells = []
+        for label in ("qpass int8", "ort int8"):
+            if label not in case.models:
+                cells += ["failed", "-"]
+                continue
+            coverage = int8_coverage(onnx.load(case.models[label]))
+            cells += [f"{100 * (coverage.share or 0):.1f}% ({sum(n.integer for n in coverage.nodes)}/{len(coverage.nodes)})",
+                      str(len(coverage.overhead))]
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+    print()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="*", default=["example", *sorted(ZOO), "resnet18-224"])
+    parser.add_argument("--models", nargs="*", default=["example", *sorted(ZOO), "resnet18-224", *CORPUS],
+                        help="example, zoo names, resnet18-224, corpus names (tools/corpus.toml)")
+    parser.add_argument("--batches", nargs="*", type=int, default=[1, 8])
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/qpass-latency"))
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     print(f"CPU: {cpu_description()}; ONNX Runtime CPU, median of {args.runs} interleaved runs\n")
     kernel_ceiling(args.workdir, args.runs)
-    models = prepare(args.workdir, args.models)
-    print("| model | batch | threads | float ms | qpass int8 ms | ort int8 ms | float / qpass | ort / qpass |")
+    cases = prepare(args.workdir, args.models)
+    coverage_table(cases)
+    print("| model | batch | threads | float ms | qpass int8 ms | ort int8 ms | qpass int8 / float | ort int8 / float |")
     print("|---|---|---|---|---|---|---|---|")
-    for name, paths in models.items():
-        for batch in (1, 8):
+    for name, case in cases.items():
+        for batch in args.batches:
             for threads in (1, 2):
-                runners = {label: Runner(path, threads=threads, batch=batch) for label, path in paths.items()}
-                runs = max(5, args.runs // 5) if name == "resnet18-224" and batch == 8 else args.runs
+                runners = {label: Runner(path, threads=threads, batch=batch, input_shapes=case.shapes(batch))
+                           for label, path in case.models.items()}
+                heavy = name in ("resnet18-224", *CORPUS) and batch > 1
+                runs = max(5, args.runs // 5) if heavy else args.runs
                 lat = {k: v.median_ms for k, v in measure(runners, warmup=3, runs=runs, quiet=True).items()}
-                ort = (f"{lat['ort int8']:.3f}", f"{lat['ort int8'] / lat['qpass int8']:.2f}") if "ort int8" in lat else ("failed", "-")
+                ort = (f"{lat['ort int8']:.3f}", f"{lat['ort int8'] / lat['float']:.2f}") if "ort int8" in lat else ("failed", "-")
                 print(f"| {name} | {batch} | {threads} | {lat['float']:.3f} | {lat['qpass int8']:.3f} | {ort[0]} | "
-                      f"{lat['float'] / lat['qpass int8']:.2f} | {ort[1]} |", flush=True)
+                      f"{lat['qpass int8'] / lat['float']:.2f} | {ort[1]} |", flush=True)
 
 
 if __name__ == "__main__":
