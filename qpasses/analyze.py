@@ -122,12 +122,14 @@ class Evaluator:
 
 @dataclass(frozen=True)
 class _Switch:
-    """An input of a quantized layer's node that reads a DequantizeLinear: kept when the layer is
-    quantized, rewired to `original` (the float tensor or weight) when it is kept float."""
+    """An input that reads a DequantizeLinear: kept while any of `layers` is quantized, rewired to
+    `original` (the float tensor or weight) when all of them are kept float. A quantized layer's
+    input has its own layer; a float op reading a quantized tensor (where every reader reads the
+    dequantized value, `[fusion]` targets) has the layers that keep that tensor quantized."""
 
     node: int  # index in the realized model's node list
     index: int  # input index
-    layer: str
+    layers: frozenset[str]
     original: str
 
 
@@ -187,13 +189,24 @@ class Variants:
         weights = {(w.node, w.input_index): w.tensor for w in plan.weights}
         biases = {b.node: b.tensor for b in plan.biases}
         switches = []
+        writer = {t: layer_of.get(n, n) for n, t in plan.node_outputs.items()}
         for i, node in enumerate(graph.node):
             layer = layer_of.get(node.name)
-            if layer not in layers:
+            if layer not in layers and node.name not in plan.float_nodes:
                 continue
             for idx, name in enumerate(node.input):
                 dq = producer.get(name)
                 if dq is None or dq.op_type != "DequantizeLinear":
+                    continue
+                if layer not in layers:  # a float reader: dequantized while the tensor stays quantized
+                    q = producer.get(dq.input[0])
+                    act = plan.activations.get(q.input[0]) if q is not None and q.op_type == "QuantizeLinear" else None
+                    if act is not None:
+                        keepers = {layer_of.get(c, c) for c, _ in act.consumers} & layers
+                        if act.written and writer.get(act.tensor) in layers:
+                            keepers.add(writer[act.tensor])
+                        if keepers:  # else nothing any variant keeps float unquantizes it
+                            switches.append(_Switch(i, idx, frozenset(keepers), act.tensor))
                     continue
                 tensor = weights.get((node.name, idx))
                 if tensor is None and node.name in biases and idx == WEIGHTED_OPS[node.op_type].bias_input:
@@ -209,7 +222,7 @@ class Variants:
                     if q is None or q.op_type != "QuantizeLinear":
                         continue
                     original = q.input[0]
-                switches.append(_Switch(i, idx, layer, original))
+                switches.append(_Switch(i, idx, frozenset([layer]), original))
         return switches
 
     def _cut(self, quantized: set[str], available: frozenset[str] = frozenset(), extra: list[str] = ()) -> _Cut:
@@ -218,7 +231,7 @@ class Variants:
         graph = self.model.graph
         rewired: dict[int, list[str]] = {}
         for s in self.switches:
-            if s.layer not in quantized:
+            if not s.layers & quantized:
                 rewired.setdefault(s.node, list(graph.node[s.node].input))[s.index] = s.original
         outputs = [o for o in dict.fromkeys([*self.outputs, *extra]) if o not in available]
         needed, keep = set(outputs), []
@@ -274,7 +287,9 @@ class Variants:
 
     def _outside(self, layers: list[str]) -> frozenset[str]:
         """The model inputs and the float-graph tensors that the layers' nodes neither compute nor feed."""
-        affected = _descendants(self.float_nodes, {n for layer in layers for n in self.plan.members(layer)})
+        seeds = {n for layer in layers for n in self.plan.members(layer)}
+        seeds |= {self.model.graph.node[s.node].name for s in self.switches if s.layers & set(layers)}
+        affected = _descendants(self.float_nodes, seeds)
         return frozenset(self.graph_inputs) | frozenset(o for _, _, outs in self.float_nodes for o in outs
                                                         if o not in affected)
 

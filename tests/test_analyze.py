@@ -158,24 +158,48 @@ def branchy_net(tmp_path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("case", ["example on tvm-arm", "If and quantized outputs"])
+def hard_swish_net(tmp_path) -> Path:
+    """conv -> x * HardSigmoid(x) -> conv -> Div -> conv -> Flatten: on onnxruntime the float
+    HardSigmoid, Div and Flatten read their convs' dequantized outputs."""
+    rng = np.random.default_rng(5)
+    inits = [numpy_helper.from_array((rng.standard_normal(shape) * 0.4).astype(np.float32), name)
+             for name, shape in (("w1", (4, 1, 3, 3)), ("w2", (4, 4, 3, 3)), ("w3", (2, 4, 1, 1)))]
+    inits.append(numpy_helper.from_array(np.float32(3.0), "three"))
+    nodes = [helper.make_node("Conv", ["input", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("HardSigmoid", ["c1"], ["g"], name="hsig"),
+             helper.make_node("Mul", ["c1", "g"], ["h"], name="hswish"),
+             helper.make_node("Conv", ["h", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+             helper.make_node("Div", ["c2", "three"], ["d"], name="scale"),
+             helper.make_node("Conv", ["d", "w3"], ["c3"], name="conv3"),
+             helper.make_node("Flatten", ["c3"], ["out"], name="flat")]
+    graph = helper.make_graph(nodes, "hswish", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 128])], inits)
+    path = tmp_path / "hswish.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    return path
+
+
+@pytest.mark.parametrize("case", ["example on tvm-arm", "If and quantized outputs", "float readers of quantized tensors"])
 def test_each_unit_scores_as_the_model_realized_with_it_alone_or_without_it(tmp_path, case):
     """The scores come from cut, rewired copies of one Q/DQ model; realize each variant as a whole
     model and score it the plain way: the same numbers."""
     if case == "example on tvm-arm":
         path, data, target = EXAMPLE / "model.onnx", EXAMPLE / "calib.npz", load_target("tvm-arm")
     else:
-        path, data = branchy_net(tmp_path), tmp_path / "calib.npz"
+        path, data = (branchy_net if case.startswith("If") else hard_swish_net)(tmp_path), tmp_path / "calib.npz"
         np.savez(data, input=np.random.default_rng(4).standard_normal((40, 1, 8, 8)).astype(np.float32))
-        target = dataclasses.replace(load_target("onnxruntime"), quantize_model_output=True)
+        target = dataclasses.replace(load_target("onnxruntime"), quantize_model_output=case.startswith("If"))
     ctx = PassContext(quiet=True)
     analysis, _ = analyze(path, target, data, ctx)
     model, held = prepare(path, data, ctx)
     state = QuantState(graph=gs.import_onnx(model), target=target)
     build_pipeline(target, stop_after="calibrate")(state, ctx)
     plan = state.plan
-    if case != "example on tvm-arm":
+    if case.startswith("If"):
         assert plan.model_outputs and "branch" in plan.float_nodes and len(analysis.layers) >= 2
+    if case.startswith("float readers"):
+        readers = {c for act in plan.activations.values() for c, _ in act.consumers}
+        assert {"hsig", "scale", "flat"} <= readers and {"conv1", "conv2", "conv3"} <= set(plan.quantized_nodes)
     everything = set(plan.layers())
     for r in analysis.layers:
         for floats, got in ((everything - set(r.layers), r.only_db), (set(r.layers), r.all_but_db)):
