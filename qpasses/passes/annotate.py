@@ -10,7 +10,9 @@ Rules, all read from the target file:
 - `share = true` makes an op's quantized inputs and its output use one quantizer: concat inputs
   share a scale (MQBench app. G), MaxPool needs no requantization (AIMET 7.3.1);
 - the model's outputs stay float unless `quantize_model_output`; its inputs are quantized only
-  where a consumer's rule says so, or everywhere with `quantize_model_input`.
+  where a consumer's rule says so, or everywhere with `quantize_model_input`;
+- with `[fusion]` (ONNX Runtime), only whole DequantizeLinear -> op -> QuantizeLinear groups the
+  engine can fuse are planned: see `_fit_fusion`.
 Run after BatchNorm folding (a folded BN must not separate a conv from its Add).
 """
 
