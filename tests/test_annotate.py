@@ -100,3 +100,33 @@ def test_per_channel_axis_of_linear_weights(tmp_path, op, trans_b, w_shape, axis
     assert weight.axis == axis and result.state.plan.qparams["w"].scale.shape == (4,)
     v = View(result.model)
     assert v.axis(v.weight_dq(v.nodes(op)[0])) == axis
+
+
+def test_onnxruntime_plans_no_fusion_that_a_subgraph_read_would_break(tmp_path):
+    """An If body that reads a conv's output from the enclosing scope bypasses any QuantizeLinear,
+    so ORT cannot fuse that conv: it is planned float, with the reason, and the conv after it stays int8."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = lambda name, *shape: numpy_helper.from_array((rng.standard_normal(shape) * 0.4).astype(np.float32), name)  # noqa: E731
+    body = helper.make_graph([helper.make_node("Neg", ["r"], ["picked"])], "body", [],
+                             [helper.make_tensor_value_info("picked", TensorProto.FLOAT, ["N", 4, 6, 6])])
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu1"),
+             helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2"),
+             helper.make_node("Relu", ["y"], ["z"], name="relu2"),
+             helper.make_node("Conv", ["z", "w3"], ["out"], name="conv3"),
+             helper.make_node("If", ["yes"], ["branch"], name="if", then_branch=body, else_branch=body)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 6, 6])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 3, 6, 6]),
+                               helper.make_tensor_value_info("branch", TensorProto.FLOAT, ["N", 4, 6, 6])],
+                              [w("w1", 4, 2, 3, 3), w("w2", 4, 4, 1, 1), w("w3", 3, 4, 1, 1),
+                               numpy_helper.from_array(np.array(True), "yes")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "m.onnx")
+    np.save(tmp_path / "d.npy", rng.standard_normal((8, 2, 6, 6)).astype(np.float32))
+    plan = quantize(tmp_path / "m.onnx", load_target("onnxruntime"), tmp_path / "d.npy", PassContext(quiet=True)).state.plan
+    assert plan.float_nodes["conv1"] == ("the engine fuses Conv only with its output quantized, and that is a model "
+                                         "output or read inside a subgraph")
+    assert "conv2" in plan.quantized_nodes and "r" in plan.activations  # conv2 still reads its input dequantized

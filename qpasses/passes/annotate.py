@@ -22,6 +22,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from qpasses.errors import InputError
+from qpasses.graph import node_reads
 from qpasses.pass_infra import Pass, PassContext, QuantState
 from qpasses.plan import ActivationQuant, BiasQuant, Edge, QuantPlan, WeightQuant
 from qpasses.ops import WEIGHTED_OPS, weight_axis
@@ -231,6 +232,8 @@ def _fit_fusion(graph: gs.Graph, target: Target, plan: QuantPlan, edges: dict[st
     out_of = {n: (tail.get(n) or nodes[n]).outputs[0].name for n in plan.quantized_nodes}
     writer = {t: n for n, t in out_of.items()}
     model_outputs = {t.name for t in graph.outputs} - set(plan.model_outputs)
+    # read inside an If/Loop body from the enclosing scope: that reader bypasses any QuantizeLinear
+    model_outputs |= {t.name for n in graph.nodes for t in node_reads(n) if all(t is not i for i in n.inputs)}
     needs_out = {n for n in plan.quantized_nodes if nodes[n].op not in target.fusion.float_output}
     for name in needs_out:
         if nodes[name].op in WEIGHTED_OPS and out_of[name] not in model_outputs:
@@ -252,14 +255,15 @@ def _fit_fusion(graph: gs.Graph, target: Target, plan: QuantPlan, edges: dict[st
                 changed = True
     for name in [n for n in plan.quantized_nodes if not fuses(n)]:
         plan.quantized_nodes.remove(name)
-        op = nodes[name].op
-        plan.float_nodes[name] = (
-            f"the engine fuses {op} only with every input dequantized, and one is a float constant"
-            if constants[name] else
-            f"the engine fuses {op} only with every input dequantized, and one has no integer kernel writing or "
-            "reading it" if any(t not in quantized for t in wanted[name]) else
-            f"the engine fuses {op} only with its output quantized, and that is "
-            + ("a model output" if out_of[name] in model_outputs else "read by float ops only"))
+        if constants[name]:
+            why = "every input dequantized, and one is a float constant"
+        elif name in needs_out and out_of[name] in model_outputs:
+            why = "its output quantized, and that is a model output or read inside a subgraph"
+        elif any(t not in quantized for t in wanted[name]):
+            why = "every input dequantized, and one has no integer kernel writing or reading it"
+        else:
+            why = "its output quantized, and that is read by float ops only"
+        plan.float_nodes[name] = f"the engine fuses {nodes[name].op} only with {why}"
     tensors = graph.tensors()
     for tensor in list(edges):
         if tensor not in quantized:

@@ -110,7 +110,7 @@ def compile_model(model_path: Path, output: Path, opt_level: str = "extended") -
 
 @dataclass
 class PlannedNode:
-    """A conv/matmul the Q/DQ model plans in int8 (a DequantizeLinear feeds it), and what ORT runs."""
+    """A conv/matmul the Q/DQ model plans in int8 (a DequantizeLinear feeds its weight), and what ORT runs."""
 
     name: str
     op: str
@@ -163,9 +163,9 @@ def int8_coverage(model: onnx.ModelProto, runs: onnx.ModelProto | None = None) -
     kernels = {n.name: n.op_type for n in runs.graph.node}
     planned = []
     for node in model.graph.node:
-        fed = [producer[i].op_type == "DequantizeLinear" for i in node.input[:2] if i in producer]
-        if node.op_type not in WEIGHTED_OPS or not any(fed):
-            continue
+        weight = node.input[1] if len(node.input) > 1 else ""
+        if node.op_type not in WEIGHTED_OPS or weight not in producer or producer[weight].op_type != "DequantizeLinear":
+            continue  # planned in int8 means a dequantized weight (or second matmul operand)
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         count = macs(node.op_type, attrs, [shapes.get(i, ()) for i in node.input[:2]], shapes.get(node.output[0], ()))
         entry = PlannedNode(node.name, node.op_type, count, kernels.get(node.name, "(removed)"))
