@@ -31,8 +31,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from qpasses.bench import cpu_description, measure
+from qpasses.bench import IncompleteRun, cpu_description, measure
 from qpasses.calibration.runner import check_loads
+from qpasses.errors import QpassError
 from qpasses.pass_infra import PassContext
 from qpasses.pipeline import quantize
 from qpasses.targets import load_target
@@ -195,11 +196,15 @@ def main() -> None:
     for name, case in cases.items():
         for batch in args.batches:
             for threads in (1, 2):
-                runners = {label: Runner(path, threads=threads, batch=batch, input_shapes=case.shapes(batch))
-                           for label, path in case.models.items()}
                 heavy = name in ("resnet18-224", *CORPUS) and batch > 1
                 runs = max(5, args.runs // 5) if heavy else args.runs
-                lat = {k: v.median_ms for k, v in measure(runners, warmup=3, runs=runs, quiet=True).items()}
+                try:
+                    runners = {label: Runner(path, threads=threads, batch=batch, input_shapes=case.shapes(batch))
+                               for label, path in case.models.items()}
+                    lat = {k: v.median_ms for k, v in measure(runners, warmup=3, runs=runs, quiet=True).items()}
+                except (QpassError, IncompleteRun) as exc:  # e.g. a model exported with a fixed batch of 1
+                    print(f"| {name} | {batch} | {threads} | {str(exc)[:80]} | | | | |", flush=True)
+                    continue
                 ort = (f"{lat['ort int8']:.3f}", f"{lat['ort int8'] / lat['float']:.2f}") if "ort int8" in lat else ("failed", "-")
                 print(f"| {name} | {batch} | {threads} | {lat['float']:.3f} | {lat['qpass int8']:.3f} | {ort[0]} | "
                       f"{lat['qpass int8'] / lat['float']:.2f} | {ort[1]} |", flush=True)
