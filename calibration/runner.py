@@ -34,14 +34,8 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
 
 def session(model: onnx.ModelProto, optimize: bool = True) -> ort.InferenceSession:
     """A CPU session; `optimize=False` runs a Q/DQ graph op by op, the numeric reference."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    # ENABLE_ALL keeps requested intermediate outputs exact up to float re-association and is ~25%
-    # faster than BASIC on a calibration run (NCHWc kernels); tools/bench_calibration.py measures it.
-    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
-                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     try:
-        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return _load(model, optimize)
     except Exception as exc:
         raise EngineError(f"ONNX Runtime cannot load the model: {ort_message(exc)}") from None
 
@@ -49,13 +43,20 @@ def session(model: onnx.ModelProto, optimize: bool = True) -> ort.InferenceSessi
 def check_loads(model: onnx.ModelProto, what: str) -> None:
     """Before any work: an input model that ONNX Runtime cannot load (an op it does not have, an
     opset it does not know) is an input error, not an engine failure."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
-        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        _load(model, optimize=False)
     except Exception as exc:
         raise InputError(f"{what}: ONNX Runtime cannot load it: {ort_message(exc)}") from None
+
+
+def _load(model: onnx.ModelProto, optimize: bool) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    # ENABLE_ALL keeps requested intermediate outputs exact up to float re-association and is ~25%
+    # faster than BASIC on a calibration run (NCHWc kernels); tools/bench_calibration.py measures it.
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def ort_message(exc: Exception) -> str:

@@ -196,11 +196,6 @@ def write_all(files: dict[Path, bytes]) -> None:
             Path(tmp).unlink(missing_ok=True)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write through a temp file in the same directory and rename it, so no reader sees half a file."""
-    write_all({path: data})
-
-
 @contextlib.contextmanager
 def writing(path: Path):
     """Create the parent directory; an OS error becomes a one-line input error."""

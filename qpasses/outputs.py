@@ -16,6 +16,7 @@ from pathlib import Path
 import onnx
 
 from qpasses.calibration.data import is_random
+from qpasses.targets.lower import sidecar
 
 from .errors import InputError
 from .graph import stored_tensors
@@ -23,7 +24,7 @@ from .graph import stored_tensors
 
 def written_with(path: Path) -> list[Path]:
     """What writing `path` also writes: a TVM library's sidecar."""
-    return [path.with_name(path.name + ".json")] if path.suffix == ".so" else []
+    return [sidecar(path)] if path.suffix == ".so" else []
 
 
 def companions(path: Path) -> list[Path]:

@@ -18,6 +18,11 @@ SUFFIX = {"onnxruntime": ".ort.onnx", "tensorrt": ".plan", "tvm": ".so"}
 KIND = {"onnxruntime": "onnx", "tensorrt": "tensorrt", "tvm": "elf"}  # what each engine's artifact looks like
 
 
+def sidecar(library: Path) -> Path:
+    """The `.json` beside a TVM library that records its inputs and compile report."""
+    return library.with_name(library.name + ".json")
+
+
 def engine(name: str) -> ModuleType:
     return importlib.import_module(f"{__name__}.{name}")
 

@@ -108,9 +108,9 @@ def compile_model(model_path: Path, output: Path, input_shapes: dict[str, list[i
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise EngineError("TensorRT could not build an engine for this model (its log above says why)")
-    graph_io.atomic_write_bytes(output, bytes(plan))
+    graph_io.write_all({output: bytes(plan)})
     if timing_cache is not None:
-        graph_io.atomic_write_bytes(timing_cache, bytes(config.get_timing_cache().serialize()))
+        graph_io.write_all({timing_cache: bytes(config.get_timing_cache().serialize())})
     report = CompileReport("tensorrt", str(model_path), str(output), trt.__version__, gpu_name(), strongly_typed,
                            fp16 and not strongly_typed, workspace_mib, profiles, str(timing_cache) if timing_cache else None)
     _layer_precisions(trt, bytes(plan), logger, report)

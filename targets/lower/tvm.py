@@ -30,6 +30,7 @@ from qpasses import graph as graph_io
 from qpasses.bench import cpu_description, seeded_inputs, static_shapes
 from qpasses.errors import EngineError, InputError, UnsupportedModelError
 from qpasses.targets import load_target
+from qpasses.targets.lower import sidecar
 
 try:
     import tvm
@@ -115,17 +116,13 @@ def compile_model(model_path: Path, output: Path, target: str = "tvm-x86", input
         _stage(stages, "link")
         _export(executable, output, device.cross_compiler)
         _stage(stages, "done")
-    graph_io.atomic_write_bytes(sidecar(output), json.dumps(report.to_json(), indent=2, sort_keys=True).encode())
+    graph_io.write_all({sidecar(output): json.dumps(report.to_json(), indent=2, sort_keys=True).encode()})
     return report
 
 
 def _stage(bar: tqdm, name: str) -> None:
     bar.update(1)
     bar.set_description(f"compile: {name}")
-
-
-def sidecar(library: Path) -> Path:
-    return library.with_name(library.name + ".json")
 
 
 def static_inputs(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> list[dict]:
