@@ -60,6 +60,11 @@ def compute_qparams(lo, hi, quantizer: Quantizer, axis: int | None = None) -> QP
     return QParams(np.asarray(scale, np.float32), np.asarray(zero_point, dtype), qmin, qmax, axis)
 
 
+def constant_qparams(values: np.ndarray, quantizer: Quantizer) -> QParams:
+    """Per-tensor qparams of a constant over its own values: a constant needs no calibration."""
+    return compute_qparams(values.min(), values.max(), quantizer)
+
+
 def quantize(x: np.ndarray, qp: QParams) -> np.ndarray:
     """Round-half-to-even and saturate, as ONNX QuantizeLinear does."""
     scale, zp = _broadcast(qp, x.ndim)

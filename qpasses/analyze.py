@@ -186,7 +186,7 @@ class Variants:
         layer_of, layers = plan.layer_of(), set(plan.layers())
         producer = {o: n for n in graph.node for o in n.output}
         originals = {i.name: i for i in float_model.graph.initializer}
-        weights = {(w.node, w.input_index): w.tensor for w in plan.weights}
+        weights = {(w.node, w.input_index): w.tensor for w in [*plan.weights, *plan.constants]}
         biases = {b.node: b.tensor for b in plan.biases}
         switches = []
         writer = {t: layer_of.get(n, n) for n, t in plan.node_outputs.items()}

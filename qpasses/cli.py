@@ -643,7 +643,8 @@ def _print_summary(result, output: Path, methods: str) -> None:
     plan, state = result.state.plan, result.state
     echo = lambda text="": click.echo(text, err=True)  # noqa: E731 - the summary goes to stderr
     echo(f"target {state.target.name}: {len(plan.quantized_nodes)} nodes quantized, "
-         f"{len(plan.activations)} activation Q/DQ, {len(plan.weights)} weights, {len(plan.biases)} int32 biases")
+         f"{len(plan.activations)} activation Q/DQ, {len(plan.weights)} weights, {len(plan.biases)} int32 biases"
+         + (f", {len(plan.constants)} integer constants" if plan.constants else ""))
     if plan.fused_nodes:
         echo(f"  fused into a supergroup (no Q/DQ inside): {len(plan.fused_nodes)} node(s)")
     reasons = Counter(plan.float_nodes.values())

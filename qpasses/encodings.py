@@ -9,8 +9,9 @@ their own. One encoding describes one quantizer on an unsigned grid of 2^bitwidt
 qpass's quantizers are r = scale * (q - zero_point) with q in [qmin, qmax] (int8 or uint8); the
 grid starts at -2^(bits-1) for signed quantizers, 0 for unsigned, so offset = grid_start -
 zero_point. Per-channel weights list one encoding per channel. Activations are keyed by tensor
-name (a tensor sharing a quantizer gets the shared one), weights by initializer name. int32 biases
-are not listed: their scale follows from the input's and the weight's.
+name (a tensor sharing a quantizer gets the shared one), weights and constant inputs by initializer
+name. int32 biases are not listed: their scale follows from the input's and the weight's. A
+constant input's encoding is written for the record; reading it back recomputes it from the values.
 
 `to_encodings(plan)` writes the file's content; `qparams_from(encodings, plan, target)` turns a
 file back into the plan's qparams for the same graph, so export then import gives the same model.
@@ -39,6 +40,8 @@ def to_encodings(plan: QuantPlan, target: Target) -> dict:
     params = {}
     for w in plan.weights:
         params.setdefault(w.tensor, _encode(plan.qparams[w.tensor], target.weight_quantizer(w.op_type)))
+    for c in plan.constants:
+        params.setdefault(c.tensor, _encode(plan.qparams[c.tensor], target.activation))
     return {
         "version": VERSION,
         "activation_encodings": activations,

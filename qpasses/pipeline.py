@@ -26,11 +26,12 @@ from .passes.adaround import AdaRound, AdaRoundConfig
 from .passes.bias_correct import BiasCorrect
 from .passes.bn_recalibrate import BNRecalibrate
 from .passes.calibrate import Calibrate
+from .passes.decompose import Decompose
 from .passes.equalize import Equalize
 from .passes.fold_batchnorm import FoldBatchNorm
 from .passes.insert_qdq import InsertQDQ
 
-ALL_PASSES: tuple[type[Pass], ...] = (FoldBatchNorm, Equalize, Annotate, Calibrate, BNRecalibrate, AdaRound,
+ALL_PASSES: tuple[type[Pass], ...] = (FoldBatchNorm, Equalize, Decompose, Annotate, Calibrate, BNRecalibrate, AdaRound,
                                        InsertQDQ, BiasCorrect)
 # technique -> its pass, tried in this order: cheap first, AdaRound (the slow one) last, so it runs once
 TECHNIQUES = {"cle": Equalize.name, "bn_recal": BNRecalibrate.name, "bias_correction": BiasCorrect.name,
@@ -65,6 +66,8 @@ def build_pipeline(target: Target, techniques: Techniques = Techniques(), stop_a
     passes: list[Pass] = [FoldBatchNorm()] if target.fold_batchnorm else []
     if techniques.cle:
         passes.append(Equalize(replace_relu6=techniques.cle_replace_relu6))
+    if target.fusion and target.fusion.decompose:
+        passes.append(Decompose())
     passes += [Annotate(), Calibrate()]
     if techniques.bn_recal:
         passes.append(BNRecalibrate())

@@ -34,6 +34,16 @@ class WeightQuant:
 
 
 @dataclass
+class ConstantQuant:
+    """A float constant input of an integer kernel (the 3 of x + 3), stored as integers with the
+    activation quantizer over its own values: fusing engines read every input of a kernel as integers."""
+
+    node: str
+    input_index: int
+    tensor: str
+
+
+@dataclass
 class BiasQuant:
     """An int32 bias with scale s_input * s_weight, so integer kernels add it to the accumulator."""
 
@@ -48,6 +58,7 @@ class QuantPlan:
     activations: dict[str, ActivationQuant] = field(default_factory=dict)
     weights: list[WeightQuant] = field(default_factory=list)
     biases: list[BiasQuant] = field(default_factory=list)
+    constants: list[ConstantQuant] = field(default_factory=list)
     shares: dict[str, list[str]] = field(default_factory=dict)  # anchor -> member tensors
     groups: list[list[str]] = field(default_factory=list)  # supergroup instances (node names)
     model_outputs: list[str] = field(default_factory=list)  # graph outputs given a Q/DQ of their own
@@ -84,7 +95,7 @@ class QuantPlan:
     def keep_float(self, layers: Iterable[str], why: str) -> "QuantPlan":
         """A copy in which the named layers (whole supergroup instances) run in float.
 
-        Their weights, biases and input Q/DQ go; a tensor they produce is still quantized where a
+        Their weights, biases, constants and input Q/DQ go; a tensor they produce is still quantized where a
         quantized consumer reads it. Calibrated qparams are kept, so no re-calibration is needed."""
         layers = set(layers)
         if not layers:
@@ -103,6 +114,7 @@ class QuantPlan:
             activations=activations,
             weights=[w for w in self.weights if not is_float(w.node)],
             biases=[b for b in self.biases if not is_float(b.node)],
+            constants=[c for c in self.constants if not is_float(c.node)],
             shares={a: kept for a, ms in self.shares.items() if (kept := [m for m in ms if m in activations])},
             fused_nodes={n: h for n, h in self.fused_nodes.items() if not is_float(n)},
             float_nodes={**self.float_nodes, **{n: why for n in self.node_outputs if is_float(n)}},

@@ -15,6 +15,7 @@ beside it):
     tensors.activations         tensor -> {quantizer, range, scale, zero_point, dtype, consumers}
     tensors.weights             tensor -> {node, axis, range, scale, zero_point, dtype}, per-channel
                                 values as lists
+    tensors.constants           the same, for float constant inputs stored as integers (fusing engines)
     conformance                 `qpass check` of the output: violations, layers left in float
     fidelity                    SQNR in dB per output on the held-back samples, and the worst
     fidelity.evaluation         on --eval-data or the held-back samples (qpasses/fidelity.py):
@@ -95,6 +96,8 @@ def quantize_report(result: QuantizeResult, ctx: PassContext, requested: Techniq
     for w in plan.weights:
         weights.setdefault(w.tensor, {"node": w.node, "axis": w.axis,
                                       **_quantizer(plan.qparams[w.tensor], plan.ranges[w.tensor])})
+    constants = {c.tensor: {"node": c.node, "axis": None, **_quantizer(plan.qparams[c.tensor], plan.ranges[c.tensor])}
+                 for c in plan.constants}
     target = dataclasses.asdict(state.target)
     target.pop("raw")
     return {
@@ -111,7 +114,7 @@ def quantize_report(result: QuantizeResult, ctx: PassContext, requested: Techniq
         "techniques": {"requested": dataclasses.asdict(requested),
                        "decisions": [dataclasses.asdict(d) for d in result.decisions]},
         "nodes": {"quantized": plan.quantized_nodes, "fused": plan.fused_nodes, "float": plan.float_nodes},
-        "tensors": {"activations": activations, "weights": weights},
+        "tensors": {"activations": activations, "weights": weights, "constants": constants},
         "conformance": conformance.to_json(),
         "fidelity": {"sqnr_db": result.sqnr_db, "worst_sqnr_db": result.score_db if result.sqnr_db else None},
         "notes": state.notes,

@@ -14,7 +14,8 @@ are compared, and every quantizer is checked against what the target file promis
   the target's range, e.g. [-127, 127] for narrow range or [-8, 7] at 4 bits ("weight-range"),
   per-channel scales on the output-channel axis or one per-tensor scale ("granularity");
 - shared quantizers (concat inputs, pooling): equal scale and zero point ("shared-scale");
-- biases: int32 with scale s_input * s_weight where the target says int32, float otherwise ("bias").
+- biases: int32 with scale s_input * s_weight where the target says int32, float otherwise ("bias");
+- constant inputs of a fused op (the 3 of x + 3): integers with the activation quantizer.
 
 Works for models qpass did not write (e.g. onnxruntime.quantization's QDQ output).
 """
@@ -126,7 +127,7 @@ def _read_qdq(graph: gs.Graph) -> _Read:
 
 def _dequantize(q: np.ndarray, scale: np.ndarray, zp: np.ndarray, axis: int | None) -> np.ndarray:
     shape = _broadcast(q.ndim, axis)
-    return ((q.astype(np.float64) - zp.astype(np.float64).reshape(shape)) * scale.reshape(shape)).astype(np.float32)
+    return np.asarray((q.astype(np.float64) - zp.astype(np.float64).reshape(shape)) * scale.reshape(shape), np.float32)
 
 
 def _quantize(w: np.ndarray, scale: np.ndarray, zp: np.ndarray, axis: int | None) -> np.ndarray:
@@ -158,10 +159,11 @@ def check_model(model: onnx.ModelProto, target: Target) -> CheckResult:
     nodes = {n.name: n for n in graph.nodes}
     result = CheckResult(target.name, read.problems, quantized_edges=len(actual))
     _check_placement(plan, read, nodes, graph, target, result)
+    constants = {(c.node, c.input_index) for c in plan.constants}  # checked as activations are
     for (name, idx), qdq in actual.items():
         node = nodes.get(name)
         is_weight = node is not None and idx == 1 and node.op in WEIGHTED_OPS and qdq.ints is not None
-        is_bias = qdq.ints is not None and not is_weight
+        is_bias = qdq.ints is not None and not is_weight and (name, idx) not in constants
         if is_bias:
             continue  # checked with its layer below
         quantizer = target.weight_quantizer(node.op) if is_weight else target.activation
@@ -181,7 +183,7 @@ def _check_placement(plan: QuantPlan, read: _Read, nodes: dict[str, gs.Node], gr
     for act in plan.activations.values():
         for edge in act.consumers:
             expected.setdefault(layer_of.get(edge[0], edge[0]), set()).add(edge)
-    for w in plan.weights:
+    for w in [*plan.weights, *plan.constants]:
         expected.setdefault(layer_of.get(w.node, w.node), set()).add((w.node, w.input_index))
     for layer in plan.layers():
         edges = expected.get(layer, set())

@@ -76,9 +76,14 @@ class Fusion:
     integer kernels (ONNX Runtime's QDQ selectors): an op under [ops] runs in integer only when every
     input its rule names comes from a DequantizeLinear and, unless listed in `float_output`, a
     QuantizeLinear that nothing else bypasses reads its output. qpass then places exactly the Q/DQ
-    such kernels read or write, and every reader of a quantized tensor reads its DequantizeLinear."""
+    such kernels read or write, and every reader of a quantized tensor reads its DequantizeLinear.
+    A float constant among those inputs (the 3 of hard-swish's x + 3) is stored as an integer
+    initializer with the activation quantizer, since the kernel reads every input as integers; a
+    constant that 8 bits cannot hold within `constant_error` keeps its op float instead."""
 
     float_output: tuple[str, ...] = ()  # ops whose integer kernel may write float (QGemm, MatMulIntegerToFloat)
+    decompose: tuple[str, ...] = ()  # ops rewritten into ops the engine fuses, before planning (qpasses.passes.decompose)
+    constant_error: float = 0.01  # worst relative error of a constant input's element, quantized
 
 
 @dataclass(frozen=True)
@@ -254,11 +259,21 @@ def _input_count(op: str) -> int | None:
 
 
 def _fusion(f: _Fields) -> Fusion:
-    float_output = f.take("float_output", list, [])
-    if not all(isinstance(o, str) for o in float_output):
-        raise f.fail("float_output", "expected a list of op types")
+    from qpasses.passes.decompose import DECOMPOSITIONS
+
+    lists = {}
+    for key in ("float_output", "decompose"):
+        lists[key] = f.take(key, list, [])
+        if not all(isinstance(o, str) for o in lists[key]):
+            raise f.fail(key, "expected a list of op types")
+    unknown = sorted(set(lists["decompose"]) - set(DECOMPOSITIONS))
+    if unknown:
+        raise f.fail("decompose", f"qpass cannot decompose {unknown[0]} (it can: {', '.join(DECOMPOSITIONS)})")
+    error = f.take("constant_error", (float, int), Fusion.constant_error)
+    if not 0 <= error < 1:
+        raise f.fail("constant_error", "expected a relative error in [0, 1)")
     f.done()
-    return Fusion(float_output=tuple(float_output))
+    return Fusion(float_output=tuple(lists["float_output"]), decompose=tuple(lists["decompose"]), constant_error=error)
 
 
 def _tvm_device(f: _Fields) -> TvmDevice:

@@ -130,3 +130,33 @@ def test_onnxruntime_plans_no_fusion_that_a_subgraph_read_would_break(tmp_path):
     assert plan.float_nodes["conv1"] == ("the engine fuses Conv only with its output quantized, and that is a model "
                                          "output or read inside a subgraph")
     assert "conv2" in plan.quantized_nodes and "r" in plan.activations  # conv2 still reads its input dequantized
+
+
+@pytest.mark.parametrize("factor, fuses", [([0.9, 1.0, 1.1, 1.25], True), ([0.01, 1.0, 5.0, 2.0], False)])
+def test_a_constant_factor_is_stored_as_integers_only_if_8_bits_hold_it(factor, fuses):
+    """ORT's QLinearMul reads x * c with c as uint8 over c's own range: a per-channel scale with a
+    tiny entry would lose that channel (0.01 on a 5/255 grid is 0.0196), so that Mul stays float, with why."""
+    import numpy as np
+    import onnx_graphsurgeon as gs
+    from onnx import TensorProto, helper, numpy_helper
+
+    from qpasses import graph as graph_io
+    from qpasses.passes.annotate import build_plan
+
+    rng = np.random.default_rng(0)
+    w = lambda name, *shape: numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)  # noqa: E731
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c"], name="conv1"),
+             helper.make_node("Mul", ["c", "k"], ["m"], name="scale"),
+             helper.make_node("Conv", ["m", "w2"], ["out"], name="conv2")]
+    k = numpy_helper.from_array(np.array(factor, np.float32).reshape(1, 4, 1, 1), "k")
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 6, 6])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 3, 6, 6])],
+                              [w("w1", 4, 2, 1, 1), w("w2", 3, 4, 1, 1), k])
+    model = graph_io.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    plan = build_plan(gs.import_onnx(model), load_target("onnxruntime"))
+    assert ("scale" in plan.quantized_nodes) is fuses
+    assert [c.tensor for c in plan.constants] == (["k"] if fuses else [])
+    if not fuses:
+        assert plan.float_nodes["scale"] == ("the engine fuses Mul only with every input dequantized, and its "
+                                             "constant k would be off by 96.1% in 8 bits")
+        assert "scale" not in {e[0] for a in plan.activations.values() for e in a.consumers}

@@ -21,10 +21,11 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from qpasses.calibration.qparams import constant_qparams, fake_quantize
 from qpasses.errors import InputError
 from qpasses.graph import node_reads
 from qpasses.pass_infra import Pass, PassContext, QuantState
-from qpasses.plan import ActivationQuant, BiasQuant, Edge, QuantPlan, WeightQuant
+from qpasses.plan import ActivationQuant, BiasQuant, ConstantQuant, Edge, QuantPlan, WeightQuant
 from qpasses.ops import WEIGHTED_OPS, weight_axis
 from qpasses.targets.schema import Target
 
@@ -137,7 +138,7 @@ def build_plan(graph: gs.Graph, target: Target) -> QuantPlan:
 
     share_nodes = []
     wanted: dict[str, list[str]] = {}  # quantized node -> the activation tensors its rule quantizes
-    constants: dict[str, list[str]] = {}  # quantized node -> float constants among its rule's inputs
+    constants: dict[str, list[tuple[int, gs.Constant]]] = {}  # quantized node -> float constants among its rule's inputs
     for node in graph.nodes:
         rule = target.ops.get(node.op)
         if node.op in target.float_ops:
@@ -176,7 +177,7 @@ def build_plan(graph: gs.Graph, target: Target) -> QuantPlan:
             plan.quantized_nodes.append(node.name)
             wanted[node.name] = [node.inputs[idx].name for idx in indices if idx not in skip
                                  and (node.name, idx) in edges.get(node.inputs[idx].name, [])]
-            constants[node.name] = [node.inputs[idx].name for idx in indices if idx not in skip
+            constants[node.name] = [(idx, node.inputs[idx]) for idx in indices if idx not in skip
                                     and isinstance(node.inputs[idx], gs.Constant) and _is_float(node.inputs[idx])]
         else:
             plan.float_nodes[node.name] = "no float activation input to quantize (all inside a supergroup or constant)"
@@ -196,7 +197,10 @@ def build_plan(graph: gs.Graph, target: Target) -> QuantPlan:
                 edges.setdefault(tensor.name, [])
                 plan.model_outputs.append(tensor.name)
 
-    written = _fit_fusion(graph, target, plan, edges, wanted, constants, groups, inner) if target.fusion else set()
+    written = set()
+    if target.fusion:
+        written = _fit_fusion(graph, target, plan, edges, wanted, constants, groups, inner)
+        plan.constants = [ConstantQuant(n, idx, c.name) for n in plan.quantized_nodes for idx, c in constants[n]]
 
     producer_order = {t.name: i for i, t in enumerate(graph.inputs)}
     for i, node in enumerate(graph.nodes):
@@ -220,8 +224,8 @@ def build_plan(graph: gs.Graph, target: Target) -> QuantPlan:
 
 
 def _fit_fusion(graph: gs.Graph, target: Target, plan: QuantPlan, edges: dict[str, list[Edge]],
-                wanted: dict[str, list[str]], constants: dict[str, list[str]], groups: list[list[gs.Node]],
-                inner: set[Edge]) -> set[str]:
+                wanted: dict[str, list[str]], constants: dict[str, list[tuple[int, gs.Constant]]],
+                groups: list[list[gs.Node]], inner: set[Edge]) -> set[str]:
     """For an engine that fuses DequantizeLinear -> op -> QuantizeLinear groups (`[fusion]`): keep
     exactly the Q/DQ that an integer kernel reads or writes, quantize each weighted layer's output
     so that the layer can fuse, and let every reader of a quantized tensor read the dequantized
@@ -240,8 +244,10 @@ def _fit_fusion(graph: gs.Graph, target: Target, plan: QuantPlan, edges: dict[st
             edges.setdefault(out_of[name], [])
     quantized = set(edges)
 
-    def fuses(name: str) -> bool:  # a float constant input (a bias Add's bias) has no DequantizeLinear either
-        if constants[name] or not all(t in quantized for t in wanted[name]):
+    constant_problem = {name: _constant_problem(nodes[name], constants[name], target) for name in plan.quantized_nodes}
+
+    def fuses(name: str) -> bool:
+        if constant_problem[name] or not all(t in quantized for t in wanted[name]):
             return False
         return name not in needs_out or (out_of[name] in quantized and out_of[name] not in model_outputs)
 
@@ -255,8 +261,8 @@ def _fit_fusion(graph: gs.Graph, target: Target, plan: QuantPlan, edges: dict[st
                 changed = True
     for name in [n for n in plan.quantized_nodes if not fuses(n)]:
         plan.quantized_nodes.remove(name)
-        if constants[name]:
-            why = "every input dequantized, and one is a float constant"
+        if constant_problem[name]:
+            why = constant_problem[name]
         elif name in needs_out and out_of[name] in model_outputs:
             why = "its output quantized, and that is a model output or read inside a subgraph"
         elif any(t not in quantized for t in wanted[name]):
@@ -272,3 +278,23 @@ def _fit_fusion(graph: gs.Graph, target: Target, plan: QuantPlan, edges: dict[st
         edges[tensor] = [(reader.name, idx) for reader in tensors[tensor].outputs if nodes.get(reader.name) is reader
                          for idx, t in enumerate(reader.inputs) if t.name == tensor and (reader.name, idx) not in inner]
     return {t for t in quantized if t in writer and fuses(writer[t])}
+
+
+def _constant_problem(node: gs.Node, constants: list[tuple[int, gs.Constant]], target: Target) -> str | None:
+    """Why a constant input keeps `node` from fusing, or None: it is stored as integers with the
+    activation quantizer, which must hold an addend within `constant_error` of its largest value
+    and a factor within `constant_error` of every element (a per-channel scale with a tiny entry
+    would zero that channel)."""
+    for _, constant in constants:
+        if target.ops[node.op].share:
+            return f"every input dequantized, and {constant.name} is a constant that cannot share the other inputs' scale"
+        values = constant.values.astype(np.float64)
+        if values.size == 0:
+            continue
+        error = np.abs(fake_quantize(values, constant_qparams(values, target.activation)) - values)
+        relative = error.max() / max(np.abs(values).max(), 1e-30) if node.op in ("Add", "Sub") else \
+            np.max(error / np.maximum(np.abs(values), 1e-30))
+        if relative > target.fusion.constant_error:
+            return (f"every input dequantized, and its constant {constant.name} would be off by "
+                    f"{100 * relative:.1f}% in {target.activation.bits} bits")
+    return None

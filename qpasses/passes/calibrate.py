@@ -11,7 +11,7 @@ Run after `annotate`.
 from __future__ import annotations
 
 from qpasses.calibration.observers import make_observer
-from qpasses.calibration.qparams import compute_qparams
+from qpasses.calibration.qparams import compute_qparams, constant_qparams
 from qpasses.calibration.runner import observe
 from qpasses.errors import CalibrationError
 from qpasses.encodings import qparams_from
@@ -26,6 +26,7 @@ class Calibrate(Pass):
     def run(self, state: QuantState, ctx: PassContext) -> bool:
         if ctx.encodings is not None:  # ranges decided elsewhere (AIMET, an earlier qpass run)
             qparams_from(ctx.encodings, state.plan, state.target)
+            calibrate_weights(state, ctx)  # the constant inputs, which need no encoding
             return False
         calibrate_activations(state, ctx)
         calibrate_weights(state, ctx)
@@ -49,9 +50,15 @@ def calibrate_activations(state: QuantState, ctx: PassContext) -> None:
 
 
 def calibrate_weights(state: QuantState, ctx: PassContext) -> None:
-    """Qparams for every planned weight that has none yet (a weight read by two nodes is done once)."""
+    """Qparams for every planned weight and constant input that has none yet (a weight read by two
+    nodes is done once). A constant input takes the activation quantizer over its own values."""
     plan, target = state.plan, state.target
     tensors = {t.name: t for t in state.graph.tensors().values()}
+    for c in plan.constants:
+        if c.tensor not in plan.qparams:
+            values = tensors[c.tensor].values
+            plan.ranges[c.tensor] = (float(values.min()), float(values.max()))
+            plan.qparams[c.tensor] = constant_qparams(values, target.activation)
     for w in plan.weights:
         if w.tensor in plan.qparams:
             continue

@@ -4,6 +4,7 @@
     W (float) -> Conv             =>  W_int8 -> DQ -> Conv       (weight_storage = "int")
                                   or  clip(W) -> Q -> DQ -> Conv  (weight_storage = "float")
     b (float) -> Conv             =>  b_int32 -> DQ(scale = s_x * s_w) -> Conv   (bias = "int32")
+    c (float) -> Add              =>  c_uint8 -> DQ -> Add     (a constant input of a fused kernel)
 
 Tensors that share a quantizer reference the same scale and zero-point initializers, so the
 sharing is visible in the file. Float weights are clipped to the quantizer's range first, which
@@ -64,6 +65,14 @@ class InsertQDQ(Pass):
                     clipped = gs.Constant(f"{w.tensor}.clipped", _clip(const.values, qp))
                     weight_outputs[w.tensor] = _qdq(graph, clipped, scale, zp, qp.zero_point.dtype, qp.axis)
             node.inputs[w.input_index] = weight_outputs[w.tensor]
+
+        constant_outputs: dict[str, gs.Variable] = {}
+        for c in plan.constants:  # always stored as integers: the fused kernel reads them so
+            if c.tensor not in constant_outputs:
+                qp, const = plan.qparams[c.tensor], tensors[c.tensor]
+                stored = gs.Constant(f"{c.tensor}.quantized", quantize(const.values, qp))
+                constant_outputs[c.tensor] = _dq(graph, stored, *qparam_constants(c.tensor, qp), None, const.dtype, c.tensor)
+            nodes[c.node].inputs[c.input_index] = constant_outputs[c.tensor]
 
         bias_users = {b.tensor: len(tensors[b.tensor].outputs) for b in plan.biases}
         for b in plan.biases:
