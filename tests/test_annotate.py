@@ -159,4 +159,4 @@ def test_a_constant_factor_is_stored_as_integers_only_if_8_bits_hold_it(factor, 
     if not fuses:
         assert plan.float_nodes["scale"] == ("the engine fuses Mul only with every input dequantized, and its "
                                              "constant k would be off by 96.1% in 8 bits")
-    assert {"conv1", "conv2"} <= set(plan.quantized_nodes)  # conv1 writes int8 either way; a float Mul dequantizes it
+    assert "conv1" in plan.quantized_nodes  # it writes int8 either way; a float Mul dequantizes it
