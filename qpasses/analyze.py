@@ -36,6 +36,7 @@ from qpasses.targets.schema import Target
 
 from .pass_infra import PassContext, QuantState
 from .ops import WEIGHTED_OPS
+from .passes.fold_factors import folded
 from .passes.insert_qdq import float_output_name, realize
 from .pipeline import build_pipeline, prepare, sqnr, sqnr_db
 from .plan import QuantPlan
@@ -401,7 +402,8 @@ def analyze(model_path: str | Path, target: Target, data: str | Path, ctx: PassC
                                lambda score: _meets(score, analysis.float_top1, goal))
     analysis.fallback, analysis.fallback_score = chosen, result
     analysis.goal_met = _meets(result, analysis.float_top1, goal)
-    return analysis, realize(float_model, target, plan.keep_float(chosen, "kept in float by analysis"))
+    mixed = realize(float_model, target, plan.keep_float(chosen, "kept in float by analysis"))
+    return analysis, folded(mixed) if target.fusion else mixed
 
 
 def _fallback(ranked: list[LayerReport], variants: Variants, quantized: Score,

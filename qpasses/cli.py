@@ -646,7 +646,7 @@ def _print_summary(result, output: Path, methods: str) -> None:
          f"{len(plan.activations)} activation Q/DQ, {len(plan.weights)} weights, {len(plan.biases)} int32 biases"
          + (f", {len(plan.constants)} integer constants" if plan.constants else ""))
     if plan.fused_nodes:
-        echo(f"  fused into a supergroup (no Q/DQ inside): {len(plan.fused_nodes)} node(s)")
+        echo(f"  fused into a supergroup (no Q/DQ inside) or a scale: {len(plan.fused_nodes)} node(s)")
     reasons = Counter(plan.float_nodes.values())
     for reason, count in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])):
         echo(f"  kept in float: {count:3d} node(s): {reason}")

@@ -28,11 +28,12 @@ from .passes.bn_recalibrate import BNRecalibrate
 from .passes.calibrate import Calibrate
 from .passes.decompose import Decompose
 from .passes.equalize import Equalize
+from .passes.fold_factors import FoldScalarFactors
 from .passes.fold_batchnorm import FoldBatchNorm
 from .passes.insert_qdq import InsertQDQ
 
-ALL_PASSES: tuple[type[Pass], ...] = (FoldBatchNorm, Equalize, Decompose, Annotate, Calibrate, BNRecalibrate, AdaRound,
-                                       InsertQDQ, BiasCorrect)
+ALL_PASSES: tuple[type[Pass], ...] = (FoldBatchNorm, Equalize, Decompose, Annotate, Calibrate, BNRecalibrate,
+                                       AdaRound, InsertQDQ, BiasCorrect, FoldScalarFactors)
 # technique -> its pass, tried in this order: cheap first, AdaRound (the slow one) last, so it runs once
 TECHNIQUES = {"cle": Equalize.name, "bn_recal": BNRecalibrate.name, "bias_correction": BiasCorrect.name,
               "adaround": AdaRound.name}
@@ -76,6 +77,8 @@ def build_pipeline(target: Target, techniques: Techniques = Techniques(), stop_a
     passes.append(InsertQDQ())
     if techniques.bias_correction:
         passes.append(BiasCorrect(techniques.bias_correction))
+    if target.fusion:
+        passes.append(FoldScalarFactors())
     names = [p.name for p in passes]
     return Sequential(passes[:names.index(stop_after) + 1] if stop_after in names else passes)
 

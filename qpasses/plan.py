@@ -62,7 +62,8 @@ class QuantPlan:
     shares: dict[str, list[str]] = field(default_factory=dict)  # anchor -> member tensors
     groups: list[list[str]] = field(default_factory=list)  # supergroup instances (node names)
     model_outputs: list[str] = field(default_factory=list)  # graph outputs given a Q/DQ of their own
-    fused_nodes: dict[str, str] = field(default_factory=dict)  # node -> head of its supergroup
+    fused_nodes: dict[str, str] = field(default_factory=dict)  # node -> head of its supergroup, or the node
+    # whose QuantizeLinear took its scalar factor (fusing engines)
     float_nodes: dict[str, str] = field(default_factory=dict)  # node -> why it stays float
     quantized_nodes: list[str] = field(default_factory=list)
     calibration_samples: int = 0  # samples the activation observers saw

@@ -172,3 +172,4 @@ def test_no_qdq_inside_supergroups(quantized, model):
         v = View(quantized(model, target).model)
         for node in v.nodes("Relu") + v.nodes("Clip"):
             assert v.op_of(node.input[0]) in ("Conv", "Add", "Gemm"), (target, node.name)
+

@@ -233,8 +233,10 @@ def test_the_plan_runs_in_integer_as_planned(tmp_path):
     runs = {n.name: n.op_type for n in optimized(result.model).graph.node}
     assert {name: runs[name] for name in result.state.plan.quantized_nodes if runs[name] not in INTEGER_OPS} == \
         {"flat": "Flatten"}  # runs on the int8 values, between QLinearConv and QLinearMatMul's float-output form
-    # hard-swish in both spellings runs as QLinearAdd (the Clip folded into its saturation) and QLinearMul
-    assert {runs[n] for n in ("hsig.add", "hsig", "hswish1", "plus3", "times", "over6")} == {"QLinearAdd", "QLinearMul"}
+    # hard-swish in both spellings runs as QLinearAdd (the Clip folded into its saturation) and QLinearMul;
+    # the factors 1/6 fold into the QuantizeLinear after them
+    assert {runs[n] for n in ("hsig.add", "hswish1", "plus3", "times")} == {"QLinearAdd", "QLinearMul"}
+    assert "hsig" not in runs and "over6" not in runs
     assert {c.tensor for c in result.state.plan.constants} == {"hsig.shift", "hsig.alpha", "three", "over6.reciprocal"}
     assert result.state.plan.float_nodes["bias"] == ("the engine fuses Add only with its output quantized, and that "
                                                      "is read by float ops only")
