@@ -115,6 +115,11 @@ def cpu_description() -> str:
     return f"{name}, {os.cpu_count()} logical cores" + (f", {' '.join(isa)}" if isa else "")
 
 
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (/proc/cpuinfo), e.g. avx2, avx512_vnni; empty where unknown."""
+    return _cpu()[1]
+
+
 def has_vnni() -> bool:
     """Whether int8 dot products run without int16 saturation: VNNI on x86; ARM does not saturate."""
     if platform.machine().lower() in ("aarch64", "arm64"):

@@ -33,7 +33,7 @@ from qpasses.targets.schema import builtin_names, load_target
 
 from . import graph as graph_io
 from .analyze import Goal, analyze as run_analyze, format_analysis
-from .bench import BenchResult, IncompleteRun, format_bench, measure
+from .bench import BenchResult, IncompleteRun, cpu_description, cpu_flags, format_bench, measure
 from .encodings import read_encodings, to_encodings
 from .fidelity import compare, format_fidelity
 from .html_report import WORST_SHOWN, input_histograms, layer_sqnr, render
@@ -723,8 +723,16 @@ def targets_show(name: str) -> None:
         click.echo("  fusion: an op runs in integer only as a whole DequantizeLinear -> op -> QuantizeLinear group; "
                    "Q/DQ only where such a group needs it" + (f"; float output allowed: {', '.join(t.fusion.float_output)}"
                                                              if t.fusion.float_output else ""))
+        click.echo(f"    constant inputs stored as integers when 8 bits hold them within {100 * t.fusion.constant_error:g}%"
+                   + (f"; rewritten first: {', '.join(t.fusion.decompose)}" if t.fusion.decompose else ""))
     if t.engine:
         click.echo(f"  engine: {t.engine} (quantize reads its optimised graph back: int8 coverage)")
+    if t.cpu:
+        flags = cpu_flags()
+        choice = next((c for c in t.cpu if c.feature in flags), None)
+        click.echo(f"  this CPU: {cpu_description()}")
+        click.echo(f"    {choice.feature}: use {choice.target}: {choice.why}" if choice else
+                   f"    none of {', '.join(c.feature for c in t.cpu)}: this table has no advice for it")
 
 
 @cli.command()

@@ -87,6 +87,15 @@ class Fusion:
 
 
 @dataclass(frozen=True)
+class CpuChoice:
+    """One row of the `[cpu]` table: on a CPU with `feature`, `target` runs best, because `why`."""
+
+    feature: str  # a /proc/cpuinfo flag: avx512_vnni, avx_vnni, avx2, asimddp
+    target: str
+    why: str
+
+
+@dataclass(frozen=True)
 class Target:
     name: str
     summary: str
@@ -104,6 +113,7 @@ class Target:
     tvm: TvmDevice | None = None  # where `qpass compile --engine tvm` builds for, if the target runs on TVM
     engine: str = ""  # the engine whose own optimised graph `quantize` reads back (int8 coverage): "onnxruntime"
     fusion: Fusion | None = None  # how the engine fuses Q/DQ groups, when it does (see Fusion)
+    cpu: tuple[CpuChoice, ...] = ()  # which target each CPU runs best, first matching feature wins
     source: str = ""
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -276,6 +286,16 @@ def _fusion(f: _Fields) -> Fusion:
     return Fusion(float_output=tuple(lists["float_output"]), decompose=tuple(lists["decompose"]), constant_error=error)
 
 
+def _cpu_choices(f: _Fields) -> tuple[CpuChoice, ...]:
+    choices = []
+    for feature in list(f.data):
+        row = f.table(feature)
+        choices.append(CpuChoice(feature, row.take("target", str), row.take("why", str)))
+        row.done()
+    f.done()
+    return tuple(choices)
+
+
 def _tvm_device(f: _Fields) -> TvmDevice:
     llvm = f.take("llvm", dict)
     if llvm.get("kind") != "llvm":
@@ -314,6 +334,7 @@ def _from_dict(data: dict[str, Any], source: str) -> Target:
         tvm=_tvm_device(f.table("tvm")) if "tvm" in f.data else None,
         engine=f.choice("engine", ("", "onnxruntime"), ""),
         fusion=_fusion(f.table("fusion")) if "fusion" in f.data else None,
+        cpu=_cpu_choices(f.table("cpu", {})),
         source=source,
         raw=dict(data),
     )

@@ -288,9 +288,12 @@ def test_listing_commands():
         ["academic", "acl", "fbgemm", "onnxruntime", "onnxruntime-vnni", "snpe", "tensorrt", "tvm-arm", "tvm-x86"])
     show = qpass("targets", "show", "tensorrt")
     assert show.returncode == 0 and "narrow range" in show.stdout and "Conv + Add" in show.stdout
+    advice = qpass("targets", "show", "onnxruntime").stdout.split("this CPU: ")[1].splitlines()[1]
+    assert advice.split(":")[0].strip() in ("avx512_vnni", "avx_vnni", "asimddp", "avx2") or "no advice" in advice
     passes = qpass("passes")
     assert [line.split()[0] for line in passes.stdout.splitlines()] == [
-        "fold-batchnorm", "equalize", "annotate", "calibrate", "bn-recal", "adaround", "insert-qdq", "bias-correct"]
+        "fold-batchnorm", "equalize", "decompose", "annotate", "calibrate", "bn-recal", "adaround", "insert-qdq",
+        "bias-correct", "fold-scalar-factors"]
     version = qpass("--version")
     assert version.returncode == 0 and "qpass" in version.stdout
 

@@ -84,6 +84,9 @@ def test_user_target_extends_a_shipped_one(tmp_path):
     ('extends = "tensorrt"\n[ops.Add]\ninputs = "some"\n', "ops.Add.inputs"),
     ('extends = "tensorrt"\n[ops.Add]\nshared = true\n', "ops.Add.shared"),
     ('extends = "tensorrt"\nsupergroups = [["Conv"]]\n', "supergroups[0]"),
+    ('extends = "onnxruntime"\n[fusion]\ndecompose = ["Erf"]\n', "fusion.decompose"),
+    ('extends = "onnxruntime"\n[fusion]\nconstant_error = 1.5\n', "fusion.constant_error"),
+    ('extends = "onnxruntime"\n[cpu.sse4_2]\ntarget = "onnxruntime"\n', "cpu.sse4_2.why"),
 ])
 def test_bad_field_is_named(tmp_path, text, field):
     with pytest.raises(InputError, match=re.escape(f"{field}: ")):
@@ -97,3 +100,11 @@ def test_duplicate_keys_and_unknown_names_are_rejected(tmp_path):
         load_target("tensorrtt")
     with pytest.raises(InputError, match="no such file"):
         load_target(str(tmp_path / "missing.toml"))
+
+
+def test_the_onnxruntime_target_advises_per_cpu_feature():
+    """The [cpu] table is data: VNNI and ARM dot products take all 8 weight bits, AVX2 alone 7."""
+    choices = {c.feature: c.target for c in load_target("onnxruntime").cpu}
+    assert choices == {"avx512_vnni": "onnxruntime-vnni", "avx_vnni": "onnxruntime-vnni", "asimddp": "onnxruntime-vnni",
+                       "avx2": "onnxruntime"}
+    assert [c.feature for c in load_target("onnxruntime").cpu][-1] == "avx2"  # the first match wins: VNNI before AVX2

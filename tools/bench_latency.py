@@ -1,23 +1,24 @@
 """Latency in ONNX Runtime (CPU): float vs qpass int8 vs onnxruntime.quantization int8 of the same model.
 
 Models: the bundled example, the test zoo (tests/models.py, 16x16 inputs), a ResNet-18 at
-224x224 (random weights: latency does not depend on them), the conv-heavy case, and the corpus. Each int8 model
-is calibrated on the same samples: qpass with `--target onnxruntime` (7-bit weights, safe on
-AVX2), ORT's `quantize_static` after its recommended `quant_pre_process`, QDQ format, per-channel,
-reduce_range (ORT's advice for CPUs without VNNI). All three are measured in one session per
-setting, interleaved run by run (`qpasses.bench.measure`), loaded with ORT's full optimisations.
+224x224 (random weights: latency does not depend on them) and the real-model corpus
+(tools/corpus.toml, calibrated and scored as tools/real_models.py does). Each int8 model is
+calibrated on the same samples: qpass with `--target onnxruntime` (7-bit weights, safe on AVX2),
+ORT's `quantize_static` after its recommended `quant_pre_process`, QDQ format, per-channel,
+reduce_range (ORT's advice for CPUs without VNNI), MinMax; an opset-11 export is upgraded to
+opset 13 first, which ORT's quantizer needs for per-channel weights. All are measured in one
+session per setting, interleaved run by run (`qpasses.bench.measure`), with ORT's full
+optimisations.
 
-It first measures the ceiling the CPU sets: one 1024^3 matrix product with constant weights in
-fp32 (MatMul) and in int8 (MatMulInteger u8·s8, u8·u8, s8·s8), the GEMM kernels under Conv and
-QLinearConv. No int8 model can beat float by more than the int8/fp32 throughput ratio printed there.
+It prints: the ceiling the CPU sets (one 1024^3 matrix product in fp32 and in int8 u8·s8, u8·u8,
+s8·s8: the GEMM kernels under Conv and QLinearConv; no int8 model beats float by more than that
+ratio); what ORT runs of each int8 model (the share of its planned conv/matmul MACs in integer
+kernels, the Q/DQ round trips no integer kernel reads or writes, its QuantizeLinear count) with
+the fused model's fidelity against float (the corpus task metric, the worst output SQNR); then
+median latencies and int8/float ratios. `--kernels` adds qpass models for every integer kernel
+form ORT has (u8·s8 with 8-bit weights, u8·u8, s8·s8), to choose the default per CPU.
 
-Models also include the real-model corpus (tools/corpus.toml, calibrated as tools/real_models.py
-does), and for every int8 model the table says what ORT runs of it: the share of its planned
-conv/matmul MACs in integer kernels and the Q/DQ round trips no integer kernel reads or writes.
-
-Usage: python tools/bench_latency.py [--models ...] [--batches 1 8] [--runs 50] [--workdir /tmp/qpass-latency]
-Prints Markdown tables: kernel throughput, int8 coverage, then median latencies and the int8/float
-ratios of qpass and of ORT's quantize_static.
+Usage: python tools/bench_latency.py [--models ...] [--batches 1 8] [--runs 50] [--kernels] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.version_converter
 
+from qpasses import graph as graph_io
 from qpasses.bench import IncompleteRun, cpu_description, measure
 from qpasses.calibration.runner import check_loads
 from qpasses.errors import QpassError
@@ -65,6 +68,12 @@ def ort_quantize_static(model: Path, calib: dict[str, np.ndarray], output: Path)
             return next(self.batches, None)
 
     prepared = output.with_suffix(".pre.onnx")
+    if graph_io.opset_of(onnx.load(model, load_external_data=False)) < graph_io.MIN_OPSET:
+        # opset 11 exports: ORT's quantizer writes per-channel DequantizeLinear with `axis`, which
+        # needs opset 13, and ORT refuses its own output; a user upgrades first, as qpass does
+        upgraded = output.with_suffix(".opset13.onnx")
+        onnx.save(onnx.version_converter.convert_version(onnx.load(model), graph_io.MIN_OPSET), upgraded)
+        model = upgraded
     quant_pre_process(str(model), str(prepared))
     quantize_static(str(prepared), str(output), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                     reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
@@ -103,9 +112,10 @@ def kernel_ceiling(workdir: Path, runs: int, size: int = 1024) -> None:
     print()
 
 
-def source_and_calibration(name: str, workdir: Path) -> tuple[Path, Path]:
-    """A benchmark model (example, a zoo name, resnet18-224, or a corpus name) and its calibration
-    file (.npz keyed by input name), in `workdir`."""
+def source_and_calibration(name: str, workdir: Path) -> tuple[Path, Path, object]:
+    """A benchmark model (example, a zoo name, resnet18-224, or a corpus name), its calibration
+    file (.npz keyed by input name) in `workdir`, and its evaluation data: the corpus harness's
+    held-out data for a corpus model, else 16 samples the calibration does not see."""
     calib = workdir / f"{name}.calib.npz"
     rng = np.random.default_rng(0)
     if name in CORPUS:
@@ -113,46 +123,71 @@ def source_and_calibration(name: str, workdir: Path) -> tuple[Path, Path]:
         from real_models import build_data
 
         source = fetch(name, CORPUS[name], default_cache())
-        return source, build_data(name, CORPUS[name], source, workdir)[0]
+        return (source, *build_data(name, CORPUS[name], source, workdir))
     if name == "example":
-        np.savez(calib, input=np.load(ROOT / "examples/digits/calib.npz")["input"][:128])
-        return ROOT / "examples" / "digits" / "model.onnx", calib
+        digits = np.load(ROOT / "examples/digits/calib.npz")["input"]
+        np.savez(calib, input=digits[:128])
+        return ROOT / "examples" / "digits" / "model.onnx", calib, digits[128:144]
     if name == "resnet18-224":
         source = workdir / "resnet18.onnx"
         if not source.exists():
             build_model(source)
-        np.savez(calib, input=rng.standard_normal((32, 3, 224, 224)).astype(np.float32))
-        return source, calib
+        data = rng.standard_normal((48, 3, 224, 224)).astype(np.float32)
+        np.savez(calib, input=data[:32])
+        return source, calib, data[32:]
     source = export(build(name), workdir / f"{name}.onnx")
-    np.savez(calib, input=rng.standard_normal((128, *INPUT_SHAPE)).astype(np.float32))
-    return source, calib
+    data = rng.standard_normal((144, *INPUT_SHAPE)).astype(np.float32)
+    np.savez(calib, input=data[:128])
+    return source, calib, data[128:]
+
+
+# the integer kernel forms ORT has (`--kernels`), 8-bit weights unless said: label -> (target, TOML it adds)
+KERNEL_TARGETS = {
+    "u8·s8 7-bit": ("onnxruntime", ""),
+    "u8·s8": ("onnxruntime-vnni", ""),
+    "u8·u8": ("onnxruntime", '[weight]\nbits = 8\nsigned = false\nsymmetric = false\ngranularity = "per_channel"\n'),
+    "s8·s8": ("onnxruntime-vnni", '[activation]\nbits = 8\nsigned = true\nsymmetric = false\ngranularity = "per_tensor"\n'),
+}
+
+
+def kernel_target(label: str, workdir: Path):
+    base, extra = KERNEL_TARGETS[label]
+    if not extra:
+        return load_target(base)
+    path = workdir / f"kernel-{list(KERNEL_TARGETS).index(label)}.toml"
+    path.write_text(f'extends = "{base}"\nname = "{base}-{label}"\nsummary = "{label}"\n{extra}')
+    return load_target(str(path))
 
 
 @dataclass
 class Case:
-    """One benchmark model: its int8 variants and the input sizes to time them at."""
+    """One benchmark model: its int8 variants, the input sizes to time them at, and what scores them."""
 
     models: dict[str, Path]
     sample_shapes: dict[str, list[int]]  # input -> shape of one sample, without the batch axis
+    evals: object  # the corpus harness's evaluation data, or an array of samples
+    entry: dict | None  # the corpus entry, None for the other models
 
     def shapes(self, batch: int) -> dict[str, list[int]]:
         return {name: [batch, *shape] for name, shape in self.sample_shapes.items()}
 
 
-def prepare(workdir: Path, names: list[str]) -> dict[str, Case]:
+def prepare(workdir: Path, names: list[str], kernels: bool) -> dict[str, Case]:
     workdir.mkdir(parents=True, exist_ok=True)
     cases = {}
     for name in names:
-        source, calib_path = source_and_calibration(name, workdir)
+        source, calib_path, evals = source_and_calibration(name, workdir)
         with np.load(calib_path) as data:
             calib = {k: data[k][:64] for k in data.files if k != "labels"}
-        qpass_int8 = workdir / f"{name}.qpass.onnx"
-        onnx.save(quantize(source, load_target("onnxruntime"), calib_path, PassContext(quiet=True)).model,
-                  qpass_int8)
-        case = Case({"float": source, "qpass int8": qpass_int8}, {k: list(v.shape[1:]) for k, v in calib.items()})
+        case = Case({"float": source}, {k: list(v.shape[1:]) for k, v in calib.items()}, evals, CORPUS.get(name))
+        labels = list(KERNEL_TARGETS) if kernels else [next(iter(KERNEL_TARGETS))]
+        for i, label in enumerate(labels):
+            path = workdir / f"{name}.qpass-{i}.onnx"
+            onnx.save(quantize(source, kernel_target(label, workdir), calib_path, PassContext(quiet=True)).model, path)
+            case.models["qpass int8" if i == 0 else f"qpass {label}"] = path
         try:
             ort_quantize_static(source, calib, workdir / f"{name}.ort.onnx")
-            check_loads(onnx.load(workdir / f"{name}.ort.onnx"), "its output")  # opset 11: per-channel DQ is invalid
+            check_loads(onnx.load(workdir / f"{name}.ort.onnx"), "its output")
             case.models["ort int8"] = workdir / f"{name}.ort.onnx"
         except Exception as exc:  # e.g. grouped ConvTranspose: ORT's quantizer mis-broadcasts the bias scale
             print(f"{name}: onnxruntime.quantization failed: {type(exc).__name__}: {exc}", file=sys.stderr)
@@ -160,21 +195,59 @@ def prepare(workdir: Path, names: list[str]) -> dict[str, Case]:
     return cases
 
 
+def fidelity(case: Case, label: str) -> tuple[str, float]:
+    """(task metric, worst output SQNR dB) of one int8 model against the float one, both run by ORT
+    with its optimisations, as deployed: the corpus harness's metric, or SQNR alone."""
+    from real_models import float_session, run_batches, score, sqnr
+
+    if case.entry is not None:
+        metric, worst, _ = score(case.entry, case.models["float"], case.models[label], case.evals)
+        return metric, worst
+    name = next(iter(case.sample_shapes))
+    ref, got = (run_batches(float_session(str(case.models[k])), name, case.evals, False) for k in ("float", label))
+    return "-", min(sqnr(r, g) for r, g in zip(ref, got))
+
+
 def coverage_table(cases: dict[str, Case]) -> None:
-    """What ORT runs of each int8 model: the integer share of its planned conv/matmul MACs and the
-    Q/DQ round trips no integer kernel reads or writes."""
-    print("| model | qpass int8 coverage | qpass Q/DQ overhead | ort int8 coverage | ort Q/DQ overhead |")
-    print("|---|---|---|---|---|")
+    """What ORT runs of each int8 model: the integer share of its planned conv/matmul MACs, the
+    Q/DQ round trips no integer kernel reads or writes, the activation QuantizeLinear count, and
+    the fidelity of the fused model."""
+    print("| model | int8 | coverage | Q/DQ overhead | QuantizeLinear | task metric | worst SQNR dB |")
+    print("|---|---|---|---|---|---|---|")
     for name, case in cases.items():
-        cells = []
-        for label in ("qpass int8", "ort int8"):
-            if label not in case.models:
-                cells += ["failed", "-"]
-                continue
-            coverage = int8_coverage(onnx.load(case.models[label]))
-            cells += [f"{100 * (coverage.share or 0):.1f}% ({sum(n.integer for n in coverage.nodes)}/{len(coverage.nodes)})",
-                      str(len(coverage.overhead))]
-        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+        for label in [k for k in case.models if k != "float"]:
+            model = onnx.load(case.models[label])
+            coverage = int8_coverage(model)
+            metric, worst = fidelity(case, label)
+            print(f"| {name} | {label.removesuffix(' int8')} | {100 * (coverage.share or 0):.1f}% "
+                  f"({sum(n.integer for n in coverage.nodes)}/{len(coverage.nodes)}) | {len(coverage.overhead)} | "
+                  f"{sum(n.op_type == 'QuantizeLinear' for n in model.graph.node)} | {metric} | {worst:.1f} |", flush=True)
+        if "ort int8" not in case.models:
+            print(f"| {name} | ort | failed | | | | |")
+    print()
+
+
+def latency_table(cases: dict[str, Case], batches: list[int], runs: int) -> None:
+    labels = list(dict.fromkeys(k for c in cases.values() for k in c.models if k != "float"))
+    print("| model | batch | threads | float ms | " + " | ".join(f"{k} ms" for k in labels) + " | "
+          + " | ".join(f"{k} / float" for k in labels) + " |")
+    print("|---|---|---|---|" + "---|" * (2 * len(labels)))
+    for name, case in cases.items():
+        for batch in batches:
+            for threads in (1, 2):
+                heavy = name in ("resnet18-224", *CORPUS) and batch > 1
+                try:
+                    runners = {label: Runner(path, threads=threads, batch=batch, input_shapes=case.shapes(batch))
+                               for label, path in case.models.items()}
+                    lat = {k: v.median_ms for k, v in measure(runners, warmup=3, runs=max(5, runs // 5) if heavy else runs,
+                                                              quiet=True).items()}
+                except (QpassError, IncompleteRun) as exc:  # e.g. a model exported with a fixed batch of 1
+                    print(f"| {name} | {batch} | {threads} | {str(exc)[:80]} |" + " |" * (2 * len(labels)), flush=True)
+                    continue
+                times = [f"{lat[k]:.3f}" if k in lat else "failed" for k in labels]
+                ratios = [f"{lat[k] / lat['float']:.2f}" if k in lat else "-" for k in labels]
+                print(f"| {name} | {batch} | {threads} | {lat['float']:.3f} | " + " | ".join(times + ratios) + " |",
+                      flush=True)
     print()
 
 
@@ -184,30 +257,16 @@ def main() -> None:
                         help="example, zoo names, resnet18-224, corpus names (tools/corpus.toml)")
     parser.add_argument("--batches", nargs="*", type=int, default=[1, 8])
     parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--kernels", action="store_true",
+                        help="also quantize for every integer kernel form ORT has (u8·s8 7/8-bit, u8·u8, s8·s8)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/qpass-latency"))
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     print(f"CPU: {cpu_description()}; ONNX Runtime CPU, median of {args.runs} interleaved runs\n")
     kernel_ceiling(args.workdir, args.runs)
-    cases = prepare(args.workdir, args.models)
+    cases = prepare(args.workdir, args.models, args.kernels)
     coverage_table(cases)
-    print("| model | batch | threads | float ms | qpass int8 ms | ort int8 ms | qpass int8 / float | ort int8 / float |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, case in cases.items():
-        for batch in args.batches:
-            for threads in (1, 2):
-                heavy = name in ("resnet18-224", *CORPUS) and batch > 1
-                runs = max(5, args.runs // 5) if heavy else args.runs
-                try:
-                    runners = {label: Runner(path, threads=threads, batch=batch, input_shapes=case.shapes(batch))
-                               for label, path in case.models.items()}
-                    lat = {k: v.median_ms for k, v in measure(runners, warmup=3, runs=runs, quiet=True).items()}
-                except (QpassError, IncompleteRun) as exc:  # e.g. a model exported with a fixed batch of 1
-                    print(f"| {name} | {batch} | {threads} | {str(exc)[:80]} | | | | |", flush=True)
-                    continue
-                ort = (f"{lat['ort int8']:.3f}", f"{lat['ort int8'] / lat['float']:.2f}") if "ort int8" in lat else ("failed", "-")
-                print(f"| {name} | {batch} | {threads} | {lat['float']:.3f} | {lat['qpass int8']:.3f} | {ort[0]} | "
-                      f"{lat['qpass int8'] / lat['float']:.2f} | {ort[1]} |", flush=True)
+    latency_table(cases, args.batches, args.runs)
 
 
 if __name__ == "__main__":
