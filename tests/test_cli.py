@@ -395,7 +395,7 @@ def test_verbose_logs_each_pass_and_every_command_has_help(tmp_path):
     proc = qpass("quantize", EXAMPLE / "model.onnx", "-d", EXAMPLE / "calib.npz", "-o", tmp_path / "m.onnx", "-q", "-v")
     assert proc.returncode == 0
     assert [line.split(":")[2].split()[1] for line in proc.stderr.splitlines()] == \
-        ["fold-batchnorm", "annotate", "calibrate", "insert-qdq"]
+        ["fold-batchnorm", "decompose", "annotate", "calibrate", "insert-qdq", "fold-scalar-factors"]
     for command in ("quantize", "eval", "analyze", "check", "compile", "bench", "rpc-server", "passes"):
         shown = qpass(command, "--help")
         assert shown.returncode == 0 and "--config" in shown.stdout and "--verbose" in shown.stdout, command

@@ -15,7 +15,8 @@ s8·s8: the GEMM kernels under Conv and QLinearConv; no int8 model beats float b
 ratio); what ORT runs of each int8 model (the share of its planned conv/matmul MACs in integer
 kernels, the Q/DQ round trips no integer kernel reads or writes, its QuantizeLinear count) with
 the fused model's fidelity against float (the corpus task metric, the worst output SQNR); then
-median latencies and int8/float ratios. `--kernels` adds qpass models for every integer kernel
+median latencies and int8/float ratios; last, where the time goes in float and qpass int8
+(ORT's profiler, per op type). `--kernels` adds qpass models for every integer kernel
 form ORT has (u8·s8 with 8-bit weights, u8·u8, s8·s8), to choose the default per CPU.
 
 Usage: python tools/bench_latency.py [--models ...] [--batches 1 8] [--runs 50] [--kernels] [--workdir DIR]
@@ -251,6 +252,46 @@ def latency_table(cases: dict[str, Case], batches: list[int], runs: int) -> None
     print()
 
 
+def profile(path: Path, shapes: dict[str, list[int]], runs: int = 10) -> dict[str, float]:
+    """Mean ms per run spent in each op type of ORT's optimised graph, 1 thread (ORT's profiler)."""
+    import json
+
+    import onnxruntime as ort
+
+    from qpasses.bench import seeded_inputs, static_shapes
+
+    options = ort.SessionOptions()
+    options.enable_profiling, options.intra_op_num_threads = True, 1
+    options.profile_file_prefix = str(path.with_suffix(""))
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feeds = seeded_inputs(static_shapes(onnx.load(path, load_external_data=False), shapes, 1), 0)
+    session.run(None, feeds)  # the first run allocates; the profile counts it, so it is one run more
+    for _ in range(runs):
+        session.run(None, feeds)
+    events = json.loads(Path(session.end_profiling()).read_text())
+    times: dict[str, float] = {}
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            op = event["args"]["op_name"]
+            times[op] = times.get(op, 0.0) + event["dur"] / 1000 / (runs + 1)
+    return dict(sorted(times.items(), key=lambda kv: -kv[1]))
+
+
+def profile_table(cases: dict[str, Case]) -> None:
+    """Where the time goes, float against qpass int8 at batch 1, 1 thread: the op types of ORT's
+    optimised graph, so a model whose int8 is not faster shows which kernels cost it."""
+    print("| model | float: ms by op type | qpass int8: ms by op type |")
+    print("|---|---|---|")
+    for name, case in cases.items():
+        cells = []
+        for label in ("float", "qpass int8"):
+            times = profile(case.models[label], case.shapes(1))
+            top = ", ".join(f"{op} {ms:.3f}" for op, ms in list(times.items())[:5])
+            cells.append(f"{sum(times.values()):.3f} total: {top}")
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+    print()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=["example", *sorted(ZOO), "resnet18-224", *CORPUS],
@@ -267,6 +308,7 @@ def main() -> None:
     cases = prepare(args.workdir, args.models, args.kernels)
     coverage_table(cases)
     latency_table(cases, args.batches, args.runs)
+    profile_table(cases)
 
 
 if __name__ == "__main__":
