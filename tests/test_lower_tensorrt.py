@@ -77,3 +77,27 @@ def test_bench_reports_the_gpu(qdq, tmp_path):
 
 def test_an_onnx_file_is_not_an_engine(qdq):
     assert_one_line_error(qpass("bench", qdq, "--engine", "tensorrt"), 2, "an ONNX model, not what --engine tensorrt runs")
+
+
+def test_planned_int8_layers_that_tensorrt_ran_otherwise_are_flagged(qdq):
+    """The engine inspector's JSON (DETAILED; layer names join the fused ONNX nodes with " + "), as
+    TensorRT 10 writes it, read against the plan: a planned conv in FP16 is named, with its precision."""
+    from qpasses.targets.lower import planned_int8
+    from qpasses.targets.lower.tensorrt import CompileReport, read_precisions
+
+    model = onnx.load(qdq)
+    convs = [n.name for n in planned_int8(model)]
+    int8 = "Thirty-two wide channel vectorized row major Int8 format"
+    half = "Channel major FP16 format where channel % 8 == 0"
+    layers = [{"Name": f"{name} + relu", "LayerType": "CaskConvolution",
+               "Inputs": [{"Name": "x", "Format/Datatype": half if i == 1 else int8}],
+               "Outputs": [{"Name": "y", "Format/Datatype": int8}]} for i, name in enumerate(convs[:-1])]
+    layers.append({"Name": "Reformatting CopyNode for Input Tensor 0", "LayerType": "Reformat",
+                   "Inputs": [{"Format/Datatype": "Row major linear FP32"}], "Outputs": [{"Format/Datatype": int8}]})
+    report = CompileReport("tensorrt", "m.onnx", "m.plan", "10", "gpu", False, True, 1024)
+    read_precisions({"Layers": layers, "Bindings": ["input"]}, model, report)
+    assert report.integer_nodes == {"CaskConvolution": len(convs) - 2}
+    assert report.planned_not_int8 == [{"name": convs[1], "op": "Conv", "precision": "FP16"},
+                                       {"name": convs[-1], "op": model.graph.node[[n.name for n in model.graph.node].index(convs[-1])].op_type,
+                                        "precision": "not found among the engine's layers"}]
+    assert "2 planned-int8 conv/matmul node(s) run in another precision" in report.warnings[0]

@@ -120,6 +120,10 @@ def test_report_lists_what_stays_float(tmp_path, zoo_dir):
     report = compile_model(qdq, tmp_path / "m.so")
     assert "nn.conv2d_transpose" in {n["op"] for n in report.float_nodes}
     assert any(k.startswith("conv2d int8 x int8 -> int32") for k in report.integer_nodes)
+    # the deconv is planned int8 (its weight is dequantized) and TVM runs it float: the warning says so
+    assert report.planned_int8 == sum(report.integer_nodes.values()) + 1
+    assert f"1 of {report.planned_int8} planned-int8 conv/matmul node(s) run float32 kernels" in report.warnings[0]
+    assert "nn.conv2d_transpose" in report.warnings[0]
 
 
 def test_built_conv_kernels_take_integer_inputs(tmp_path):

@@ -11,11 +11,22 @@ import importlib
 from pathlib import Path
 from types import ModuleType
 
+import onnx
+
 from qpasses.errors import InputError
+from qpasses.ops import WEIGHTED_OPS
 
 ENGINES = ("onnxruntime", "tensorrt", "tvm")
 SUFFIX = {"onnxruntime": ".ort.onnx", "tensorrt": ".plan", "tvm": ".so"}
 KIND = {"onnxruntime": "onnx", "tensorrt": "tensorrt", "tvm": "elf"}  # what each engine's artifact looks like
+
+
+def planned_int8(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The conv/gemm/matmul nodes a Q/DQ model plans in int8: their weight (a MatMul's second
+    operand) comes from a DequantizeLinear. What every engine's report checks against."""
+    producer = {o: n.op_type for n in model.graph.node for o in n.output}
+    return [n for n in model.graph.node if n.op_type in WEIGHTED_OPS and len(n.input) > 1
+            and producer.get(n.input[1]) == "DequantizeLinear"]
 
 
 def sidecar(library: Path) -> Path:

@@ -26,7 +26,9 @@ from qpasses import graph as graph_io
 from qpasses.calibration.runner import check_loads, ort_message
 from qpasses.bench import cpu_description, has_vnni, seeded_inputs, static_shapes
 from qpasses.errors import EngineError
-from qpasses.ops import WEIGHTED_OPS, macs
+from qpasses.ops import macs
+
+from . import planned_int8
 
 LEVELS = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
           "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
@@ -162,10 +164,7 @@ def int8_coverage(model: onnx.ModelProto, runs: onnx.ModelProto | None = None) -
     outputs = {o.name for o in model.graph.output}
     kernels = {n.name: n.op_type for n in runs.graph.node}
     planned = []
-    for node in model.graph.node:
-        weight = node.input[1] if len(node.input) > 1 else ""
-        if node.op_type not in WEIGHTED_OPS or weight not in producer or producer[weight].op_type != "DequantizeLinear":
-            continue  # planned in int8 means a dequantized weight (or second matmul operand)
+    for node in planned_int8(model):
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         count = macs(node.op_type, attrs, [shapes.get(i, ()) for i in node.input[:2]], shapes.get(node.output[0], ()))
         entry = PlannedNode(node.name, node.op_type, count, kernels.get(node.name, "(removed)"))

@@ -20,9 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
 from qpasses import graph as graph_io
 from qpasses.errors import EngineError, InputError
+
+from . import planned_int8
 
 MISSING = ("--engine tensorrt needs TensorRT 10+ and cuda-python with an NVIDIA GPU "
            "(pip install tensorrt cuda-python); {what} cannot be imported here")
@@ -76,6 +79,7 @@ class CompileReport:
     timing_cache: str | None = None
     integer_nodes: dict[str, int] = field(default_factory=dict)  # engine layers in int8, by layer type
     float_nodes: list[dict] = field(default_factory=list)  # the other layers (engine inspector)
+    planned_not_int8: list[dict] = field(default_factory=list)  # planned-int8 ONNX nodes TensorRT ran otherwise
     warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
@@ -113,7 +117,7 @@ def compile_model(model_path: Path, output: Path, input_shapes: dict[str, list[i
         graph_io.write_all({timing_cache: bytes(config.get_timing_cache().serialize())})
     report = CompileReport("tensorrt", str(model_path), str(output), trt.__version__, gpu_name(), strongly_typed,
                            fp16 and not strongly_typed, workspace_mib, profiles, str(timing_cache) if timing_cache else None)
-    _layer_precisions(trt, bytes(plan), logger, report)
+    _layer_precisions(trt, bytes(plan), logger, report, onnx.load(model_path))
     return report
 
 
@@ -136,18 +140,46 @@ def _profile(builder: Any, network: Any, config: Any, shapes: dict[str, list[int
     return fixed
 
 
-def _layer_precisions(trt: Any, plan: bytes, logger: Any, report: CompileReport) -> None:
-    """Which engine layers run in int8, from the engine inspector's JSON."""
+def _layer_precisions(trt: Any, plan: bytes, logger: Any, report: CompileReport, model: onnx.ModelProto) -> None:
     engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
     info = json.loads(engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON))
-    for layer in info.get("Layers", []):
-        if not isinstance(layer, dict):
-            continue
-        kind = layer.get("LayerType", "?")
-        if "Int8" in json.dumps(layer):
+    read_precisions(info, model, report)
+
+
+def _precision(layer: dict) -> str:
+    """A layer's compute precision from the formats of what it reads ("Int8", "FP16", ...), or of
+    what it writes when it reads nothing: a convolution after Q/DQ fusion reads int8."""
+    names = {"Int8": "Int8", "FP8": "FP8", "Half": "FP16", "FP16": "FP16", "BF16": "BF16", "Float": "FP32", "FP32": "FP32"}
+    for side in ("Inputs", "Outputs"):
+        formats = [str(t.get("Format/Datatype", "")) for t in layer.get(side, []) if isinstance(t, dict)]
+        for word, precision in names.items():
+            if any(word in f for f in formats):
+                return precision
+    return "unknown"
+
+
+def read_precisions(info: dict, model: onnx.ModelProto, report: CompileReport) -> None:
+    """Which engine layers run in int8, from the engine inspector's JSON (DETAILED verbosity), and
+    which planned-int8 ONNX nodes TensorRT ran in another precision. Layer names join the ONNX node
+    names TensorRT fused into them with " + "."""
+    layers = [layer for layer in info.get("Layers", []) if isinstance(layer, dict)]
+    precision_of: dict[str, str] = {}
+    for layer in layers:
+        kind, precision = layer.get("LayerType", "?"), _precision(layer)
+        if precision == "Int8":
             report.integer_nodes[kind] = report.integer_nodes.get(kind, 0) + 1
         else:
-            report.float_nodes.append({"name": layer.get("Name", "?"), "op": kind})
+            report.float_nodes.append({"name": layer.get("Name", "?"), "op": kind, "precision": precision})
+        for part in str(layer.get("Name", "")).split(" + "):
+            precision_of.setdefault(part.strip(), precision)
+    for node in planned_int8(model):
+        precision = precision_of.get(node.name)
+        if precision != "Int8":
+            report.planned_not_int8.append({"name": node.name, "op": node.op_type,
+                                            "precision": precision or "not found among the engine's layers"})
+    if report.planned_not_int8:
+        report.warnings.append(f"{len(report.planned_not_int8)} planned-int8 conv/matmul node(s) run in another "
+                               "precision: " + ", ".join(f"{n['name']} ({n['precision']})" for n in report.planned_not_int8))
 
 
 class Runner:

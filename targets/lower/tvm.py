@@ -30,7 +30,7 @@ from qpasses import graph as graph_io
 from qpasses.bench import cpu_description, seeded_inputs, static_shapes
 from qpasses.errors import EngineError, InputError, UnsupportedModelError
 from qpasses.targets import load_target
-from qpasses.targets.lower import sidecar
+from qpasses.targets.lower import planned_int8, sidecar
 
 try:
     import tvm
@@ -58,6 +58,7 @@ class CompileReport:
     tvm: str
     machine: str  # the architecture the library runs on
     inputs: list[dict] = field(default_factory=list)  # {name, shape, dtype}
+    planned_int8: int = 0  # conv/gemm/matmul nodes the Q/DQ model plans in int8 (a dequantized weight)
     integer_nodes: dict[str, int] = field(default_factory=dict)  # "conv2d int8 x int8 -> int32": count
     float_nodes: list[dict] = field(default_factory=list)  # {name: Relax variable, op}: compute left in float32
     int_kernel: str = "integer"  # how integer convs run: int32 multiplies, dot products, or exact float32 FMA
@@ -96,6 +97,7 @@ def compile_model(model_path: Path, output: Path, target: str = "tvm-x86", input
         lowered = lower(model, inputs)
         report = CompileReport("tvm", str(model_path), str(output), target, llvm, tvm.__version__,
                                _machine(llvm), inputs=inputs, int_kernel=int_kernel)
+        report.planned_int8 = len(planned_int8(model))
         _describe(lowered, report)
         if int_kernel in DOT_KERNELS:
             report.dot_convs = count_fitting(lowered, DOT_KERNELS[int_kernel])
@@ -169,10 +171,14 @@ def _describe(mod: tvm.IRModule, report: CompileReport) -> None:
         elif dtype.startswith("float"):
             report.float_nodes.append({"name": name, "op": op.removeprefix("relax.")})
     report.integer_nodes = dict(sorted(integer.items()))
-    kernels = [n for n in report.float_nodes if "relax." + n["op"] in KERNELS]
-    if kernels:
-        report.warnings.append(f"{len(kernels)} conv/matmul kernel(s) stay float32 "
-                               "(no Q/DQ around them, or a form the lowering does not handle)")
+    kernels = [n for n in report.float_nodes if n["op"] in ("nn.conv2d", "nn.conv2d_transpose", "matmul")]
+    integer = sum(report.integer_nodes.values())
+    if report.planned_int8 > integer:
+        report.warnings.append(f"{report.planned_int8 - integer} of {report.planned_int8} planned-int8 conv/matmul "
+                               "node(s) run float32 kernels (a form the lowering does not handle): "
+                               + ", ".join(f"{n['name']} ({n['op']})" for n in kernels[:5]))
+    elif kernels:
+        report.warnings.append(f"{len(kernels)} conv/matmul kernel(s) stay float32 (no Q/DQ around them)")
 
 
 def _machine(llvm: dict) -> str:
