@@ -252,8 +252,9 @@ def latency_table(cases: dict[str, Case], batches: list[int], runs: int) -> None
     print()
 
 
-def profile(path: Path, shapes: dict[str, list[int]], runs: int = 10) -> dict[str, float]:
-    """Mean ms per run spent in each op type of ORT's optimised graph, 1 thread (ORT's profiler)."""
+def profile(path: Path, shapes: dict[str, list[int]], workdir: Path, runs: int = 10) -> dict[str, float]:
+    """Mean ms per run spent in each op type of ORT's optimised graph, 1 thread (ORT's profiler,
+    whose file goes to `workdir`)."""
     import json
 
     import onnxruntime as ort
@@ -262,7 +263,7 @@ def profile(path: Path, shapes: dict[str, list[int]], runs: int = 10) -> dict[st
 
     options = ort.SessionOptions()
     options.enable_profiling, options.intra_op_num_threads = True, 1
-    options.profile_file_prefix = str(path.with_suffix(""))
+    options.profile_file_prefix = str(workdir / f"profile-{path.stem}")
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     feeds = seeded_inputs(static_shapes(onnx.load(path, load_external_data=False), shapes, 1), 0)
     session.run(None, feeds)  # the first run allocates; the profile counts it, so it is one run more
@@ -277,7 +278,7 @@ def profile(path: Path, shapes: dict[str, list[int]], runs: int = 10) -> dict[st
     return dict(sorted(times.items(), key=lambda kv: -kv[1]))
 
 
-def profile_table(cases: dict[str, Case]) -> None:
+def profile_table(cases: dict[str, Case], workdir: Path) -> None:
     """Where the time goes, float against qpass int8 at batch 1, 1 thread: the op types of ORT's
     optimised graph, so a model whose int8 is not faster shows which kernels cost it."""
     print("| model | float: ms by op type | qpass int8: ms by op type |")
@@ -285,7 +286,7 @@ def profile_table(cases: dict[str, Case]) -> None:
     for name, case in cases.items():
         cells = []
         for label in ("float", "qpass int8"):
-            times = profile(case.models[label], case.shapes(1))
+            times = profile(case.models[label], case.shapes(1), workdir)
             top = ", ".join(f"{op} {ms:.3f}" for op, ms in list(times.items())[:5])
             cells.append(f"{sum(times.values()):.3f} total: {top}")
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
@@ -308,7 +309,7 @@ def main() -> None:
     cases = prepare(args.workdir, args.models, args.kernels)
     coverage_table(cases)
     latency_table(cases, args.batches, args.runs)
-    profile_table(cases)
+    profile_table(cases, args.workdir)
 
 
 if __name__ == "__main__":
