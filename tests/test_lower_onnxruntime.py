@@ -266,3 +266,16 @@ def test_coverage_names_why_a_planned_layer_runs_float(tmp_path):
     assert record["gates"]["failed"][0].startswith("int8 coverage")
     assert_one_line_error(qpass("quantize", source, "-t", "tensorrt", "-d", source.with_suffix(".npy"), "-o",
                                 tmp_path / "t.onnx", "--min-int8-coverage", "99"), 2, "target tensorrt names no engine")
+
+
+def test_a_relu_that_stays_between_conv_and_quantizelinear_is_named(tmp_path):
+    """With int8 activations ORT 1.32 keeps Conv -> Relu -> QuantizeLinear apart (it does drop the
+    Relu before a uint8 QuantizeLinear), so those convs run float: the reason names the Relu, not a
+    stray reader."""
+    target = tmp_path / "s8.toml"
+    target.write_text('extends = "onnxruntime-vnni"\nname = "s8"\n[activation]\nsigned = true\n')
+    model = quantize(EXAMPLE / "model.onnx", load_target(str(target)), EXAMPLE / "calib.npz", PassContext(quiet=True)).model
+    coverage = int8_coverage(model)
+    reasons = {n.reason for n in coverage.nodes if not n.integer}
+    assert reasons == {"the Relu between it and its QuantizeLinear stayed in ORT's graph (ORT drops it only into a "
+                       "QuantizeLinear that already saturates to its range), so the group did not match"}

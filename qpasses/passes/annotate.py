@@ -12,7 +12,8 @@ Rules, all read from the target file:
 - the model's outputs stay float unless `quantize_model_output`; its inputs are quantized only
   where a consumer's rule says so, or everywhere with `quantize_model_input`;
 - with `[fusion]` (ONNX Runtime), only whole DequantizeLinear -> op -> QuantizeLinear groups the
-  engine can fuse are planned: see `_fit_fusion`.
+  engine can fuse are planned (`_fit_fusion`), and their float constant inputs are stored as
+  integers (`ConstantQuant`) where 8 bits hold them (`_constant_problem`).
 Run after BatchNorm folding (a folded BN must not separate a conv from its Add).
 """
 

@@ -189,6 +189,9 @@ def _why_float(node: onnx.NodeProto, producer: dict, readers: list[onnx.NodeProt
     if unquantized and node.input[0] in unquantized:
         return "its input is not quantized: ORT fuses only a DequantizeLinear -> op -> QuantizeLinear group"
     others = sorted({r.op_type for r in readers if r.op_type != "QuantizeLinear"})
+    if others in (["Relu"], ["Clip"]) and len(readers) == 1 and not is_output:
+        return (f"the {others[0]} between it and its QuantizeLinear stayed in ORT's graph (ORT drops it only into a "
+                "QuantizeLinear that already saturates to its range), so the group did not match")
     if node.op_type != "MatMul" and (others or is_output):
         also = ", ".join(others + (["the model output"] if is_output else []))
         return (f"its output also goes to {also} unquantized: ORT fuses {node.op_type} only when one QuantizeLinear "
