@@ -59,8 +59,7 @@ class InsertQDQ(Pass):
                 scale, zp = qparam_constants(w.tensor, qp)
                 const = tensors[w.tensor]
                 if target.weight_storage == "int":
-                    stored = gs.Constant(f"{w.tensor}.quantized", quantize(const.values, qp))
-                    weight_outputs[w.tensor] = _dq(graph, stored, scale, zp, qp.axis, const.dtype, w.tensor)
+                    weight_outputs[w.tensor] = _stored_int(graph, const, qp, scale, zp)
                 else:
                     clipped = gs.Constant(f"{w.tensor}.clipped", _clip(const.values, qp))
                     weight_outputs[w.tensor] = _qdq(graph, clipped, scale, zp, qp.zero_point.dtype, qp.axis)
@@ -69,9 +68,8 @@ class InsertQDQ(Pass):
         constant_outputs: dict[str, gs.Variable] = {}
         for c in plan.constants:  # always stored as integers: the fused kernel reads them so
             if c.tensor not in constant_outputs:
-                qp, const = plan.qparams[c.tensor], tensors[c.tensor]
-                stored = gs.Constant(f"{c.tensor}.quantized", quantize(const.values, qp))
-                constant_outputs[c.tensor] = _dq(graph, stored, *qparam_constants(c.tensor, qp), None, const.dtype, c.tensor)
+                qp = plan.qparams[c.tensor]
+                constant_outputs[c.tensor] = _stored_int(graph, tensors[c.tensor], qp, *qparam_constants(c.tensor, qp))
             nodes[c.node].inputs[c.input_index] = constant_outputs[c.tensor]
 
         bias_users = {b.tensor: len(tensors[b.tensor].outputs) for b in plan.biases}
@@ -113,6 +111,12 @@ def _clip(w: np.ndarray, qp: QParams) -> np.ndarray:
 
 def _attrs(axis: int | None) -> dict:
     return {} if axis is None else {"axis": axis}
+
+
+def _stored_int(graph: gs.Graph, const: gs.Constant, qp: QParams, scale: gs.Constant, zp: gs.Constant) -> gs.Variable:
+    """A float constant stored as its integers, read through a DequantizeLinear."""
+    stored = gs.Constant(f"{const.name}.quantized", quantize(const.values, qp))
+    return _dq(graph, stored, scale, zp, qp.axis, const.dtype, const.name)
 
 
 def _dq(graph: gs.Graph, x: gs.Tensor, scale: gs.Constant, zp: gs.Constant, axis: int | None, dtype,

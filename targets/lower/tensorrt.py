@@ -90,7 +90,7 @@ def compile_model(model_path: Path, output: Path, input_shapes: dict[str, list[i
                   timing_cache: Path | None = None) -> CompileReport:
     """Build and write (atomically) a serialized engine for this machine's GPU."""
     trt = _tensorrt()
-    graph_io.load_model(model_path)  # a readable, valid ONNX file before TensorRT sees it
+    model = graph_io.load_model(model_path)  # a readable, valid ONNX file before TensorRT sees it
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     strongly_typed = not hasattr(trt.BuilderFlag, "INT8")
@@ -117,7 +117,7 @@ def compile_model(model_path: Path, output: Path, input_shapes: dict[str, list[i
         graph_io.write_all({timing_cache: bytes(config.get_timing_cache().serialize())})
     report = CompileReport("tensorrt", str(model_path), str(output), trt.__version__, gpu_name(), strongly_typed,
                            fp16 and not strongly_typed, workspace_mib, profiles, str(timing_cache) if timing_cache else None)
-    _layer_precisions(trt, bytes(plan), logger, report, onnx.load(model_path))
+    _layer_precisions(trt, bytes(plan), logger, report, model)
     return report
 
 

@@ -171,7 +171,7 @@ def _describe(mod: tvm.IRModule, report: CompileReport) -> None:
         elif dtype.startswith("float"):
             report.float_nodes.append({"name": name, "op": op.removeprefix("relax.")})
     report.integer_nodes = dict(sorted(integer.items()))
-    kernels = [n for n in report.float_nodes if n["op"] in ("nn.conv2d", "nn.conv2d_transpose", "matmul")]
+    kernels = [n for n in report.float_nodes if "relax." + n["op"] in (*KERNELS, "relax.nn.conv2d_transpose")]
     integer = sum(report.integer_nodes.values())
     if report.planned_int8 > integer:
         report.warnings.append(f"{report.planned_int8 - integer} of {report.planned_int8} planned-int8 conv/matmul "
