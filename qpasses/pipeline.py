@@ -31,8 +31,9 @@ from .passes.equalize import Equalize
 from .passes.fold_factors import FoldScalarFactors
 from .passes.fold_batchnorm import FoldBatchNorm
 from .passes.insert_qdq import InsertQDQ
+from .passes.preoptimize import Preoptimize
 
-ALL_PASSES: tuple[type[Pass], ...] = (FoldBatchNorm, Equalize, Decompose, Annotate, Calibrate, BNRecalibrate,
+ALL_PASSES: tuple[type[Pass], ...] = (FoldBatchNorm, Preoptimize, Equalize, Decompose, Annotate, Calibrate, BNRecalibrate,
                                        AdaRound, InsertQDQ, BiasCorrect, FoldScalarFactors)
 # technique -> its pass, tried in this order: cheap first, AdaRound (the slow one) last, so it runs once
 TECHNIQUES = {"cle": Equalize.name, "bn_recal": BNRecalibrate.name, "bias_correction": BiasCorrect.name,
@@ -65,6 +66,8 @@ class Decision:
 def build_pipeline(target: Target, techniques: Techniques = Techniques(), stop_after: str | None = None) -> Sequential:
     """The pass sequence; `stop_after` ends it early (e.g. after "calibrate", for analysis)."""
     passes: list[Pass] = [FoldBatchNorm()] if target.fold_batchnorm else []
+    if target.fusion and target.fusion.preoptimize:
+        passes.append(Preoptimize())
     if techniques.cle:
         passes.append(Equalize(replace_relu6=techniques.cle_replace_relu6))
     if target.fusion and target.fusion.decompose:

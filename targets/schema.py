@@ -84,6 +84,7 @@ class Fusion:
     float_output: tuple[str, ...] = ()  # ops whose integer kernel may write float (QGemm, MatMulIntegerToFloat)
     decompose: tuple[str, ...] = ()  # ops rewritten into ops the engine fuses, before planning (qpasses.passes.decompose)
     constant_error: float = 0.01  # worst relative error of a constant input's element, quantized
+    preoptimize: str = ""  # the engine's float rewrites to run before planning: "basic" (qpasses.passes.preoptimize)
 
 
 @dataclass(frozen=True)
@@ -282,8 +283,10 @@ def _fusion(f: _Fields) -> Fusion:
     error = f.take("constant_error", (float, int), Fusion.constant_error)
     if not 0 <= error < 1:
         raise f.fail("constant_error", "expected a relative error in [0, 1)")
+    preoptimize = f.choice("preoptimize", ("basic",), "")  # the one level whose rewrites stay standard ONNX
     f.done()
-    return Fusion(float_output=tuple(lists["float_output"]), decompose=tuple(lists["decompose"]), constant_error=error)
+    return Fusion(float_output=tuple(lists["float_output"]), decompose=tuple(lists["decompose"]), constant_error=error,
+                  preoptimize=preoptimize)
 
 
 def _cpu_choices(f: _Fields) -> tuple[CpuChoice, ...]:

@@ -143,14 +143,14 @@ def branchy_net(tmp_path) -> Path:
                               [helper.make_tensor_value_info("picked_else", TensorProto.FLOAT, None)])
     inits = [numpy_helper.from_array(v, name) for name, v in [
         ("w1", (rng.standard_normal((4, 1, 3, 3)) * 0.4).astype(np.float32)), ("b1", rng.standard_normal(4).astype(np.float32)),
-        ("w2", (rng.standard_normal((3, 4, 1, 1)) * 0.4).astype(np.float32)), ("two", np.float32(2.0)),
-        ("yes", np.array(True))]]
+        ("w2", (rng.standard_normal((3, 4, 1, 1)) * 0.4).astype(np.float32)), ("two", np.float32(2.0))]]
     nodes = [helper.make_node("Conv", ["input", "w1", "b1"], ["c"], name="conv1", pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["c"], ["r"], name="relu1"),
              helper.make_node("If", ["yes"], ["i"], name="branch", then_branch=then, else_branch=other),
              helper.make_node("Conv", ["i", "w2"], ["out"], name="conv2"),
              helper.make_node("MaxPool", ["r"], ["pooled"], name="pool", kernel_shape=[2, 2], strides=[2, 2])]
-    graph = helper.make_graph(nodes, "branchy", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8])],
+    graph = helper.make_graph(nodes, "branchy", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8]),
+                                                 helper.make_tensor_value_info("yes", TensorProto.BOOL, [])],  # run time
                               [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 3, 8, 8]),
                                helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["N", 4, 4, 4])], inits)
     path = tmp_path / "branchy.onnx"
@@ -187,7 +187,7 @@ def test_each_unit_scores_as_the_model_realized_with_it_alone_or_without_it(tmp_
         path, data, target = EXAMPLE / "model.onnx", EXAMPLE / "calib.npz", load_target("tvm-arm")
     else:
         path, data = (branchy_net if case.startswith("If") else hard_swish_net)(tmp_path), tmp_path / "calib.npz"
-        np.savez(data, input=np.random.default_rng(4).standard_normal((40, 1, 8, 8)).astype(np.float32))
+        np.savez(data, input=np.random.default_rng(4).standard_normal((40, 1, 8, 8)).astype(np.float32), yes=np.ones(40, bool))
         target = dataclasses.replace(load_target("onnxruntime"), quantize_model_output=case.startswith("If"))
     ctx = PassContext(quiet=True)
     analysis, _ = analyze(path, target, data, ctx)

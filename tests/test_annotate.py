@@ -119,14 +119,14 @@ def test_onnxruntime_plans_no_fusion_that_a_subgraph_read_would_break(tmp_path):
              helper.make_node("Relu", ["y"], ["z"], name="relu2"),
              helper.make_node("Conv", ["z", "w3"], ["out"], name="conv3"),
              helper.make_node("If", ["yes"], ["branch"], name="if", then_branch=body, else_branch=body)]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 6, 6])],
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 6, 6]),
+                                           helper.make_tensor_value_info("yes", TensorProto.BOOL, [])],  # decided at run time
                               [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 3, 6, 6]),
                                helper.make_tensor_value_info("branch", TensorProto.FLOAT, ["N", 4, 6, 6])],
-                              [w("w1", 4, 2, 3, 3), w("w2", 4, 4, 1, 1), w("w3", 3, 4, 1, 1),
-                               numpy_helper.from_array(np.array(True), "yes")])
+                              [w("w1", 4, 2, 3, 3), w("w2", 4, 4, 1, 1), w("w3", 3, 4, 1, 1)])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "m.onnx")
-    np.save(tmp_path / "d.npy", rng.standard_normal((8, 2, 6, 6)).astype(np.float32))
-    plan = quantize(tmp_path / "m.onnx", load_target("onnxruntime"), tmp_path / "d.npy", PassContext(quiet=True)).state.plan
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((8, 2, 6, 6)).astype(np.float32), yes=np.ones(8, bool))
+    plan = quantize(tmp_path / "m.onnx", load_target("onnxruntime"), tmp_path / "d.npz", PassContext(quiet=True)).state.plan
     assert plan.float_nodes["conv1"] == ("the engine fuses Conv only with its output quantized, and that is a model "
                                          "output or read inside a subgraph")
     assert "conv2" in plan.quantized_nodes and "r" in plan.activations  # conv2 still reads its input dequantized
@@ -160,3 +160,28 @@ def test_a_constant_factor_is_stored_as_integers_only_if_8_bits_hold_it(factor, 
         assert plan.float_nodes["scale"] == ("the engine fuses Mul only with every input dequantized, and its "
                                              "constant k would be off by 96.1% in 8 bits")
     assert "conv1" in plan.quantized_nodes  # it writes int8 either way; a float Mul dequantizes it
+
+
+def test_an_add_read_only_by_float_ops_stays_float_with_why():
+    """QLinearAdd writes int8: before ops without integer kernels (LayerNorm's ReduceMean) its
+    QuantizeLinear would be a round trip for nothing, so the Add is planned float, with the reason."""
+    import numpy as np
+    import onnx_graphsurgeon as gs
+    from onnx import TensorProto, helper, numpy_helper
+
+    from qpasses import graph as graph_io
+    from qpasses.passes.annotate import build_plan
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("Add", ["r", "b"], ["y"], name="bias"),
+             helper.make_node("ReduceMean", ["y"], ["out"], name="mean", axes=[1])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 6, 6])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(rng.standard_normal((4, 2, 1, 1)).astype(np.float32), "w"),
+                               numpy_helper.from_array(np.float32([0.5, 1, 1.5, 2]).reshape(1, 4, 1, 1), "b")])
+    model = graph_io.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    plan = build_plan(gs.import_onnx(model), load_target("onnxruntime"))
+    assert plan.float_nodes["bias"] == "the engine fuses Add only with its output quantized, and that is read by float ops only"
+    assert "conv" in plan.quantized_nodes

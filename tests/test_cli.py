@@ -292,8 +292,8 @@ def test_listing_commands():
     assert advice.split(":")[0].strip() in ("avx512_vnni", "avx_vnni", "asimddp", "avx2") or "no advice" in advice
     passes = qpass("passes")
     assert [line.split()[0] for line in passes.stdout.splitlines()] == [
-        "fold-batchnorm", "equalize", "decompose", "annotate", "calibrate", "bn-recal", "adaround", "insert-qdq",
-        "bias-correct", "fold-scalar-factors"]
+        "fold-batchnorm", "preoptimize", "equalize", "decompose", "annotate", "calibrate", "bn-recal", "adaround",
+        "insert-qdq", "bias-correct", "fold-scalar-factors"]
     version = qpass("--version")
     assert version.returncode == 0 and "qpass" in version.stdout
 
@@ -395,7 +395,7 @@ def test_verbose_logs_each_pass_and_every_command_has_help(tmp_path):
     proc = qpass("quantize", EXAMPLE / "model.onnx", "-d", EXAMPLE / "calib.npz", "-o", tmp_path / "m.onnx", "-q", "-v")
     assert proc.returncode == 0
     assert [line.split(":")[2].split()[1] for line in proc.stderr.splitlines()] == \
-        ["fold-batchnorm", "decompose", "annotate", "calibrate", "insert-qdq", "fold-scalar-factors"]
+        ["fold-batchnorm", "preoptimize", "decompose", "annotate", "calibrate", "insert-qdq", "fold-scalar-factors"]
     for command in ("quantize", "eval", "analyze", "check", "compile", "bench", "rpc-server", "passes"):
         shown = qpass(command, "--help")
         assert shown.returncode == 0 and "--config" in shown.stdout and "--verbose" in shown.stdout, command

@@ -86,6 +86,7 @@ def test_user_target_extends_a_shipped_one(tmp_path):
     ('extends = "tensorrt"\nsupergroups = [["Conv"]]\n', "supergroups[0]"),
     ('extends = "onnxruntime"\n[fusion]\ndecompose = ["Erf"]\n', "fusion.decompose"),
     ('extends = "onnxruntime"\n[fusion]\nconstant_error = 1.5\n', "fusion.constant_error"),
+    ('extends = "onnxruntime"\n[fusion]\npreoptimize = "extended"\n', "fusion.preoptimize"),
     ('extends = "onnxruntime"\n[cpu.sse4_2]\ntarget = "onnxruntime"\n', "cpu.sse4_2.why"),
 ])
 def test_bad_field_is_named(tmp_path, text, field):

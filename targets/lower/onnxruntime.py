@@ -13,7 +13,6 @@ node except Q/DQ runs in float and is listed.
 
 from __future__ import annotations
 
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,16 +22,13 @@ import onnx
 import onnxruntime as ort
 
 from qpasses import graph as graph_io
-from qpasses.calibration.runner import check_loads, ort_message
+from qpasses.calibration.runner import LEVELS, check_loads, optimized, ort_message
 from qpasses.bench import cpu_description, has_vnni, seeded_inputs, static_shapes
 from qpasses.errors import EngineError
 from qpasses.ops import macs
 
 from . import planned_int8
 
-LEVELS = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-          "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-          "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
 INTEGER_OPS = {"QLinearConv", "ConvInteger", "MatMulInteger", "QLinearMatMul", "QGemm", "QLinearAdd", "QLinearMul",
                "QLinearConcat", "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearLeakyRelu", "QLinearSigmoid",
                "QLinearSoftmax", "QLinearReduceMean", "QLinearConvTranspose", "DynamicQuantizeMatMul",
@@ -81,16 +77,6 @@ def _session(model: onnx.ModelProto | str, options: ort.SessionOptions) -> ort.I
 
 def is_quantized(model: onnx.ModelProto) -> bool:
     return any(n.op_type in QDQ_OPS | INTEGER_OPS for n in model.graph.node)
-
-
-def optimized(model: onnx.ModelProto, level: str = "extended", directory: Path | None = None) -> onnx.ModelProto:
-    """The graph ONNX Runtime runs for `model`: its own optimiser's output at `level` (Q/DQ fusion
-    happens at "extended"), saved by ORT to a temp file in `directory` and read back."""
-    with tempfile.TemporaryDirectory(dir=directory, prefix=".qpass-ort-") as tmp:
-        options = _options(LEVELS[level])
-        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-        _session(model, options)
-        return onnx.load(options.optimized_model_filepath)
 
 
 def compile_model(model_path: Path, output: Path, opt_level: str = "extended") -> CompileReport:
