@@ -111,6 +111,7 @@ class Target:
     ops: dict[str, OpRule]
     supergroups: tuple[tuple[str, ...], ...]
     float_ops: tuple[str, ...]
+    float_tail: bool = True  # ops after the last conv/matmul on every path (decode, sigmoid, concat) stay float
     tvm: TvmDevice | None = None  # where `qpass compile --engine tvm` builds for, if the target runs on TVM
     engine: str = ""  # the engine whose own optimised graph `quantize` reads back (int8 coverage): "onnxruntime"
     fusion: Fusion | None = None  # how the engine fuses Q/DQ groups, when it does (see Fusion)
@@ -334,6 +335,7 @@ def _from_dict(data: dict[str, Any], source: str) -> Target:
         ops=ops,
         supergroups=tuple(tuple(g) for g in supergroups),
         float_ops=tuple(float_ops),
+        float_tail=f.take("float_tail", bool, True),
         tvm=_tvm_device(f.table("tvm")) if "tvm" in f.data else None,
         engine=f.choice("engine", ("", "onnxruntime"), ""),
         fusion=_fusion(f.table("fusion")) if "fusion" in f.data else None,

@@ -81,6 +81,7 @@ def test_user_target_extends_a_shipped_one(tmp_path):
     ('extends = "tensorrt"\n[activation]\nbits = 16\n', "activation.bits"),
     ('extends = "tensorrt"\nbias = "int8"\n', "bias"),
     ('extends = "tensorrt"\ncolour = "red"\n', "colour"),
+    ('extends = "tensorrt"\nfloat_tail = "yes"\n', "float_tail"),
     ('extends = "tensorrt"\n[ops.Add]\ninputs = "some"\n', "ops.Add.inputs"),
     ('extends = "tensorrt"\n[ops.Add]\nshared = true\n', "ops.Add.shared"),
     ('extends = "tensorrt"\nsupergroups = [["Conv"]]\n', "supergroups[0]"),

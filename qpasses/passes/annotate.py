@@ -11,6 +11,9 @@ Rules, all read from the target file:
   share a scale (MQBench app. G), MaxPool needs no requantization (AIMET 7.3.1);
 - the model's outputs stay float unless `quantize_model_output`; its inputs are quantized only
   where a consumer's rule says so, or everywhere with `quantize_model_input`;
+- `float_tail` (the default) keeps float every op that no conv/matmul comes after: a
+  detector's decode, sigmoids and the concat of boxes and scores are cheap, and one int8 grid over
+  pixel offsets and probabilities 300x apart rounds every score away;
 - with `[fusion]` (ONNX Runtime), only whole DequantizeLinear -> op -> QuantizeLinear groups the
   engine can fuse are planned (`_fit_fusion`), and their float constant inputs are stored as
   integers (`ConstantQuant`) where 8 bits hold them (`_constant_problem`).
@@ -121,9 +124,34 @@ def _keep_float(plan: QuantPlan, names: tuple[str, ...]) -> QuantPlan:
     return plan.keep_float({layer_of[n] for n in names}, "kept in float on request (--float-layer)")
 
 
+def float_tail(graph: gs.Graph) -> set[str]:
+    """The nodes no conv/matmul comes after, on any path: what runs between the last heavy layer and
+    the outputs. A node with a subgraph (If, Loop) may hold heavy layers and is never part of it."""
+    readers: dict[str, list[gs.Node]] = {}
+    for node in graph.nodes:
+        for tensor in node_reads(node):
+            readers.setdefault(tensor.name, []).append(node)
+    heavy_after: dict[str, bool] = {}
+    for node in reversed(graph.nodes):  # toposorted: every reader is decided before its producer
+        after = [r for out in node.outputs for r in readers.get(out.name, [])]
+        heavy_after[node.name] = any(r.op in WEIGHTED_OPS or heavy_after[r.name] or _has_subgraph(r) for r in after)
+    return {n.name for n in graph.nodes if not (heavy_after[n.name] or n.op in WEIGHTED_OPS or _has_subgraph(n))}
+
+
+def _has_subgraph(node: gs.Node) -> bool:
+    return any(isinstance(v, gs.Graph) or (isinstance(v, list) and any(isinstance(g, gs.Graph) for g in v))
+               for v in node.attrs.values())
+
+
 def build_plan(graph: gs.Graph, target: Target) -> QuantPlan:
     plan = QuantPlan()
     groups, inner = match_supergroups(graph, target)
+    tail = float_tail(graph) if target.float_tail else set()
+    if tail:  # a supergroup whose head is in the tail runs float; one that ends in it keeps its members
+        groups = [g for g in groups if g[0].name not in tail]
+        grouped = {n.name for g in groups for n in g}
+        inner = {e for e in inner if e[0] in grouped}
+        tail -= grouped
     plan.groups = [[n.name for n in g] for g in groups]
     plan.node_outputs = {n.name: n.outputs[0].name for n in graph.nodes if n.outputs}
     in_group = {n.name: g[0].name for g in groups for n in g[1:]}
@@ -150,6 +178,9 @@ def build_plan(graph: gs.Graph, target: Target) -> QuantPlan:
                 plan.fused_nodes[node.name] = in_group[node.name]
             else:
                 plan.float_nodes[node.name] = f"the target has no int8 rule for {node.op}"
+            continue
+        if node.name in tail:
+            plan.float_nodes[node.name] = "no conv/matmul comes after it: the float tail (target rule float_tail)"
             continue
         skip = set()
         if node.op in WEIGHTED_OPS and len(node.inputs) > 1:
