@@ -12,7 +12,9 @@ the layers that only post-process its output (see `_units`). Per unit, on held-b
 - output_db:   SQNR of the unit's output tensor in the fully quantized model: noise accumulated so far.
 
 Fallback keeps units in float, the one whose float copy buys the most first (highest all_but_db),
-until the goal holds: worst-output SQNR >= min_sqnr and top-1 drop <= max_drop points. How many
+until the goal holds: worst-output SQNR >= min_sqnr and top-1 drop <= max_drop points, with at
+least `min_int8` of the model's conv/matmul MACs still in int8 (a mixed model that meets the
+accuracy goal by running mostly float is no int8 model: it does not count). How many
 is found by bisection over that ranking (see `_fallback`), not by scoring one more unit at a time. Top-1 is
 measured against the data's `labels` when it has them, else as agreement with the float model.
 """
@@ -35,7 +37,7 @@ from qpasses.errors import InputError
 from qpasses.targets.schema import Target
 
 from .pass_infra import PassContext, QuantState
-from .ops import WEIGHTED_OPS
+from .ops import WEIGHTED_OPS, node_macs
 from .passes.fold_factors import folded
 from .passes.insert_qdq import float_output_name, realize
 from .pipeline import build_pipeline, prepare, sqnr, sqnr_db
@@ -47,6 +49,7 @@ from .report import json_safe
 class Goal:
     min_sqnr: float | None = None  # dB, worst output
     max_drop: float | None = None  # top-1 points
+    min_int8: float = 0.8  # share of the model's conv/matmul MACs that must stay int8 for the goal to count
 
 
 @dataclass
@@ -92,6 +95,7 @@ class Analysis:
     tensors: list[TensorReport]
     fallback: list[str] = field(default_factory=list)
     fallback_score: Score | None = None
+    int8_share: float | None = None  # of the model's conv/matmul MACs, planned int8 in the result
     goal: Goal | None = None
     goal_met: bool | None = None
 
@@ -394,14 +398,16 @@ def analyze(model_path: str | Path, target: Target, data: str | Path, ctx: PassC
         reports.append(LayerReport(units[i][0], units[i], "+".join(ops[n] for n in nodes), nodes, outputs[i],
                                    only.sqnr_db, all_but.sqnr_db, output_db[named[i]]))
     analysis = Analysis(target.name, plan.calibration_samples, len(evaluate.reference[0]), evaluate.metric,
-                        evaluate.top1(evaluate.reference), quantized, reports, tensors)
+                        evaluate.top1(evaluate.reference), quantized, reports, tensors,
+                        int8_share=int8_share(plan, float_model))
     if goal is None:
         return analysis, variants.model
     analysis.goal = goal
     chosen, result = _fallback(sorted(reports, key=lambda r: -r.all_but_db), variants, quantized,
                                lambda score: _meets(score, analysis.float_top1, goal))
     analysis.fallback, analysis.fallback_score = chosen, result
-    analysis.goal_met = _meets(result, analysis.float_top1, goal)
+    analysis.int8_share = int8_share(plan.keep_float(chosen, "kept in float by analysis"), float_model)
+    analysis.goal_met = _meets(result, analysis.float_top1, goal) and (analysis.int8_share or 0) >= goal.min_int8
     mixed = realize(float_model, target, plan.keep_float(chosen, "kept in float by analysis"))
     return analysis, folded(mixed) if target.fusion else mixed
 
@@ -462,6 +468,13 @@ def _units(plan: QuantPlan, float_model: onnx.ModelProto) -> list[list[str]]:
     return units
 
 
+def int8_share(plan: QuantPlan, float_model: onnx.ModelProto) -> float | None:
+    """The share of the model's conv/matmul MACs that `plan` quantizes (None: the model has none)."""
+    counts = node_macs(float_model)
+    total = sum(counts.values())
+    return sum(counts.get(n, 0) for n in plan.quantized_nodes) / total if total else None
+
+
 def _meets(score: Score, float_top1: float | None, goal: Goal) -> bool:
     ok = goal.min_sqnr is None or score.sqnr_db >= goal.min_sqnr
     if goal.max_drop is not None:
@@ -510,6 +523,10 @@ def format_analysis(a: Analysis, tensors_shown: int = 10) -> str:
         lines.append("")
         verdict = "met" if a.goal_met else "NOT met"
         kept = ", ".join(a.fallback) or "none"
+        share = "" if a.int8_share is None else f"; {100 * a.int8_share:.1f}% of conv/matmul MACs in int8"
         lines.append(f"fallback: goal {verdict} with {len(a.fallback)} layer(s) in float ({kept}): "
-                     f"worst-output SQNR {a.fallback_score.sqnr_db:.1f} dB{top1(a.fallback_score)}")
+                     f"worst-output SQNR {a.fallback_score.sqnr_db:.1f} dB{top1(a.fallback_score)}{share}")
+        if a.int8_share is not None and a.int8_share < a.goal.min_int8:
+            lines.append(f"  that is below the {100 * a.goal.min_int8:g}% a result needs to count as int8 "
+                         "(--min-int8-macs): the accuracy goal holds only with the model mostly float")
     return "\n".join(lines)

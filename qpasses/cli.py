@@ -380,10 +380,12 @@ def eval_command(reference: Path, candidate: Path, data: str, preprocess: Path |
 @click.option("--fallback", is_flag=True, help="Keep the most harmful layers in float until --min-sqnr / --max-drop hold.")
 @click.option("--min-sqnr", type=FiniteFloat(), help="Fallback goal: worst-output SQNR in dB at least this.")
 @click.option("--max-drop", type=FiniteFloat(min=0), help="Fallback goal: top-1 drop vs float at most this many points.")
+@click.option("--min-int8-macs", type=FiniteFloat(min=0, max=100), default=80.0, show_default=True,
+              help="Fallback goal: at least this percent of the conv/matmul MACs stay int8, or the goal does not count.")
 @click.option("--output", "-o", type=click.Path(path_type=Path), help="With --fallback: write the mixed-precision model here.")
 @click.option("--force", is_flag=True, help="Replace outputs that already exist (without it qpass refuses).")
 def analyze(model: Path, eval_data: str | None, report: Path | None, fallback: bool, min_sqnr: float | None,
-            max_drop: float | None, output: Path | None, force: bool, **opts) -> None:
+            max_drop: float | None, min_int8_macs: float, output: Path | None, force: bool, **opts) -> None:
     """Per-layer sensitivity and ranges of MODEL for a target; with --fallback, choose float layers.
 
     \b
@@ -398,7 +400,7 @@ def analyze(model: Path, eval_data: str | None, report: Path | None, fallback: b
     if opts["data"] is None:
         raise InputError("qpass analyze needs calibration data (--data)")
     target, ctx = _setup(opts)
-    goal = Goal(min_sqnr, max_drop) if fallback else None
+    goal = Goal(min_sqnr, max_drop, min_int8_macs / 100) if fallback else None
     if fallback:
         output = output or model.with_name(f"{model.stem}.{target.name}.mixed.onnx")
     _files(force, {**_calibration_inputs(model, opts), "the --eval-data file": eval_data},
@@ -414,6 +416,10 @@ def analyze(model: Path, eval_data: str | None, report: Path | None, fallback: b
     if fallback:
         click.echo(f"wrote {output}", err=True)
         if not analysis.goal_met:
+            share = analysis.int8_share or 0.0
+            if share < goal.min_int8:
+                raise GateError(f"fallback goal not met: it needs {len(analysis.fallback)} layer(s) in float, which leaves "
+                                f"{100 * share:.1f}% of conv/matmul MACs in int8 (< --min-int8-macs {min_int8_macs:g})")
             raise GateError(f"fallback goal not met even with {len(analysis.fallback)} layer(s) in float")
 
 
@@ -719,12 +725,16 @@ def targets_show(name: str) -> None:
         click.echo("  supergroups (no Q/DQ inside): " + ", ".join(" + ".join(g) for g in t.supergroups))
     if t.float_ops:
         click.echo("  kept in float: " + ", ".join(t.float_ops))
+    if t.float_tail:
+        click.echo("  float tail: ops that no conv/matmul comes after stay float (decode, sigmoids, box/score concat)")
     if t.fusion:
         click.echo("  fusion: an op runs in integer only as a whole DequantizeLinear -> op -> QuantizeLinear group; "
                    "Q/DQ only where such a group needs it" + (f"; float output allowed: {', '.join(t.fusion.float_output)}"
                                                              if t.fusion.float_output else ""))
         click.echo(f"    constant inputs stored as integers when 8 bits hold them within {100 * t.fusion.constant_error:g}%"
                    + (f"; rewritten first: {', '.join(t.fusion.decompose)}" if t.fusion.decompose else ""))
+        if t.fusion.preoptimize:
+            click.echo(f"    the engine's own {t.fusion.preoptimize} float rewrites run before planning")
     if t.engine:
         click.echo(f"  engine: {t.engine} (quantize reads its optimised graph back: int8 coverage)")
     if t.cpu:

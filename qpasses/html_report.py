@@ -102,7 +102,10 @@ def _engine(engine: dict | None) -> str:
         return ""
     head = (f"<h2>What {_e(engine['name'])} runs</h2>\n<p>{100 * engine['int8_coverage']:.1f}% of the planned int8 "
             f"conv/matmul MACs run in integer kernels ({engine['integer']} of {engine['planned']} nodes); "
-            f"{len(engine['overhead_qdq'])} Q/DQ pair(s) feed no integer kernel.</p>")
+            f"{len(engine['overhead_qdq'])} Q/DQ pair(s) feed no integer kernel"
+            + (f"; {100 * engine['model_int8_share']:.1f}% of all the model's conv/matmul MACs"
+               if engine.get("model_int8_share") is not None and engine["model_int8_share"] < engine["int8_coverage"] else "")
+            + ".</p>")
     if not engine["float_nodes"]:
         return head
     rows = "\n".join(f"<tr><td><code>{_e(n['name'])}</code></td><td>{_e(n['op'])} as {_e(n['kernel'])}</td>"

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 
@@ -83,3 +84,15 @@ def macs(op: str, attrs: dict, input_shapes: list[tuple[int, ...]], output_shape
     if op == "Gemm":
         return outputs * w[1 if attrs.get("transB", 0) else 0] if w else 0
     return outputs * (w[-2] if len(w) >= 2 else x[-1] if x else 0)  # MatMul
+
+
+def node_macs(model: onnx.ModelProto) -> dict[str, int]:
+    """The multiply-accumulates of every conv/gemm/matmul node of `model`, by node name, from its
+    inferred static sizes (a symbolic dimension counts as 1: a batch of one)."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    sizes = {v.name: tuple(d.dim_value if d.HasField("dim_value") else 1 for d in v.type.tensor_type.shape.dim)
+             for v in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]}
+    sizes.update((i.name, tuple(i.dims)) for i in model.graph.initializer)
+    return {node.name: macs(node.op_type, {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute},
+                            [sizes.get(i, ()) for i in node.input[:2]], sizes.get(node.output[0], ()))
+            for node in model.graph.node if node.op_type in WEIGHTED_OPS}

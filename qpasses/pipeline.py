@@ -33,8 +33,8 @@ from .passes.fold_batchnorm import FoldBatchNorm
 from .passes.insert_qdq import InsertQDQ
 from .passes.preoptimize import Preoptimize
 
-ALL_PASSES: tuple[type[Pass], ...] = (FoldBatchNorm, Preoptimize, Equalize, Decompose, Annotate, Calibrate, BNRecalibrate,
-                                       AdaRound, InsertQDQ, BiasCorrect, FoldScalarFactors)
+ALL_PASSES: tuple[type[Pass], ...] = (FoldBatchNorm, Preoptimize, Equalize, Decompose, Annotate, Calibrate,
+                                       BNRecalibrate, AdaRound, InsertQDQ, BiasCorrect, FoldScalarFactors)
 # technique -> its pass, tried in this order: cheap first, AdaRound (the slow one) last, so it runs once
 TECHNIQUES = {"cle": Equalize.name, "bn_recal": BNRecalibrate.name, "bias_correction": BiasCorrect.name,
               "adaround": AdaRound.name}

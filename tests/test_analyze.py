@@ -15,6 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 from conftest import EXAMPLE
 from test_cli import assert_one_line_error, qpass
 from qpasses.analyze import Goal, analyze
+from qpasses.ops import node_macs
 from qpasses.calibration.stats import TensorSummary
 from qpasses.calibration.data import InputSpec, open_source
 from qpasses.pass_infra import PassContext, QuantState
@@ -26,7 +27,7 @@ from qpasses.targets import load_target
 @pytest.fixture(scope="module")
 def example_analysis():
     return analyze(EXAMPLE / "model.onnx", load_target("tvm-arm"), EXAMPLE / "calib.npz", PassContext(quiet=True),
-                   eval_data=EXAMPLE / "eval.npz", goal=Goal(min_sqnr=34.0, max_drop=0.0))
+                   eval_data=EXAMPLE / "eval.npz", goal=Goal(min_sqnr=34.0, max_drop=0.0, min_int8=0.0))  # the int8 rule: below
 
 
 def test_fallback_keeps_the_most_harmful_layers_until_the_goal_holds(example_analysis):
@@ -48,7 +49,7 @@ def test_the_bisected_fallback_is_the_shortest_prefix_of_the_ranking_that_meets_
     """The fallback is bisected over the ranking; the prefix one unit shorter, realized and measured
     independently, must miss the goal (here the SQNR only rises as units go float, so the
     bisection finds the same prefix as scoring one unit more at a time)."""
-    target, goal = load_target("tvm-arm"), Goal(min_sqnr=36.0)
+    target, goal = load_target("tvm-arm"), Goal(min_sqnr=36.0, min_int8=0.0)
     analysis, _ = analyze(EXAMPLE / "model.onnx", target, EXAMPLE / "calib.npz", PassContext(quiet=True),
                           eval_data=EXAMPLE / "eval.npz", goal=goal)
     ranked = sorted(analysis.layers, key=lambda r: -r.all_but_db)
@@ -207,3 +208,23 @@ def test_each_unit_scores_as_the_model_realized_with_it_alone_or_without_it(tmp_
             variant = realize(state.float_model, target, plan.keep_float(floats, "test"))
             want = min(output_sqnr(state.float_model, variant, held, 16).values())
             assert got == pytest.approx(want, abs=1e-3), (r.layers, floats)
+
+
+def test_a_goal_met_only_by_running_mostly_float_does_not_count(tmp_path):
+    """Mixed precision stays int8: a fallback that reaches the accuracy goal with less than
+    `min_int8` of the conv/matmul MACs in int8 is reported as not meeting it (exit 1, with why)."""
+    strict = Goal(min_sqnr=45.0)  # reachable only with nearly every layer float
+    analysis, model = analyze(EXAMPLE / "model.onnx", load_target("tvm-arm"), EXAMPLE / "calib.npz",
+                              PassContext(quiet=True), eval_data=EXAMPLE / "eval.npz", goal=strict)
+    assert analysis.fallback_score.sqnr_db >= strict.min_sqnr and analysis.int8_share < strict.min_int8
+    assert analysis.goal_met is False
+    int8_macs = sum(m for n, m in node_macs(model).items() if any(i.endswith(".dq") for i in
+                    next(x for x in model.graph.node if x.name == n).input[1:2]))
+    assert int8_macs / sum(node_macs(onnx.load(EXAMPLE / "model.onnx")).values()) == pytest.approx(analysis.int8_share)
+    lenient = analyze(EXAMPLE / "model.onnx", load_target("tvm-arm"), EXAMPLE / "calib.npz", PassContext(quiet=True),
+                      eval_data=EXAMPLE / "eval.npz", goal=dataclasses.replace(strict, min_int8=0.0))[0]
+    assert lenient.goal_met and lenient.fallback == analysis.fallback
+    proc = qpass("analyze", EXAMPLE / "model.onnx", "--target", "tvm-arm", "--data", EXAMPLE / "calib.npz",
+                 "--eval-data", EXAMPLE / "eval.npz", "--fallback", "--min-sqnr", "45", "-o", tmp_path / "m.onnx", "-q")
+    assert proc.returncode == 1 and "conv/matmul MACs in int8 (< --min-int8-macs 80)" in proc.stderr.splitlines()[-1]
+    assert "needs to count as int8" in proc.stdout

@@ -288,6 +288,7 @@ def test_listing_commands():
         ["academic", "acl", "fbgemm", "onnxruntime", "onnxruntime-vnni", "snpe", "tensorrt", "tvm-arm", "tvm-x86"])
     show = qpass("targets", "show", "tensorrt")
     assert show.returncode == 0 and "narrow range" in show.stdout and "Conv + Add" in show.stdout
+    assert "float tail" in show.stdout
     advice = qpass("targets", "show", "onnxruntime").stdout.split("this CPU: ")[1].splitlines()[1]
     assert advice.split(":")[0].strip() in ("avx512_vnni", "avx_vnni", "asimddp", "avx2") or "no advice" in advice
     passes = qpass("passes")

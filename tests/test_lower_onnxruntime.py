@@ -14,6 +14,7 @@ from conftest import EXAMPLE, ZOO_NAMES
 from qpasses.bench import has_vnni
 from qpasses.calibration.runner import session
 from qpasses.pass_infra import PassContext
+from qpasses.ops import node_macs
 from qpasses.pipeline import quantize, sqnr
 from qpasses.targets import load_target
 from qpasses.targets.check import check_model
@@ -280,3 +281,15 @@ def test_a_relu_that_stays_between_conv_and_quantizelinear_is_named(tmp_path):
     reasons = {n.reason for n in coverage.nodes if not n.integer}
     assert reasons == {"the Relu between it and its QuantizeLinear stayed in ORT's graph (ORT drops it only into a "
                        "QuantizeLinear that already saturates to its range), so the group did not match"}
+
+
+def test_layers_kept_float_lower_the_models_int8_share_not_the_planned_coverage():
+    """Planned coverage compares ORT with the plan; the model's int8 share also counts the conv/matmul
+    MACs the plan left float (here the first conv, by request)."""
+    ctx = PassContext(quiet=True, float_layers=("/stem/stem.0/Conv",))
+    result = quantize(EXAMPLE / "model.onnx", load_target("onnxruntime"), EXAMPLE / "calib.npz", ctx)
+    coverage = int8_coverage(result.model)
+    macs = node_macs(result.model)
+    assert coverage.share == 1.0 and coverage.model_macs == sum(macs.values())
+    assert coverage.model_share == pytest.approx(1 - macs["/stem/stem.0/Conv"] / sum(macs.values()))
+    assert "% of all the model's conv/matmul MACs" in coverage.summary()

@@ -426,8 +426,9 @@ def analyze_row(name: str, entry: dict, model: Path, calib: Path, evals, work: P
     if len(analysis["fallback"]) < layers:  # an all-float model has no Q/DQ to check
         row.conforms = qpass("check", str(mixed), "--target", "onnxruntime")[0] == 0
     metric, row.sqnr_db, row.extra = score(entry, model, mixed, evals)
-    row.metric = (f"{len(analysis['fallback'])} of {layers} layers float ({len(analysis['layers'])} units), goal "
-                  f"{'met' if analysis['goal_met'] else 'not met'}; {metric}")
+    share = analysis["int8_share"]
+    row.metric = (f"{len(analysis['fallback'])} of {layers} layers float ({len(analysis['layers'])} units, "
+                  f"{100 * (share or 0):.0f}% of MACs int8), goal {'met' if analysis['goal_met'] else 'not met'}; {metric}")
     print(f"{name:18s} {row.config:34s} {row.metric}; {secs:.1f} s, {peak:.0f} MiB", file=sys.stderr)
     return row
 

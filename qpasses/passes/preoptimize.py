@@ -7,8 +7,8 @@ hides the pattern, so in a quantized model the rewrites no longer happen and the
 the float one does not. Running the engine's own rewrites first (what ORT's `quant_pre_process`
 does) keeps them, whatever patterns the installed ORT version knows.
 
-The result is normalised again (`graph.normalize`): names, shapes and the opset imports of the
-input stay as they were. Initializers keep one reader each (ORT's ConstantSharing is left out),
+The result is normalised again (`graph.normalize`) and keeps the input's opset imports; the nodes
+ORT leaves alone keep their names, a node it makes takes ORT's name. Initializers keep one reader each (ORT's ConstantSharing is left out),
 since qpass quantizes a constant for the op that reads it. Run after fold-batchnorm, which records
 the statistics it folds for BN re-calibration, and before equalize (a per-channel Mul folded into
 its conv leaves conv pairs that equalize can scale) and decompose.

@@ -25,7 +25,7 @@ from qpasses import graph as graph_io
 from qpasses.calibration.runner import LEVELS, check_loads, optimized, ort_message
 from qpasses.bench import cpu_description, has_vnni, seeded_inputs, static_shapes
 from qpasses.errors import EngineError
-from qpasses.ops import macs
+from qpasses.ops import node_macs
 
 from . import planned_int8
 
@@ -118,14 +118,21 @@ class Int8Coverage:
 
     nodes: list[PlannedNode]
     overhead: list[str]  # tensors quantized and at once dequantized, read by float ops only
+    model_macs: int = 0  # every conv/matmul MAC of the model, planned int8 or not (float layers too)
 
     @property
     def share(self) -> float | None:
         total = sum(n.macs for n in self.nodes)
         return sum(n.macs for n in self.nodes if n.integer) / total if total else None
 
+    @property
+    def model_share(self) -> float | None:
+        """The share of all the model's conv/matmul MACs that run in integer kernels: what a mixed
+        model with layers kept float still runs in int8."""
+        return sum(n.macs for n in self.nodes if n.integer) / self.model_macs if self.model_macs else None
+
     def to_json(self) -> dict:
-        return {"int8_coverage": self.share, "planned": len(self.nodes),
+        return {"int8_coverage": self.share, "model_int8_share": self.model_share, "planned": len(self.nodes),
                 "integer": sum(n.integer for n in self.nodes), "macs": sum(n.macs for n in self.nodes),
                 "float_nodes": [asdict(n) for n in self.nodes if not n.integer], "overhead_qdq": self.overhead}
 
@@ -133,15 +140,18 @@ class Int8Coverage:
         if self.share is None:
             return "no planned int8 conv/matmul"
         integer = sum(n.integer for n in self.nodes)
-        return (f"{100 * self.share:.1f}% of planned int8 conv/matmul MACs run in integer kernels "
+        text = (f"{100 * self.share:.1f}% of planned int8 conv/matmul MACs run in integer kernels "
                 f"({integer} of {len(self.nodes)} nodes); {len(self.overhead)} Q/DQ pair(s) feed no integer kernel")
+        if self.model_share is not None and self.model_share < self.share:
+            text += f"; {100 * self.model_share:.1f}% of all the model's conv/matmul MACs"
+        return text
 
 
 def int8_coverage(model: onnx.ModelProto, runs: onnx.ModelProto | None = None) -> Int8Coverage:
     """Map every planned-int8 conv/matmul of the Q/DQ `model` to what ORT's optimised graph `runs`
     (built here at "extended" when not given): ORT keeps node names when it fuses."""
     runs = runs if runs is not None else optimized(model)
-    shapes = _shapes(model)
+    counts = node_macs(model)
     producer = {o: n for n in model.graph.node for o in n.output}
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
@@ -151,9 +161,7 @@ def int8_coverage(model: onnx.ModelProto, runs: onnx.ModelProto | None = None) -
     kernels = {n.name: n.op_type for n in runs.graph.node}
     planned = []
     for node in planned_int8(model):
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        count = macs(node.op_type, attrs, [shapes.get(i, ()) for i in node.input[:2]], shapes.get(node.output[0], ()))
-        entry = PlannedNode(node.name, node.op_type, count, kernels.get(node.name, "(removed)"))
+        entry = PlannedNode(node.name, node.op_type, counts[node.name], kernels.get(node.name, "(removed)"))
         if not entry.integer:
             entry.reason = _why_float(node, producer, readers.get(node.output[0], []), node.output[0] in outputs)
         planned.append(entry)
@@ -164,7 +172,7 @@ def int8_coverage(model: onnx.ModelProto, runs: onnx.ModelProto | None = None) -
             run_readers.setdefault(name, []).append(node.op_type)
     overhead = sorted(n.input[0] for n in runs.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits
                       and all(op == "DequantizeLinear" for op in run_readers.get(n.output[0], [])))
-    return Int8Coverage(planned, overhead)
+    return Int8Coverage(planned, overhead, sum(counts.values()))
 
 
 def _why_float(node: onnx.NodeProto, producer: dict, readers: list[onnx.NodeProto], is_output: bool) -> str:
@@ -187,18 +195,6 @@ def _why_float(node: onnx.NodeProto, producer: dict, readers: list[onnx.NodeProt
     if node.op_type != "MatMul" and len(readers) > 1:
         return f"{len(readers)} QuantizeLinear nodes read its output: ORT fuses only with exactly one"
     return f"ORT's fusion of {node.op_type} did not match (attributes, bias or types)"
-
-
-def _shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
-    """Static sizes of every tensor (a symbolic dimension counts as 1, a batch of one)."""
-    inferred = onnx.shape_inference.infer_shapes(model)
-    shapes = {}
-    for value in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
-        dims = value.type.tensor_type.shape.dim
-        shapes[value.name] = tuple(d.dim_value if d.HasField("dim_value") else 1 for d in dims)
-    for init in model.graph.initializer:
-        shapes[init.name] = tuple(init.dims)
-    return shapes
 
 
 def _describe(model: onnx.ModelProto, report: CompileReport) -> None:
