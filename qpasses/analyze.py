@@ -405,10 +405,11 @@ def analyze(model_path: str | Path, target: Target, data: str | Path, ctx: PassC
     analysis.goal = goal
     chosen, result = _fallback(sorted(reports, key=lambda r: -r.all_but_db), variants, quantized,
                                lambda score: _meets(score, analysis.float_top1, goal))
+    mixed_plan = plan.keep_float(chosen, "kept in float by analysis")
     analysis.fallback, analysis.fallback_score = chosen, result
-    analysis.int8_share = int8_share(plan.keep_float(chosen, "kept in float by analysis"), float_model)
-    analysis.goal_met = _meets(result, analysis.float_top1, goal) and (analysis.int8_share or 0) >= goal.min_int8
-    mixed = realize(float_model, target, plan.keep_float(chosen, "kept in float by analysis"))
+    analysis.int8_share = int8_share(mixed_plan, float_model)
+    analysis.goal_met = _meets(result, analysis.float_top1, goal) and not _mostly_float(analysis.int8_share, goal)
+    mixed = realize(float_model, target, mixed_plan)
     return analysis, folded(mixed) if target.fusion else mixed
 
 
@@ -475,6 +476,11 @@ def int8_share(plan: QuantPlan, float_model: onnx.ModelProto) -> float | None:
     return sum(counts.get(n, 0) for n in plan.quantized_nodes) / total if total else None
 
 
+def _mostly_float(share: float | None, goal: Goal) -> bool:
+    """Too little of the conv/matmul work left in int8 for the result to count (a model without any counts)."""
+    return share is not None and share < goal.min_int8
+
+
 def _meets(score: Score, float_top1: float | None, goal: Goal) -> bool:
     ok = goal.min_sqnr is None or score.sqnr_db >= goal.min_sqnr
     if goal.max_drop is not None:
@@ -526,7 +532,7 @@ def format_analysis(a: Analysis, tensors_shown: int = 10) -> str:
         share = "" if a.int8_share is None else f"; {100 * a.int8_share:.1f}% of conv/matmul MACs in int8"
         lines.append(f"fallback: goal {verdict} with {len(a.fallback)} layer(s) in float ({kept}): "
                      f"worst-output SQNR {a.fallback_score.sqnr_db:.1f} dB{top1(a.fallback_score)}{share}")
-        if a.int8_share is not None and a.int8_share < a.goal.min_int8:
+        if _mostly_float(a.int8_share, a.goal):
             lines.append(f"  that is below the {100 * a.goal.min_int8:g}% a result needs to count as int8 "
                          "(--min-int8-macs): the accuracy goal holds only with the model mostly float")
     return "\n".join(lines)

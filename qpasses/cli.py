@@ -416,8 +416,8 @@ def analyze(model: Path, eval_data: str | None, report: Path | None, fallback: b
     if fallback:
         click.echo(f"wrote {output}", err=True)
         if not analysis.goal_met:
-            share = analysis.int8_share or 0.0
-            if share < goal.min_int8:
+            share = analysis.int8_share
+            if share is not None and share < goal.min_int8:
                 raise GateError(f"fallback goal not met: it needs {len(analysis.fallback)} layer(s) in float, which leaves "
                                 f"{100 * share:.1f}% of conv/matmul MACs in int8 (< --min-int8-macs {min_int8_macs:g})")
             raise GateError(f"fallback goal not met even with {len(analysis.fallback)} layer(s) in float")
