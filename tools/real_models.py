@@ -415,7 +415,7 @@ def analyze_row(name: str, entry: dict, model: Path, calib: Path, evals, work: P
                                   "--min-sqnr", str(FALLBACK_GOAL_DB), "-o", str(mixed), "--report", str(report),
                                   "--force", "--quiet")
     lines = err.strip().splitlines()
-    missed = code == 1 and len(lines) == 1 and "fallback goal not met" in lines[0]
+    missed = code == 1 and bool(lines) and lines[-1].startswith("qpass: error: fallback goal not met")  # after "wrote"
     row = Row(name, f"analyze --fallback --min-sqnr {FALLBACK_GOAL_DB:g}", 0 if missed else code, seconds=secs, peak_mib=peak)
     if row.exit_code != 0:
         row.note = lines[-1] if lines else f"exit {code}"
