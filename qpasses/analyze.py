@@ -399,7 +399,7 @@ def analyze(model_path: str | Path, target: Target, data: str | Path, ctx: PassC
                                    only.sqnr_db, all_but.sqnr_db, output_db[named[i]]))
     analysis = Analysis(target.name, plan.calibration_samples, len(evaluate.reference[0]), evaluate.metric,
                         evaluate.top1(evaluate.reference), quantized, reports, tensors,
-                        int8_share=int8_share(plan, float_model))
+                        int8_share=int8_share(plan, macs := node_macs(float_model)))
     if goal is None:
         return analysis, variants.model
     analysis.goal = goal
@@ -407,7 +407,7 @@ def analyze(model_path: str | Path, target: Target, data: str | Path, ctx: PassC
                                lambda score: _meets(score, analysis.float_top1, goal))
     mixed_plan = plan.keep_float(chosen, "kept in float by analysis")
     analysis.fallback, analysis.fallback_score = chosen, result
-    analysis.int8_share = int8_share(mixed_plan, float_model)
+    analysis.int8_share = int8_share(mixed_plan, macs)
     analysis.goal_met = _meets(result, analysis.float_top1, goal) and not _mostly_float(analysis.int8_share, goal)
     mixed = realize(float_model, target, mixed_plan)
     return analysis, folded(mixed) if target.fusion else mixed
@@ -469,9 +469,8 @@ def _units(plan: QuantPlan, float_model: onnx.ModelProto) -> list[list[str]]:
     return units
 
 
-def int8_share(plan: QuantPlan, float_model: onnx.ModelProto) -> float | None:
-    """The share of the model's conv/matmul MACs that `plan` quantizes (None: the model has none)."""
-    counts = node_macs(float_model)
+def int8_share(plan: QuantPlan, counts: dict[str, int]) -> float | None:
+    """The share of the model's conv/matmul MACs (`ops.node_macs`) that `plan` quantizes (None: it has none)."""
     total = sum(counts.values())
     return sum(counts.get(n, 0) for n in plan.quantized_nodes) / total if total else None
 

@@ -8,13 +8,15 @@ the float one does not. Running the engine's own rewrites first (what ORT's `qua
 does) keeps them, whatever patterns the installed ORT version knows.
 
 The result is normalised again (`graph.normalize`) and keeps the input's opset imports; the nodes
-ORT leaves alone keep their names, a node it makes takes ORT's name. Initializers keep one reader each (ORT's ConstantSharing is left out),
-since qpass quantizes a constant for the op that reads it. Run after fold-batchnorm, which records
+ORT leaves alone keep their names, a node it makes takes ORT's name. Initializers keep one reader
+each (ORT's ConstantSharing is left out), since qpass quantizes a constant for the op that reads it. Run after fold-batchnorm, which records
 the statistics it folds for BN re-calibration, and before equalize (a per-channel Mul folded into
 its conv leaves conv pairs that equalize can scale) and decompose.
 """
 
 from __future__ import annotations
+
+from collections import Counter
 
 import onnx
 import onnx_graphsurgeon as gs
@@ -59,7 +61,6 @@ def _difference(before: onnx.ModelProto, after: onnx.ModelProto) -> tuple[str, s
     old, new = set(_signature(before)), set(_signature(after))
 
     def counted(nodes: set[tuple[str, str]]) -> str:
-        ops = sorted({op for op, _ in nodes})
-        return ", ".join(f"{sum(op == o for o, _ in nodes)} {op}" for op in ops) or "nothing"
+        return ", ".join(f"{n} {op}" for op, n in sorted(Counter(op for op, _ in nodes).items())) or "nothing"
 
     return counted(old - new), counted(new - old)
