@@ -302,6 +302,16 @@ OBSERVERS: dict[str, type[Observer]] = {
 }
 
 
+def as_method(observer: HistogramObserver, method: str, **options) -> Observer:
+    """An observer of `method` holding `observer`'s statistics: min/max and the histogram are all that
+    minmax, quantile, mse and kl read, so one calibration pass serves each of them."""
+    result = make_observer(method, observer.axis, **options)
+    if not isinstance(result, (MinMaxObserver, HistogramObserver)):
+        raise ValueError(f"{method} needs statistics a histogram does not keep")
+    result.merge(observer)
+    return result
+
+
 def make_observer(method: str, axis: int | None = None, **options) -> Observer:
     """An observer by method name; `options` are the method's own (q for quantile, k for meanstd)."""
     try:

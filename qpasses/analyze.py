@@ -403,24 +403,63 @@ def analyze(model_path: str | Path, target: Target, data: str | Path, ctx: PassC
     if goal is None:
         return analysis, variants.model
     analysis.goal = goal
-    chosen, result = _fallback(sorted(reports, key=lambda r: -r.all_but_db), variants, quantized,
-                               lambda score: _meets(score, analysis.float_top1, goal))
+    chosen, result = _fallback([r.layers for r in sorted(reports, key=lambda r: -r.all_but_db)], variants, quantized,
+                               lambda score: meets_goal(score, analysis.float_top1, goal))
     mixed_plan = plan.keep_float(chosen, "kept in float by analysis")
     analysis.fallback, analysis.fallback_score = chosen, result
     analysis.int8_share = int8_share(mixed_plan, macs)
-    analysis.goal_met = _meets(result, analysis.float_top1, goal) and not _mostly_float(analysis.int8_share, goal)
+    analysis.goal_met = meets_goal(result, analysis.float_top1, goal) and not mostly_float(analysis.int8_share, goal)
     mixed = realize(float_model, target, mixed_plan)
     return analysis, folded(mixed) if target.fusion else mixed
 
 
-def _fallback(ranked: list[LayerReport], variants: Variants, quantized: Score,
+@dataclass
+class Fallback:
+    """Float layers chosen for a goal, and the score and int8 share of the mixed model."""
+
+    layers: list[str]
+    score: Score
+    int8_share: float | None
+    met: bool  # the accuracy goal holds, with at least goal.min_int8 of the MACs in int8
+
+
+def fallbacks(state: QuantState, held: DataSource, goal: Goal, ctx: PassContext) -> list[Fallback]:
+    """Fallback for a calibrated plan (`state` as insert-qdq would start from it): the fewest units
+    in float that meet the accuracy goal; when those leave less than goal.min_int8 of the MACs in
+    int8, also the most units the int8 rule allows, in the same order (the best that still counts).
+    Units are ranked and scored on the float weights of `state.float_model`."""
+    plan, float_model = state.plan, state.float_model
+    evaluate = Evaluator(float_model, held, ctx.batch_size)
+    float_top1 = evaluate.top1(evaluate.reference)
+    units = _units(plan, float_model)
+    variants = Variants(float_model, state.target, plan, evaluate, units, [])
+    all_but = [variants.sensitivity(i)[1].sqnr_db for i in tqdm(range(len(units)), desc="ranking layers", unit="unit",
+                                                                 disable=True if ctx.quiet else None, leave=False)]
+    ranked = [units[i] for i in sorted(range(len(units)), key=lambda i: -all_but[i])]
+    meets = lambda score: meets_goal(score, float_top1, goal)  # noqa: E731
+    macs = node_macs(float_model)
+    layers, score = _fallback(ranked, variants, variants.score(variants.cache[True]), meets)
+    share = int8_share(plan.keep_float(layers, ""), macs)
+    found = [Fallback(layers, score, share, meets(score) and not mostly_float(share, goal))]
+    prefix = lambda k: [layer for unit in ranked[:k] for layer in unit]  # noqa: E731
+    counts = lambda k: not mostly_float(int8_share(plan.keep_float(prefix(k), ""), macs), goal)  # noqa: E731
+    if mostly_float(share, goal) and counts(1):
+        lo, hi = 1, len(ranked)  # the share only falls as units go float: the longest prefix that counts
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if counts(mid) else (lo, mid)
+        found.append(Fallback(prefix(lo), variants(prefix(lo)), int8_share(plan.keep_float(prefix(lo), ""), macs), False))
+    return found
+
+
+def _fallback(ranked: list[list[str]], variants: Variants, quantized: Score,
               meets: Callable[[Score], bool]) -> tuple[list[str], Score]:
-    """The fewest leading units of `ranked` kept float for which the goal holds (all of them when
-    it never does), found by bisection: about log2(units) scored variants instead of one per unit.
-    It is the shortest such prefix when keeping more units float never lowers the score; otherwise
-    still a prefix that meets the goal, with the one a unit shorter missing it."""
+    """The fewest leading units (lists of layers) of `ranked` kept float for which the goal holds
+    (all of them when it never does), found by bisection: about log2(units) scored variants instead
+    of one per unit. It is the shortest such prefix when keeping more units float never lowers the
+    score; otherwise still a prefix that meets the goal, with the one a unit shorter missing it."""
     def layers(k: int) -> list[str]:
-        return [layer for report in ranked[:k] for layer in report.layers]
+        return [layer for unit in ranked[:k] for layer in unit]
 
     scores = {0: quantized}
 
@@ -475,12 +514,12 @@ def int8_share(plan: QuantPlan, counts: dict[str, int]) -> float | None:
     return sum(counts.get(n, 0) for n in plan.quantized_nodes) / total if total else None
 
 
-def _mostly_float(share: float | None, goal: Goal) -> bool:
+def mostly_float(share: float | None, goal: Goal) -> bool:
     """Too little of the conv/matmul work left in int8 for the result to count (a model without any counts)."""
     return share is not None and share < goal.min_int8
 
 
-def _meets(score: Score, float_top1: float | None, goal: Goal) -> bool:
+def meets_goal(score: Score, float_top1: float | None, goal: Goal) -> bool:
     ok = goal.min_sqnr is None or score.sqnr_db >= goal.min_sqnr
     if goal.max_drop is not None:
         ok = ok and score.top1 is not None and float_top1 is not None and float_top1 - score.top1 <= goal.max_drop
@@ -531,7 +570,7 @@ def format_analysis(a: Analysis, tensors_shown: int = 10) -> str:
         share = "" if a.int8_share is None else f"; {100 * a.int8_share:.1f}% of conv/matmul MACs in int8"
         lines.append(f"fallback: goal {verdict} with {len(a.fallback)} layer(s) in float ({kept}): "
                      f"worst-output SQNR {a.fallback_score.sqnr_db:.1f} dB{top1(a.fallback_score)}{share}")
-        if _mostly_float(a.int8_share, a.goal):
+        if mostly_float(a.int8_share, a.goal):
             lines.append(f"  that is below the {100 * a.goal.min_int8:g}% a result needs to count as int8 "
                          "(--min-int8-macs): the accuracy goal holds only with the model mostly float")
     return "\n".join(lines)

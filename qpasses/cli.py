@@ -12,7 +12,7 @@ import math
 import signal
 import sys
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import click
@@ -33,13 +33,15 @@ from qpasses.targets.schema import builtin_names, load_target
 
 from . import graph as graph_io
 from .analyze import Goal, analyze as run_analyze, format_analysis
+from .auto import DEFAULT_DROP, DEFAULT_SQNR, describe, search, techniques as auto_techniques
 from .bench import BenchResult, IncompleteRun, cpu_description, cpu_flags, format_bench, measure
 from .encodings import read_encodings, to_encodings
 from .fidelity import compare, format_fidelity
 from .html_report import WORST_SHOWN, input_histograms, layer_sqnr, render
 from .outputs import Files
 from .pass_infra import PassContext
-from .pipeline import ALL_PASSES, Techniques, quantize as run_quantize, shapes_from_data
+from .passes.calibrate import ACTIVATION_METHODS
+from .pipeline import ALL_PASSES, Techniques, prepare, quantize as run_quantize, shapes_from_data
 from .report import dumps, quantize_report, sha256
 
 
@@ -129,8 +131,9 @@ def calibration_options(command):
         click.argument("model", type=click.Path(path_type=Path)),
         click.option("--target", "-t", "target_name", default="onnxruntime", show_default=True,
                      help="Shipped target name (see `qpass targets`) or path of a target .toml file."),
-        click.option("--calib", default="minmax", show_default=True, type=click.Choice(sorted(OBSERVERS)),
-                     help="Range-setting method for activations (MQBench app. C.1)."),
+        click.option("--calib", default="minmax", show_default=True, type=click.Choice(sorted(ACTIVATION_METHODS)),
+                     help="Range-setting method for activations (MQBench app. C.1); best: per tensor, the one of "
+                          "minmax, quantile, mse and kl that gives its consumers' outputs the least error."),
         click.option("--weight-calib", default="minmax", show_default=True, type=click.Choice(sorted(OBSERVERS)),
                      help="Range-setting method for weights."),
         click.option("--quantile", type=FiniteFloat(), help="Quantile for --calib/--weight-calib quantile [default: 0.9999]."),
@@ -201,13 +204,21 @@ def _setup(opts: dict) -> tuple:
               help="Write the quantizers as an AIMET/QNN encodings JSON (for SNPE/QNN with the float model).")
 @click.option("--encodings", "encodings_path", type=click.Path(path_type=Path),
               help="Take every quantizer from this AIMET encodings JSON instead of calibrating (--data optional).")
+@click.option("--auto", is_flag=True,
+              help="Search calibration, techniques and float layers until --min-sqnr/--max-drop hold (without them: "
+                   f"--max-drop {DEFAULT_DROP:g} on a classifier, else --min-sqnr {DEFAULT_SQNR:g}); exit 1 with the "
+                   "best found when nothing meets them.")
+@click.option("--auto-minutes", type=FiniteFloat(min=0, min_open=True), default=10.0, show_default=True,
+              help="--auto: the search's time budget (technique subsets that would not fit are left out).")
+@click.option("--min-int8-macs", type=FiniteFloat(min=0, max=100), default=80.0, show_default=True,
+              help="--auto: a result meets the goal only with at least this percent of the conv/matmul MACs in int8.")
 @click.option("--force", is_flag=True, help="Replace outputs that already exist (without it qpass refuses).")
 def quantize(model: Path, output: Path | None, cle: bool, cle_replace_relu6: bool, bn_recal: bool,
              bias_correction: str | None, adaround: bool, adaround_iters: int, report: Path | None,
              eval_data: str | None, min_sqnr: float | None, max_drop: float | None,
              min_int8_coverage: float | None, html: Path | None,
-             latency: Path | None, export_encodings: Path | None, encodings_path: Path | None, force: bool,
-             **opts) -> None:
+             latency: Path | None, export_encodings: Path | None, encodings_path: Path | None,
+             auto: bool, auto_minutes: float, min_int8_macs: float, force: bool, **opts) -> None:
     """Quantize MODEL for a target and write a Q/DQ ONNX model.
 
     Exit 1 when a gate fails (--min-sqnr, --max-drop, or the target's rules); the model and the
@@ -240,13 +251,30 @@ def quantize(model: Path, output: Path | None, cle: bool, cle_replace_relu6: boo
             raise InputError("--encodings fixes every quantizer: it does not combine with --cle, --bn-recal, "
                              "--bias-correction or --adaround")
         ctx.encodings = read_encodings(encodings_path)
-    result = run_quantize(model, target, opts["data"], ctx, graph_io.parse_input_shapes(opts["input_shape"]),
-                          opts["holdout"], opts["preprocess"], techniques)
+    shapes = graph_io.parse_input_shapes(opts["input_shape"])
+    found = None
+    if auto:
+        if any((cle, bn_recal, bias_correction, adaround, encodings_path, ctx.float_layers)):
+            raise InputError("--auto chooses the techniques and float layers itself: it does not combine with --cle, "
+                             "--bn-recal, --bias-correction, --adaround, --encodings or --float-layer")
+        reference, held = prepare(model, opts["data"], ctx, shapes, opts["holdout"], opts["preprocess"])
+        samples = held if eval_data is None else open_source(eval_data, input_specs(reference), opts["preprocess"], opts["seed"])
+        if not len(samples):
+            raise InputError("--auto needs samples to measure on: give --eval-data, or more --data to hold back from")
+        goal = Goal(min_sqnr, max_drop, min_int8_macs / 100) if min_sqnr is not None or max_drop is not None else None
+        say = (lambda line: None) if ctx.quiet else (lambda line: click.echo(line, err=True))  # noqa: E731
+        found = search(reference, target, ctx, samples, goal, techniques, 60 * auto_minutes, say, min_int8_macs / 100)
+        result = found.result
+        chosen = found.trials[found.chosen]
+        ctx = replace(ctx, calib_method=chosen.calibration)
+        techniques = auto_techniques(techniques, chosen.techniques)
+    else:
+        result = run_quantize(model, target, opts["data"], ctx, shapes, opts["holdout"], opts["preprocess"], techniques)
+        reference = result.reference
+        samples = result.held if eval_data is None else \
+            open_source(eval_data, input_specs(reference), opts["preprocess"], opts["seed"])
     _warn_random(opts["data"])
     conformance = check_model(result.model, target)
-    reference = result.reference
-    samples = result.held if eval_data is None else \
-        open_source(eval_data, input_specs(reference), opts["preprocess"], opts["seed"])
     evaluation, failures = None, []
     if len(samples):  # top-1 and accuracy (with labels) beside the SQNR, whenever there are samples
         evaluation = compare(reference, result.model, samples, ctx.batch_size)
@@ -272,6 +300,8 @@ def quantize(model: Path, output: Path | None, cle: bool, cle_replace_relu6: boo
                            "failed": failures}
     if bench_record is not None:
         record["latency"] = bench_record
+    if found is not None:
+        record["auto"] = found.to_json()
     if report is not None:
         files[report] = dumps(record)
     if export_encodings is not None:
@@ -280,8 +310,10 @@ def quantize(model: Path, output: Path | None, cle: bool, cle_replace_relu6: boo
         files[html] = _html(json.loads(dumps(record)), result, samples, ctx.batch_size)
     graph_io.write_all(files)  # together, once nothing can fail for bad input (the gates fail after the writes)
     if not ctx.quiet:
+        chosen = Counter(result.state.plan.methods.values())
+        picked = f" ({', '.join(f'{m} {n}' for m, n in sorted(chosen.items()))})" if chosen else ""
         how = f"encodings from {encodings_path}" if encodings_path is not None else \
-            f"{ctx.calib_method} activations, {ctx.weight_calib} weights"
+            f"{ctx.calib_method} activations{picked}, {ctx.weight_calib} weights"
         _print_summary(result, output, how)
         if coverage is not None:
             _print_coverage(target.engine, coverage)
@@ -291,6 +323,13 @@ def quantize(model: Path, output: Path | None, cle: bool, cle_replace_relu6: boo
         for violation in conformance.violations:
             click.echo(f"check: {violation}", err=True)
         raise GateError(f"the output breaks {len(conformance.violations)} rule(s) of {target.name} (`qpass check` lists them)")
+    if found is not None and not found.met:
+        goal = found.goal
+        asked = ", ".join(f"{flag} {value:g}" for flag, value in (("--min-sqnr", goal.min_sqnr), ("--max-drop", goal.max_drop))
+                          if value is not None)
+        raise GateError(f"--auto: no setting met the goal ({asked}{' by default' if found.default_goal else ''}, "
+                        f"{100 * goal.min_int8:g}% of MACs in int8) in {len(found.trials)} trial(s); wrote the best, "
+                        f"trial {found.chosen + 1} ({describe(found.chosen + 1, found.trials[found.chosen]).split(': ', 1)[1]})")
     if failures:
         raise GateError("gate failed: " + "; ".join(failures))
 

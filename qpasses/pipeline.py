@@ -98,11 +98,15 @@ class QuantizeResult:
     decisions: list[Decision] = field(default_factory=list)
     held: DataSource | None = None  # the held-back samples sqnr_db was measured on
     reference: onnx.ModelProto | None = None  # the float model as given (normalized), sqnr_db's reference
+    before_qdq: QuantState | None = None  # the state insert-qdq started from, when the run was asked to keep it
 
     @property
     def score_db(self) -> float:
         """The worst output's SQNR: what a technique must not lower."""
         return min(self.sqnr_db.values()) if self.sqnr_db else float("nan")
+
+
+Snapshots = dict[tuple[str, ...], tuple[QuantState, list[PassResult]]]  # (calib method, passes) -> state after calibrate
 
 
 def holdout_size(n: int) -> int:
@@ -159,19 +163,16 @@ def quantize(model_path: str | Path, target: Target, data: str | Path | None, ct
     model, held = prepare(model_path, data, ctx, input_shapes, holdout, preprocess)
     accepted = Techniques(cle_replace_relu6=techniques.cle_replace_relu6,
                           adaround_iterations=techniques.adaround_iterations)
-    snapshots: dict[tuple[str, ...], tuple[QuantState, list[PassResult]]] = {}
-    best = _run(model, target, ctx, accepted, held, snapshots)
-    if not best.state.plan.quantized_nodes:
-        reasons = Counter(best.state.plan.float_nodes.values())
-        why = "; ".join(f"{n} node(s): {reason}" for reason, n in reasons.most_common()) or "the model has no nodes"
-        raise UnsupportedModelError(f"nothing to quantize for target {target.name}: every node stays float ({why})")
+    snapshots: Snapshots = {}
+    best = run_trial(model, target, ctx, accepted, held, snapshots)
+    require_quantized(best, target)
     decisions: list[Decision] = []
     why: list[str] = []
     for name, pass_name in TECHNIQUES.items():
         if not getattr(techniques, name):
             continue
         candidate = replace(accepted, **{name: getattr(techniques, name)})
-        trial = _run(model, target, ctx, candidate, held, snapshots)
+        trial = run_trial(model, target, ctx, candidate, held, snapshots)
         applied = any(r.name == pass_name and r.modified for r in trial.passes)
         kept = applied and (not len(held) or trial.score_db >= best.score_db)
         decisions.append(Decision(name, applied, best.score_db, trial.score_db, kept))
@@ -184,21 +185,41 @@ def quantize(model_path: str | Path, target: Target, data: str | Path | None, ct
     return best
 
 
-def _run(model: onnx.ModelProto, target: Target, ctx: PassContext, techniques: Techniques, held: DataSource,
-         snapshots: dict[tuple[str, ...], tuple[QuantState, list[PassResult]]]) -> QuantizeResult:
+def require_quantized(result: QuantizeResult, target: Target) -> None:
+    if not result.state.plan.quantized_nodes:
+        reasons = Counter(result.state.plan.float_nodes.values())
+        why = "; ".join(f"{n} node(s): {reason}" for reason, n in reasons.most_common()) or "the model has no nodes"
+        raise UnsupportedModelError(f"nothing to quantize for target {target.name}: every node stays float ({why})")
+
+
+def run_trial(model: onnx.ModelProto, target: Target, ctx: PassContext, techniques: Techniques, held: DataSource,
+              snapshots: Snapshots, keep: bool = False) -> QuantizeResult:
     """Run the pipeline; a trial resumes from the state after calibration when an earlier run got there
-    with the same passes, so trying a later technique does not calibrate again."""
+    with the same passes and calibration method, so trying a later technique does not calibrate
+    again. `keep`: also keep the state insert-qdq starts from (`before_qdq`)."""
     passes = build_pipeline(target, techniques).passes
     names = tuple(p.name for p in passes)
     start = names.index(Calibrate.name) + 1
-    if names[:start] in snapshots:
-        saved, results = snapshots[names[:start]]
+    key = (ctx.calib_method, *names[:start])
+    if key in snapshots:
+        saved, results = snapshots[key]
         state, results = saved.snapshot(), list(results)
     else:
         state = QuantState(graph=gs.import_onnx(model), target=target)
         results = Sequential(passes[:start])(state, ctx)
-        snapshots[names[:start]] = (state.snapshot(), list(results))
-    results += Sequential(passes[start:])(state, ctx)
+        snapshots[key] = (state.snapshot(), list(results))
+    qdq = names.index(InsertQDQ.name)
+    results += Sequential(passes[start:qdq])(state, ctx)
+    before = state.snapshot() if keep else None
+    result = finish(model, state, results, Sequential(passes[qdq:]), ctx, held)
+    result.before_qdq = before
+    return result
+
+
+def finish(model: onnx.ModelProto, state: QuantState, results: list[PassResult], rest: Sequential, ctx: PassContext,
+           held: DataSource) -> QuantizeResult:
+    """Run the passes from insert-qdq on; measure the output SQNR on `held` against `model`."""
+    results = results + rest(state, ctx)
     quantized = graph_io.infer_shapes(state.model())
     result = QuantizeResult(quantized, state.float_model, state, results, state.plan.calibration_samples, len(held))
     if len(held):

@@ -67,6 +67,7 @@ class QuantPlan:
     float_nodes: dict[str, str] = field(default_factory=dict)  # node -> why it stays float
     quantized_nodes: list[str] = field(default_factory=list)
     calibration_samples: int = 0  # samples the activation observers saw
+    methods: dict[str, str] = field(default_factory=dict)  # share anchor -> the method `--calib best` chose
     ranges: dict[str, tuple] = field(default_factory=dict)  # share anchor -> (lo, hi)
     qparams: dict[str, QParams] = field(default_factory=dict)  # share anchor or weight tensor key
     node_outputs: dict[str, str] = field(default_factory=dict)  # node -> its first output, for reports

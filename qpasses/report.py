@@ -8,7 +8,8 @@ beside it):
     versions                    qpass, onnx, onnxruntime, numpy
     input, output               {path, sha256} of the float model read and the Q/DQ model written
     target                      the resolved rules of the target (its file after `extends`)
-    calibration                 methods, options, seed, data, samples used, samples held back
+    calibration                 methods, options, seed, data, samples used, samples held back;
+                                with --calib best, `chosen`: quantizers per method (and `method` per tensor)
     techniques                  requested, and one decision per technique tried:
                                 {technique, applied, before_db, after_db, kept}
     nodes                       quantized, fused (node -> supergroup head), float (node -> why)
@@ -33,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +93,8 @@ def quantize_report(result: QuantizeResult, ctx: PassContext, requested: Techniq
     for name, act in plan.activations.items():
         anchor = plan.quantizer_of(name)
         activations[name] = {"quantizer": anchor, **_quantizer(plan.qparams[anchor], plan.ranges[anchor]),
-                             "consumers": [list(edge) for edge in act.consumers]}
+                             "consumers": [list(edge) for edge in act.consumers],
+                             **({"method": plan.methods[anchor]} if anchor in plan.methods else {})}
     weights = {}
     for w in plan.weights:
         weights.setdefault(w.tensor, {"node": w.node, "axis": w.axis,
@@ -110,7 +113,8 @@ def quantize_report(result: QuantizeResult, ctx: PassContext, requested: Techniq
         "target": target,
         "calibration": {"activations": ctx.calib_method, "weights": ctx.weight_calib, "options": ctx.calib_options,
                         "seed": ctx.seed, "batch_size": ctx.batch_size, "samples": result.calib_samples,
-                        "held_back": result.holdout_samples},
+                        "held_back": result.holdout_samples,
+                        **({"chosen": dict(sorted(Counter(plan.methods.values()).items()))} if plan.methods else {})},
         "techniques": {"requested": dataclasses.asdict(requested),
                        "decisions": [dataclasses.asdict(d) for d in result.decisions]},
         "nodes": {"quantized": plan.quantized_nodes, "fused": plan.fused_nodes, "float": plan.float_nodes},

@@ -2,7 +2,14 @@
 
 Activations: the float model (after folding) runs in ONNX Runtime on the calibration data and one
 observer per quantized tensor streams its values; tensors that share a quantizer (concat inputs,
-pooling in/out) merge their observers, so the shared range covers every member. Weights: an
+pooling in/out) merge their observers, so the shared range covers every member.
+
+`--calib best` chooses per quantizer among minmax, quantile, mse and kl, all computed from one
+histogram pass: the range whose fake-quantized tensor gives its consumers' outputs the least
+error, relative to their energy and summed over the consumers (each consumer's other inputs and
+its weights in float, on at most `CHOICE_SAMPLES` calibration samples). A tensor's own MSE is what
+the mse method minimises already; what matters is the error a clipped outlier or a coarse step
+causes downstream, which the consumer's output shows and the tensor alone does not. Weights: an
 observer of the `--weight-calib` method sees the whole constant, per channel on the planned axis.
 With `--encodings`, the qparams come from an AIMET encodings file instead (qpasses/encodings.py).
 Run after `annotate`.
@@ -10,12 +17,23 @@ Run after `annotate`.
 
 from __future__ import annotations
 
-from qpasses.calibration.observers import make_observer
-from qpasses.calibration.qparams import compute_qparams, constant_qparams
-from qpasses.calibration.runner import observe
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+from tqdm import tqdm
+
+from qpasses.calibration.observers import OBSERVERS, HistogramObserver, Observer, as_method, make_observer
+from qpasses.calibration.qparams import QParams, compute_qparams, constant_qparams
+from qpasses.calibration.runner import feed_batch, observe, session
 from qpasses.errors import CalibrationError
 from qpasses.encodings import qparams_from
 from qpasses.pass_infra import Pass, PassContext, QuantState
+from qpasses.plan import QuantPlan
+
+BEST = "best"  # the --calib value that chooses per quantizer
+CHOICES = ("minmax", "quantile", "mse", "kl")  # what it chooses among (the order breaks ties)
+CHOICE_SAMPLES = 32
+ACTIVATION_METHODS = (*OBSERVERS, BEST)  # what --calib takes
 
 
 class Calibrate(Pass):
@@ -39,13 +57,27 @@ def calibrate_activations(state: QuantState, ctx: PassContext) -> None:
         return
     if ctx.data is None:
         raise CalibrationError("calibration data is required (--data: .npy/.npz, a directory, images or random)")
-    observers = {name: make_observer(ctx.calib_method, **ctx.calib_options) for name in plan.activations}
+    best = ctx.calib_method == BEST
+
+    def new() -> Observer:
+        return HistogramObserver() if best else make_observer(ctx.calib_method, **ctx.calib_options)
+
+    observers = {name: new() for name in plan.activations}
     plan.calibration_samples = observe(state.float_model, observers, ctx.data, ctx.batch_size, ctx.max_samples, ctx.quiet)
+    candidates: dict[str, dict[str, tuple]] = {}
     for anchor, members in plan.shares.items():
-        merged = make_observer(ctx.calib_method, **ctx.calib_options)
+        merged = new()
         for name in members:
             merged.merge(observers[name])
-        plan.ranges[anchor] = merged.compute_range(target.activation)
+        if best:
+            candidates[anchor] = {m: as_method(merged, m, **ctx.calib_options).compute_range(target.activation)
+                                  for m in CHOICES}
+        else:
+            plan.ranges[anchor] = merged.compute_range(target.activation)
+    if best:
+        plan.methods = choose_methods(state.float_model, plan, candidates, target.activation, ctx)
+        plan.ranges.update((anchor, candidates[anchor][m]) for anchor, m in plan.methods.items())
+    for anchor in plan.shares:
         plan.qparams[anchor] = compute_qparams(*plan.ranges[anchor], target.activation)
 
 
@@ -67,3 +99,110 @@ def calibrate_weights(state: QuantState, ctx: PassContext) -> None:
         observer.update(tensors[w.tensor].values)
         plan.ranges[w.tensor] = observer.compute_range(quantizer)
         plan.qparams[w.tensor] = compute_qparams(*plan.ranges[w.tensor], quantizer, w.axis)
+
+
+def choose_methods(float_model: onnx.ModelProto, plan: QuantPlan, candidates: dict[str, dict[str, tuple]],
+                   quantizer, ctx: PassContext) -> dict[str, str]:
+    """Per share anchor, the method of `candidates` whose range gives its consumers the least
+    relative output error (see the module docstring). One ONNX Runtime model computes every
+    candidate's error: next to the float graph, per candidate, a Q/DQ of each member tensor and a
+    copy of each consumer reading it, reduced in-graph to a noise energy (so only scalars come back)."""
+    nodes = {n.name: n for n in float_model.graph.node}
+    chosen: dict[str, str] = {}
+    extra, initializers, noise = [], [], {}  # noise: output name -> (anchor, method)
+    signals: dict[str, str] = {}  # a compared tensor -> its energy's output name
+    for a, (anchor, ranges) in enumerate(candidates.items()):
+        seen: dict[tuple, str] = {}
+        for method, value_range in ranges.items():  # methods that give the same qparams are one candidate
+            seen.setdefault(_key(compute_qparams(*value_range, quantizer)), method)
+        distinct = list(seen.values())
+        members = plan.shares[anchor]
+        readers = sorted({c for m in members for c, _ in plan.activations[m].consumers
+                          if c in nodes and not any(at.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                                                    for at in nodes[c].attribute)})
+        chosen[anchor] = distinct[0]
+        if len(distinct) == 1:
+            continue
+        for k, method in enumerate(distinct):
+            tag = f"qpass.choose/{a}/{method}"
+            qp = compute_qparams(*ranges[method], quantizer)
+            initializers += [onnx.numpy_helper.from_array(qp.scale, f"{tag}/scale"),
+                             onnx.numpy_helper.from_array(qp.zero_point, f"{tag}/zero_point")]
+            fake = {}
+            for member in members:
+                fake[member] = f"{tag}/{member}"
+                source = member
+                if (qp.qmin, qp.qmax) != _dtype_range(qp):  # fewer bits than the container: saturate first
+                    lo, hi = ((np.array([qp.qmin, qp.qmax]) - float(qp.zero_point)) * float(qp.scale)).astype(np.float32)
+                    initializers += [onnx.numpy_helper.from_array(lo, f"{tag}/lo"), onnx.numpy_helper.from_array(hi, f"{tag}/hi")]
+                    source = f"{tag}/{member}/clipped"
+                    extra.append(helper.make_node("Clip", [member, f"{tag}/lo", f"{tag}/hi"], [source]))
+                extra += [helper.make_node("QuantizeLinear", [source, f"{tag}/scale", f"{tag}/zero_point"], [f"{tag}/{member}/q"]),
+                          helper.make_node("DequantizeLinear", [f"{tag}/{member}/q", f"{tag}/scale", f"{tag}/zero_point"],
+                                           [fake[member]])]
+            compared = []  # (float tensor, its fake-quantized counterpart)
+            for reader in readers:
+                copy = helper.make_node(nodes[reader].op_type, [fake.get(i, i) for i in nodes[reader].input],
+                                        [f"{tag}/{reader}/{o}" if o else "" for o in nodes[reader].output],
+                                        domain=nodes[reader].domain)
+                copy.attribute.extend(nodes[reader].attribute)
+                extra.append(copy)
+                compared += [(o, f"{tag}/{reader}/{o}") for o in nodes[reader].output if o]
+            if not readers:  # read by no quantized node (a quantized model output): its own error
+                compared = [(m, fake[m]) for m in members]
+            for j, (exact, approx) in enumerate(compared):
+                name = f"{tag}/noise{j}"
+                extra += _energy(f"{tag}/{j}", exact, approx, name)
+                noise[name] = (anchor, method, exact)
+                if exact not in signals:
+                    signals[exact] = f"qpass.choose/signal/{len(signals)}"
+                    extra += _energy(signals[exact], exact, None, signals[exact])
+    if not noise:
+        return chosen
+    graph = float_model.graph
+    outputs = [helper.make_tensor_value_info(n, TensorProto.DOUBLE, []) for n in [*noise, *signals.values()]]
+    model = helper.make_model(helper.make_graph([*graph.node, *extra], "choose", graph.input, outputs,
+                                                [*graph.initializer, *initializers]),
+                              opset_imports=float_model.opset_import, ir_version=float_model.ir_version)
+    names = [o.name for o in outputs]
+    totals = dict.fromkeys(names, 0.0)
+    sess = session(model, optimize=False)
+    batch, fixed = feed_batch(float_model, ctx.data, ctx.batch_size)
+    limit = min(len(ctx.data), CHOICE_SAMPLES, ctx.max_samples or CHOICE_SAMPLES)
+    if fixed:  # whole batches only; calibration ran, so there is at least one
+        limit = max(batch, limit - limit % batch)
+    with tqdm(total=limit, desc="choosing ranges", unit="sample", disable=True if ctx.quiet else None, leave=False) as bar:
+        for feeds in ctx.data.batches(batch, limit):
+            for name, value in zip(names, sess.run(names, feeds)):
+                totals[name] += float(value)
+            bar.update(1 if ctx.data.one_per_feed else len(next(iter(feeds.values()))))
+    error: dict[tuple[str, str], float] = {}
+    for name, (anchor, method, exact) in noise.items():
+        signal = totals[signals[exact]]
+        error[anchor, method] = error.get((anchor, method), 0.0) + (totals[name] / signal if signal > 0 else totals[name])
+    for anchor in chosen:
+        tried = [(e, i, m) for i, m in enumerate(CHOICES) if (e := error.get((anchor, m))) is not None]
+        if tried:
+            chosen[anchor] = min(tried)[2]
+    return chosen
+
+
+def _key(qp: QParams) -> tuple:
+    return float(qp.scale), int(qp.zero_point)
+
+
+def _dtype_range(qp: QParams) -> tuple[int, int]:
+    info = np.iinfo(qp.zero_point.dtype)
+    return int(info.min), int(info.max)
+
+
+def _energy(tag: str, exact: str, approx: str | None, output: str) -> list[onnx.NodeProto]:
+    """Nodes computing sum((exact - approx)^2), or sum(exact^2) without `approx`, as a double scalar."""
+    cast = lambda name, out: helper.make_node("Cast", [name], [out], to=TensorProto.DOUBLE)  # noqa: E731
+    nodes = [cast(exact, f"{tag}/exact")]
+    diff = f"{tag}/exact"
+    if approx is not None:
+        nodes += [cast(approx, f"{tag}/approx"), helper.make_node("Sub", [f"{tag}/exact", f"{tag}/approx"], [f"{tag}/diff"])]
+        diff = f"{tag}/diff"
+    return nodes + [helper.make_node("Mul", [diff, diff], [f"{tag}/sq"]),
+                    helper.make_node("ReduceSum", [f"{tag}/sq"], [output], keepdims=0)]
