@@ -37,6 +37,7 @@ from qpasses.errors import InputError
 from qpasses.targets.schema import Target
 
 from .pass_infra import PassContext, QuantState
+from .metric import TaskMetric
 from .ops import WEIGHTED_OPS, node_macs
 from .passes.fold_factors import folded
 from .passes.insert_qdq import float_output_name, realize
@@ -50,12 +51,14 @@ class Goal:
     min_sqnr: float | None = None  # dB, worst output
     max_drop: float | None = None  # top-1 points
     min_int8: float = 0.8  # share of the model's conv/matmul MACs that must stay int8 for the goal to count
+    min_metric: float | None = None  # the --metric function's value
 
 
 @dataclass
 class Score:
     sqnr_db: float  # worst output
     top1: float | None  # percent; None when the first output is not [N, classes]
+    metric: float | None = None  # the --metric function's value, when one is given
 
 
 @dataclass
@@ -106,8 +109,8 @@ class Analysis:
 class Evaluator:
     """Scores Q/DQ variants of one float model on fixed samples; the float outputs are computed once."""
 
-    def __init__(self, float_model: onnx.ModelProto, data: DataSource, batch_size: int):
-        self.data, self.batch_size = data, batch_size
+    def __init__(self, float_model: onnx.ModelProto, data: DataSource, batch_size: int, task: TaskMetric | None = None):
+        self.data, self.batch_size, self.task = data, batch_size, task
         self.reference = run_outputs(float_model, data, batch_size)
         n = len(self.reference[0]) if self.reference else 0
         first = self.reference[0] if self.reference else np.zeros((0,))
@@ -122,7 +125,8 @@ class Evaluator:
         return 100.0 * float(np.mean(outputs[0].argmax(1) == self.labels))
 
     def score(self, got: list[np.ndarray]) -> Score:
-        return Score(min(sqnr(r, g) for r, g in zip(self.reference, got)), self.top1(got))
+        return Score(min(sqnr(r, g) for r, g in zip(self.reference, got)), self.top1(got),
+                     None if self.task is None else self.task(self.reference, got))
 
 
 @dataclass(frozen=True)
@@ -365,7 +369,7 @@ class _NoiseSum:
 def analyze(model_path: str | Path, target: Target, data: str | Path, ctx: PassContext,
             input_shapes: dict[str, list[int]] | None = None, holdout: int | None = None,
             preprocess: Path | None = None, eval_data: str | Path | None = None,
-            goal: Goal | None = None) -> tuple[Analysis, onnx.ModelProto]:
+            goal: Goal | None = None, metric: TaskMetric | None = None) -> tuple[Analysis, onnx.ModelProto]:
     """Analyze per layer; with a goal, also choose the float layers. Returns the report and the model
     it describes (fully quantized, or with the fallback layers in float)."""
     model, held = prepare(model_path, data, ctx, input_shapes, holdout, preprocess)
@@ -379,7 +383,7 @@ def analyze(model_path: str | Path, target: Target, data: str | Path, ctx: PassC
     layers = plan.layers()
     if not layers:
         raise InputError(f"nothing to analyze: target {target.name} quantizes no layer of this model")
-    evaluate = Evaluator(float_model, held, ctx.batch_size)
+    evaluate = Evaluator(float_model, held, ctx.batch_size, metric)
     if goal is not None and goal.max_drop is not None and not evaluate.classifier:
         raise InputError("--max-drop needs a classifier (first output [N, classes]); use --min-sqnr")
     tensors = _tensor_reports(plan, float_model, held, ctx)  # before the variants' cache takes its memory
@@ -423,13 +427,14 @@ class Fallback:
     met: bool  # the accuracy goal holds, with at least goal.min_int8 of the MACs in int8
 
 
-def fallbacks(state: QuantState, held: DataSource, goal: Goal, ctx: PassContext) -> list[Fallback]:
+def fallbacks(state: QuantState, held: DataSource, goal: Goal, ctx: PassContext,
+              metric: TaskMetric | None = None) -> list[Fallback]:
     """Fallback for a calibrated plan (`state` as insert-qdq would start from it): the fewest units
     in float that meet the accuracy goal; when those leave less than goal.min_int8 of the MACs in
     int8, also the most units the int8 rule allows, in the same order (the best that still counts).
     Units are ranked and scored on the float weights of `state.float_model`."""
     plan, float_model = state.plan, state.float_model
-    evaluate = Evaluator(float_model, held, ctx.batch_size)
+    evaluate = Evaluator(float_model, held, ctx.batch_size, metric)
     float_top1 = evaluate.top1(evaluate.reference)
     units = _units(plan, float_model)
     variants = Variants(float_model, state.target, plan, evaluate, units, [])
@@ -521,6 +526,8 @@ def mostly_float(share: float | None, goal: Goal) -> bool:
 
 def meets_goal(score: Score, float_top1: float | None, goal: Goal) -> bool:
     ok = goal.min_sqnr is None or score.sqnr_db >= goal.min_sqnr
+    if goal.min_metric is not None:
+        ok = ok and score.metric is not None and score.metric >= goal.min_metric
     if goal.max_drop is not None:
         ok = ok and score.top1 is not None and float_top1 is not None and float_top1 - score.top1 <= goal.max_drop
     return bool(ok)
@@ -547,7 +554,8 @@ def _tensor_reports(plan: QuantPlan, float_model: onnx.ModelProto, held: DataSou
 def format_analysis(a: Analysis, tensors_shown: int = 10) -> str:
     """The readable table `qpass analyze` prints; the JSON report holds everything."""
     def top1(score: Score) -> str:
-        return "" if score.top1 is None else f", top-1 {score.top1:.2f}% (float {a.float_top1:.2f}%, {a.metric})"
+        return ("" if score.top1 is None else f", top-1 {score.top1:.2f}% (float {a.float_top1:.2f}%, {a.metric})") + \
+            ("" if score.metric is None else f", task metric {score.metric:.4g}")
 
     layers = sum(len(r.layers) for r in a.layers)
     lines = [f"target {a.target}: {layers} quantized layer(s) in {len(a.layers)} unit(s); "

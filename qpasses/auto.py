@@ -36,6 +36,7 @@ from qpasses.errors import InputError
 from qpasses.targets.schema import Target
 
 from .analyze import Evaluator, Goal, fallbacks, int8_share, meets_goal, mostly_float
+from .metric import TaskMetric
 from .ops import node_macs
 from .pass_infra import PassContext, Sequential
 from .passes.calibrate import BEST
@@ -56,6 +57,7 @@ class Trial:
     float_layers: list[str]
     sqnr_db: float  # worst output, on the evaluation samples
     top1: float | None  # percent (agreement with the float model when the samples have no labels)
+    metric: float | None  # the --metric function's value
     int8_share: float | None  # of the conv/matmul MACs, planned int8
     met: bool  # the goal holds and the result counts as int8
     seconds: float
@@ -89,12 +91,14 @@ def default_goal(classifier: bool, min_int8: float) -> Goal:
 
 
 def search(model: onnx.ModelProto, target: Target, ctx: PassContext, held: DataSource, goal: Goal | None,
-           options: Techniques, budget_s: float, say: Callable[[str], None], min_int8: float = Goal.min_int8) -> Search:
+           options: Techniques, budget_s: float, say: Callable[[str], None], min_int8: float = Goal.min_int8,
+           metric: TaskMetric | None = None) -> Search:
     """The search on a prepared model (`pipeline.prepare`; `ctx.data` holds the calibration samples),
-    scored on `held`. `options` carries the techniques' settings (ReLU6, AdaRound iterations), `say`
-    reports each trial, `min_int8` is the int8 rule of the default goal."""
+    scored on `held` (with the user's `metric` too, when given). `options` carries the techniques'
+    settings (ReLU6, AdaRound iterations), `say` reports each trial, `min_int8` is the int8 rule of
+    the default goal."""
     start = time.perf_counter()
-    evaluate = Evaluator(model, held, ctx.batch_size)
+    evaluate = Evaluator(model, held, ctx.batch_size, metric)
     float_top1 = evaluate.top1(evaluate.reference)
     if goal is not None and goal.max_drop is not None and not evaluate.classifier:
         raise InputError("--max-drop needs a classifier (first output [N, classes]); use --min-sqnr")
@@ -110,7 +114,7 @@ def search(model: onnx.ModelProto, target: Target, ctx: PassContext, held: DataS
         score = evaluate.score(got)
         share = int8_share(result.state.plan, node_macs(result.float_model))
         met = meets_goal(score, float_top1, goal) and not mostly_float(share, goal)
-        trial = Trial(calibration, used, layers, score.sqnr_db, score.top1, share, met,
+        trial = Trial(calibration, used, layers, score.sqnr_db, score.top1, score.metric, share, met,
                       round(time.perf_counter() - began, 2))
         found.trials.append(trial)
         runs.append(result)
@@ -150,7 +154,7 @@ def search(model: onnx.ModelProto, target: Target, ctx: PassContext, held: DataS
     if not met():
         best = max(range(len(found.trials)), key=lambda i: _rank(found.trials[i], goal))
         trial, result = found.trials[best], runs[best]
-        for option in fallbacks(result.before_qdq, held, goal, replace(ctx, calib_method=trial.calibration)):
+        for option in fallbacks(result.before_qdq, held, goal, replace(ctx, calib_method=trial.calibration), metric):
             began = time.perf_counter()
             mixed = _with_float_layers(model, result, option.layers, techniques(options, trial.techniques), ctx)
             record(mixed, trial.calibration, trial.techniques, option.layers, began)
@@ -166,7 +170,7 @@ def search(model: onnx.ModelProto, target: Target, ctx: PassContext, held: DataS
 def describe(number: int, t: Trial) -> str:
     """One line per trial, as `--auto` prints them."""
     what = ", ".join([t.calibration, *t.techniques]) + (f", {len(t.float_layers)} float layer(s)" if t.float_layers else "")
-    top1 = "" if t.top1 is None else f", top-1 {t.top1:.2f}%"
+    top1 = ("" if t.top1 is None else f", top-1 {t.top1:.2f}%") + ("" if t.metric is None else f", metric {t.metric:.4g}")
     share = "" if t.int8_share is None else f", {100 * t.int8_share:.0f}% of MACs int8"
     return (f"auto: trial {number} ({what}): worst-output SQNR {t.sqnr_db:.1f} dB{top1}{share}"
             f"{': goal met' if t.met else ''} ({t.seconds:.1f} s)")
@@ -179,9 +183,11 @@ def techniques(options: Techniques, used: list[str]) -> Techniques:
 
 
 def _rank(t: Trial, goal: Goal) -> tuple:
-    """Higher is better: the goal met, then counting as int8, then top-1 (for a --max-drop goal), then SQNR."""
+    """Higher is better: the goal met, then counting as int8, then the task metric (for a --min-metric
+    goal), then top-1 (for a --max-drop goal), then SQNR."""
+    metric = t.metric if goal.min_metric is not None and t.metric is not None else 0.0
     top1 = t.top1 if goal.max_drop is not None and t.top1 is not None else 0.0
-    return t.met, not mostly_float(t.int8_share, goal), top1, t.sqnr_db
+    return t.met, not mostly_float(t.int8_share, goal), metric, top1, t.sqnr_db
 
 
 def _with_float_layers(model: onnx.ModelProto, result: QuantizeResult, layers: list[str], techniques: Techniques,

@@ -37,6 +37,7 @@ from .auto import DEFAULT_DROP, DEFAULT_SQNR, describe, search, techniques as au
 from .bench import BenchResult, IncompleteRun, cpu_description, cpu_flags, format_bench, measure
 from .encodings import read_encodings, to_encodings
 from .fidelity import compare, format_fidelity
+from .metric import TaskMetric, load_metric
 from .html_report import WORST_SHOWN, input_histograms, layer_sqnr, render
 from .outputs import Files
 from .pass_infra import PassContext
@@ -158,6 +159,26 @@ def calibration_options(command):
     return command
 
 
+def metric_options(command):
+    """`--metric FILE.py:FUNCTION` and `--min-metric X` (qpasses/metric.py), for quantize, analyze and eval."""
+    command = click.option("--min-metric", type=FiniteFloat(),
+                           help="Goal / gate: the --metric value must be at least this.")(command)
+    return click.option("--metric", "metric_spec", metavar="FILE.py:FUNCTION",
+                        help="Your task metric: FUNCTION(reference_outputs, candidate_outputs) -> number, higher is "
+                             "better (e.g. the fraction of detections kept).")(command)
+
+
+def _metric(spec: str | None, minimum: float | None) -> TaskMetric | None:
+    if minimum is not None and spec is None:
+        raise InputError("--min-metric needs --metric FILE.py:FUNCTION")
+    return load_metric(spec) if spec is not None else None
+
+
+def _metric_file(spec: str | None) -> dict[str, Path | None]:
+    """The --metric file, an input no output may replace."""
+    return {"the --metric file": Path(spec.rpartition(":")[0]) if spec and ":" in spec else None}
+
+
 def _setup(opts: dict) -> tuple:
     """Check the shared options; returns the target and the pass context."""
     target = load_target(opts["target_name"])
@@ -204,8 +225,10 @@ def _setup(opts: dict) -> tuple:
               help="Write the quantizers as an AIMET/QNN encodings JSON (for SNPE/QNN with the float model).")
 @click.option("--encodings", "encodings_path", type=click.Path(path_type=Path),
               help="Take every quantizer from this AIMET encodings JSON instead of calibrating (--data optional).")
+@metric_options
 @click.option("--auto", is_flag=True,
-              help="Search calibration, techniques and float layers until --min-sqnr/--max-drop hold (without them: "
+              help="Search calibration, techniques and float layers until --min-sqnr/--max-drop/--min-metric hold "
+                   "(without them: "
                    f"--max-drop {DEFAULT_DROP:g} on a classifier, else --min-sqnr {DEFAULT_SQNR:g}); exit 1 with the "
                    "best found when nothing meets them.")
 @click.option("--auto-minutes", type=FiniteFloat(min=0, min_open=True), default=10.0, show_default=True,
@@ -218,7 +241,8 @@ def quantize(model: Path, output: Path | None, cle: bool, cle_replace_relu6: boo
              eval_data: str | None, min_sqnr: float | None, max_drop: float | None,
              min_int8_coverage: float | None, html: Path | None,
              latency: Path | None, export_encodings: Path | None, encodings_path: Path | None,
-             auto: bool, auto_minutes: float, min_int8_macs: float, force: bool, **opts) -> None:
+             metric_spec: str | None, min_metric: float | None, auto: bool, auto_minutes: float, min_int8_macs: float,
+             force: bool, **opts) -> None:
     """Quantize MODEL for a target and write a Q/DQ ONNX model.
 
     Exit 1 when a gate fails (--min-sqnr, --max-drop, or the target's rules); the model and the
@@ -233,10 +257,11 @@ def quantize(model: Path, output: Path | None, cle: bool, cle_replace_relu6: boo
     target, ctx = _setup(opts)
     output = output or model.with_name(f"{model.stem}.{target.name}.int8.onnx")
     _files(force, {**_calibration_inputs(model, opts), "the --eval-data file": eval_data, "the --latency file": latency,
-                   "the --encodings file": encodings_path},
+                   "the --encodings file": encodings_path, **_metric_file(metric_spec)},
            {"-o": output, "--report": report, "--html": html, "--export-encodings": export_encodings})
     techniques = Techniques(cle=cle, cle_replace_relu6=cle_replace_relu6, bn_recal=bn_recal, bias_correction=bias_correction,
                             adaround=adaround, adaround_iterations=adaround_iters)
+    metric = _metric(metric_spec, min_metric)
     if min_int8_coverage is not None and not target.engine:
         raise InputError(f"--min-int8-coverage reads the engine's optimised graph: target {target.name} names no engine "
                          "(use --target onnxruntime, or set engine = \"onnxruntime\" in the target file)")
@@ -261,9 +286,11 @@ def quantize(model: Path, output: Path | None, cle: bool, cle_replace_relu6: boo
         samples = held if eval_data is None else open_source(eval_data, input_specs(reference), opts["preprocess"], opts["seed"])
         if not len(samples):
             raise InputError("--auto needs samples to measure on: give --eval-data, or more --data to hold back from")
-        goal = Goal(min_sqnr, max_drop, min_int8_macs / 100) if min_sqnr is not None or max_drop is not None else None
+        given = (min_sqnr, max_drop, min_metric) != (None, None, None)
+        goal = Goal(min_sqnr, max_drop, min_int8_macs / 100, min_metric) if given else None
         say = (lambda line: None) if ctx.quiet else (lambda line: click.echo(line, err=True))  # noqa: E731
-        found = search(reference, target, ctx, samples, goal, techniques, 60 * auto_minutes, say, min_int8_macs / 100)
+        found = search(reference, target, ctx, samples, goal, techniques, 60 * auto_minutes, say, min_int8_macs / 100,
+                       metric)
         result = found.result
         chosen = found.trials[found.chosen]
         ctx = replace(ctx, calib_method=chosen.calibration)
@@ -277,13 +304,13 @@ def quantize(model: Path, output: Path | None, cle: bool, cle_replace_relu6: boo
     conformance = check_model(result.model, target)
     evaluation, failures = None, []
     if len(samples):  # top-1 and accuracy (with labels) beside the SQNR, whenever there are samples
-        evaluation = compare(reference, result.model, samples, ctx.batch_size)
-    if min_sqnr is not None or max_drop is not None:
+        evaluation = compare(reference, result.model, samples, ctx.batch_size, metric)
+    if min_sqnr is not None or max_drop is not None or min_metric is not None:
         if evaluation is None:
             raise InputError("the gates need samples: give --eval-data, or more --data to hold back from")
         if max_drop is not None and evaluation.metric is None:
             raise InputError("--max-drop needs a classifier (first output [N, classes]); use --min-sqnr")
-        failures = evaluation.failures(min_sqnr, max_drop)
+        failures = evaluation.failures(min_sqnr, max_drop, min_metric)
     coverage = engine(target.engine).int8_coverage(result.model) if target.engine else None
     if min_int8_coverage is not None and coverage is not None and coverage.share is not None \
             and 100 * coverage.share < min_int8_coverage:
@@ -295,8 +322,9 @@ def quantize(model: Path, output: Path | None, cle: bool, cle_replace_relu6: boo
         record["fidelity"]["evaluation"] = {"data": eval_data or "held back from --data", **evaluation.to_json()}
     if coverage is not None:
         record["engine"] = {"name": target.engine, **coverage.to_json()}
-    if min_sqnr is not None or max_drop is not None or min_int8_coverage is not None:
-        record["gates"] = {"min_sqnr": min_sqnr, "max_drop": max_drop, "min_int8_coverage": min_int8_coverage,
+    if min_sqnr is not None or max_drop is not None or min_metric is not None or min_int8_coverage is not None:
+        record["gates"] = {"min_sqnr": min_sqnr, "max_drop": max_drop, "min_metric": min_metric,
+                           "min_int8_coverage": min_int8_coverage,
                            "failed": failures}
     if bench_record is not None:
         record["latency"] = bench_record
@@ -325,8 +353,8 @@ def quantize(model: Path, output: Path | None, cle: bool, cle_replace_relu6: boo
         raise GateError(f"the output breaks {len(conformance.violations)} rule(s) of {target.name} (`qpass check` lists them)")
     if found is not None and not found.met:
         goal = found.goal
-        asked = ", ".join(f"{flag} {value:g}" for flag, value in (("--min-sqnr", goal.min_sqnr), ("--max-drop", goal.max_drop))
-                          if value is not None)
+        asked = ", ".join(f"{flag} {value:g}" for flag, value in (("--min-sqnr", goal.min_sqnr), ("--max-drop", goal.max_drop),
+                                                                  ("--min-metric", goal.min_metric)) if value is not None)
         raise GateError(f"--auto: no setting met the goal ({asked}{' by default' if found.default_goal else ''}, "
                         f"{100 * goal.min_int8:g}% of MACs in int8) in {len(found.trials)} trial(s); wrote the best, "
                         f"trial {found.chosen + 1} ({describe(found.chosen + 1, found.trials[found.chosen]).split(': ', 1)[1]})")
@@ -363,13 +391,15 @@ def _read_json(path: Path, option: str) -> dict:
 @click.option("--max-samples", type=click.IntRange(min=1), help="Compare on at most this many samples.")
 @click.option("--min-sqnr", type=FiniteFloat(), help="Gate: exit 1 if the worst output's SQNR is below this many dB.")
 @click.option("--max-drop", type=FiniteFloat(min=0), help="Gate: exit 1 if top-1 falls more than this many points.")
+@metric_options
 @click.option("--report", type=click.Path(path_type=Path), help="Write the comparison as JSON here.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for random[:N] data.")
 @click.option("--quiet", "-q", is_flag=True, help="No summary.")
 @click.option("--force", is_flag=True, help="Replace outputs that already exist (without it qpass refuses).")
 def eval_command(reference: Path, candidate: Path, data: str, preprocess: Path | None, input_shape: tuple[str, ...],
                  batch_size: int, max_samples: int | None, min_sqnr: float | None, max_drop: float | None,
-                 report: Path | None, seed: int, quiet: bool, force: bool) -> None:
+                 metric_spec: str | None, min_metric: float | None, report: Path | None, seed: int, quiet: bool,
+                 force: bool) -> None:
     """Compare CANDIDATE's outputs with REFERENCE's on the same samples: SQNR per output, top-1.
 
     Any two models with the same inputs and outputs (float vs int8, int8 vs int8). The candidate
@@ -382,7 +412,8 @@ def eval_command(reference: Path, candidate: Path, data: str, preprocess: Path |
     """
     given = graph_io.parse_input_shapes(input_shape)
     _files(force, {"the reference model": reference, "the candidate model": candidate, "the --data file": data,
-                   "the --preprocess file": preprocess}, {"--report": report})
+                   "the --preprocess file": preprocess, **_metric_file(metric_spec)}, {"--report": report})
+    metric = _metric(metric_spec, min_metric)
     raw_ref, raw_cand = graph_io.load_model(reference), graph_io.load_model(candidate)
     random = is_random(data)  # random inputs need their sizes given
     source = open_source(data, input_specs(graph_io.resolve_inputs(raw_ref, given) if random else raw_ref), preprocess, seed)
@@ -394,17 +425,17 @@ def eval_command(reference: Path, candidate: Path, data: str, preprocess: Path |
         raise InputError(f"the models' inputs differ: {reference} and {candidate} must take the same tensors")
     if max_samples is not None:
         source, _ = source.split(max(0, len(source) - max_samples))
-    result = compare(ref_model, cand_model, source, batch_size)
+    result = compare(ref_model, cand_model, source, batch_size, metric)
     if random:  # once the run is done, so that an error is still the only line
         click.echo(RANDOM_WARNING, err=True)
     if max_drop is not None and result.metric is None:
         raise InputError("--max-drop needs a classifier (first output [N, classes]); use --min-sqnr")
-    failures = result.failures(min_sqnr, max_drop)
+    failures = result.failures(min_sqnr, max_drop, min_metric)
     if report is not None:
         graph_io.write_all({report: dumps({
             "schema": "qpass.eval", "version": 1, "reference": {"path": str(reference), "sha256": sha256(reference)},
             "candidate": {"path": str(candidate), "sha256": sha256(candidate)}, **result.to_json(),
-            "gates": {"min_sqnr": min_sqnr, "max_drop": max_drop, "failed": failures}})})
+            "gates": {"min_sqnr": min_sqnr, "max_drop": max_drop, "min_metric": min_metric, "failed": failures}})})
     if not quiet:
         click.echo(format_fidelity(result))
     if failures:
@@ -419,12 +450,14 @@ def eval_command(reference: Path, candidate: Path, data: str, preprocess: Path |
 @click.option("--fallback", is_flag=True, help="Keep the most harmful layers in float until --min-sqnr / --max-drop hold.")
 @click.option("--min-sqnr", type=FiniteFloat(), help="Fallback goal: worst-output SQNR in dB at least this.")
 @click.option("--max-drop", type=FiniteFloat(min=0), help="Fallback goal: top-1 drop vs float at most this many points.")
+@metric_options
 @click.option("--min-int8-macs", type=FiniteFloat(min=0, max=100), default=80.0, show_default=True,
               help="Fallback goal: at least this percent of the conv/matmul MACs stay int8, or the goal does not count.")
 @click.option("--output", "-o", type=click.Path(path_type=Path), help="With --fallback: write the mixed-precision model here.")
 @click.option("--force", is_flag=True, help="Replace outputs that already exist (without it qpass refuses).")
 def analyze(model: Path, eval_data: str | None, report: Path | None, fallback: bool, min_sqnr: float | None,
-            max_drop: float | None, min_int8_macs: float, output: Path | None, force: bool, **opts) -> None:
+            max_drop: float | None, metric_spec: str | None, min_metric: float | None, min_int8_macs: float,
+            output: Path | None, force: bool, **opts) -> None:
     """Per-layer sensitivity and ranges of MODEL for a target; with --fallback, choose float layers.
 
     \b
@@ -432,20 +465,21 @@ def analyze(model: Path, eval_data: str | None, report: Path | None, fallback: b
       qpass analyze model.onnx --target snpe --data calib.npz --report analysis.json
       qpass analyze model.onnx --target snpe --data calib.npz --fallback --min-sqnr 30 -o model.mixed.onnx
     """
-    if fallback and min_sqnr is None and max_drop is None:
-        raise InputError("--fallback needs a goal: --min-sqnr DB and/or --max-drop POINTS")
-    if not fallback and (min_sqnr is not None or max_drop is not None or output is not None):
-        raise InputError("--min-sqnr, --max-drop and --output go with --fallback")
+    if fallback and min_sqnr is None and max_drop is None and min_metric is None:
+        raise InputError("--fallback needs a goal: --min-sqnr DB, --max-drop POINTS and/or --min-metric X")
+    if not fallback and (min_sqnr is not None or max_drop is not None or min_metric is not None or output is not None):
+        raise InputError("--min-sqnr, --max-drop, --min-metric and --output go with --fallback")
     if opts["data"] is None:
         raise InputError("qpass analyze needs calibration data (--data)")
     target, ctx = _setup(opts)
-    goal = Goal(min_sqnr, max_drop, min_int8_macs / 100) if fallback else None
+    goal = Goal(min_sqnr, max_drop, min_int8_macs / 100, min_metric) if fallback else None
     if fallback:
         output = output or model.with_name(f"{model.stem}.{target.name}.mixed.onnx")
-    _files(force, {**_calibration_inputs(model, opts), "the --eval-data file": eval_data},
+    _files(force, {**_calibration_inputs(model, opts), "the --eval-data file": eval_data, **_metric_file(metric_spec)},
            {"-o": output, "--report": report})
+    metric = _metric(metric_spec, min_metric)
     analysis, mixed = run_analyze(model, target, opts["data"], ctx, graph_io.parse_input_shapes(opts["input_shape"]),
-                                  opts["holdout"], opts["preprocess"], eval_data, goal)
+                                  opts["holdout"], opts["preprocess"], eval_data, goal, metric)
     _warn_random(opts["data"])
     files = graph_io.model_files(mixed, output) if fallback else {}
     if report is not None:

@@ -7,6 +7,7 @@ measured as its graph defines it, not as one engine's fused kernels round it.
 
 Top-1 (when the first output is [N, classes]): accuracy against the data's `labels` when it has
 them, else agreement with the reference's top-1; the drop is reference minus candidate, in points.
+With `--metric`, the user's task metric of the candidate against the reference too (metric.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from qpasses.calibration.data import DataSource
 from qpasses.calibration.runner import run_outputs
 from qpasses.errors import InputError
 
+from .metric import TaskMetric
 from .pipeline import sqnr
 from .report import json_safe
 
@@ -32,6 +34,8 @@ class Fidelity:
     reference_top1: float | None  # percent
     candidate_top1: float | None
     agreement: float | None  # percent of samples where both models pick the same class
+    task_metric: float | None = None  # the --metric function's value
+    task_metric_name: str | None = None  # its FILE.py:FUNCTION
 
     @property
     def worst_sqnr_db(self) -> float:
@@ -44,9 +48,11 @@ class Fidelity:
             return None
         return self.reference_top1 - self.candidate_top1
 
-    def failures(self, min_sqnr: float | None, max_drop: float | None) -> list[str]:
+    def failures(self, min_sqnr: float | None, max_drop: float | None, min_metric: float | None = None) -> list[str]:
         """One line per gate that does not hold."""
         failed = []
+        if min_metric is not None and self.task_metric is not None and not self.task_metric >= min_metric:
+            failed.append(f"task metric {self.task_metric:.4g} < --min-metric {min_metric:g} ({self.task_metric_name})")
         if min_sqnr is not None and not self.worst_sqnr_db >= min_sqnr:
             failed.append(f"worst output SQNR {self.worst_sqnr_db:.2f} dB < --min-sqnr {min_sqnr:g}")
         if max_drop is not None and self.drop is not None and not self.drop <= max_drop:
@@ -57,7 +63,8 @@ class Fidelity:
         return json_safe({**asdict(self), "worst_sqnr_db": self.worst_sqnr_db, "drop": self.drop})
 
 
-def compare(reference: onnx.ModelProto, candidate: onnx.ModelProto, data: DataSource, batch_size: int) -> Fidelity:
+def compare(reference: onnx.ModelProto, candidate: onnx.ModelProto, data: DataSource, batch_size: int,
+            metric: TaskMetric | None = None) -> Fidelity:
     """Run both models on `data` and score the candidate's outputs against the reference's."""
     names = [o.name for o in reference.graph.output]
     if [o.name for o in candidate.graph.output] != names:
@@ -78,6 +85,8 @@ def compare(reference: onnx.ModelProto, candidate: onnx.ModelProto, data: DataSo
         fidelity.reference_top1 = 100.0 * float(np.mean(ref_class == truth))
         fidelity.candidate_top1 = 100.0 * float(np.mean(cand_class == truth))
         fidelity.agreement = 100.0 * float(np.mean(ref_class == cand_class))
+    if metric is not None:
+        fidelity.task_metric, fidelity.task_metric_name = metric(want, got), metric.spec
     return fidelity
 
 
@@ -88,4 +97,6 @@ def format_fidelity(fidelity: Fidelity) -> str:
         lines.append(f"  top-1 ({fidelity.metric}): reference {fidelity.reference_top1:.2f}%, "
                      f"candidate {fidelity.candidate_top1:.2f}% (drop {fidelity.drop:.2f} points), "
                      f"agreement {fidelity.agreement:.2f}%")
+    if fidelity.task_metric is not None:
+        lines.append(f"  task metric ({fidelity.task_metric_name}): {fidelity.task_metric:.4g}")
     return "\n".join(lines)

@@ -20,11 +20,16 @@ beside it):
     conformance                 `qpass check` of the output: violations, layers left in float
     fidelity                    SQNR in dB per output on the held-back samples, and the worst
     fidelity.evaluation         on --eval-data or the held-back samples (qpasses/fidelity.py):
-                                samples, SQNR, top-1 accuracy (labels) or agreement, drop
-    gates                       with --min-sqnr/--max-drop: the goals and the failures
+                                samples, SQNR, top-1 accuracy (labels) or agreement, drop, and
+                                with --metric the task metric
+    gates                       with --min-sqnr/--max-drop/--min-metric: the goals and the failures
+    auto                        with --auto (qpasses/auto.py): the goal, every trial (calibration,
+                                techniques, float layers, scores, int8 share, seconds), the
+                                technique subsets the time budget left out, the trial written
     latency                     with --latency: the `qpass bench --report` record it was given
     notes                       what the passes said (skipped layers, techniques that did not apply)
-    timings                     seconds per pass (the one field that differs between equal runs)
+    timings                     seconds per pass, and auto's trial seconds (the fields that differ
+                                between equal runs)
 
 Non-finite floats are written as the strings "inf", "-inf", "nan" (JSON has no such numbers).
 """

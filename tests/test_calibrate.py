@@ -2,16 +2,21 @@
 matches the fake-quant reference, shared quantizers get one merged range."""
 
 import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 from conftest import ZOO_NAMES
 from models import INPUT_SHAPE
+from qpasses.calibration.observers import make_observer
+from qpasses.calibration.qparams import compute_qparams
 from qpasses.calibration.runner import session
 from qpasses.errors import CalibrationError
 from qpasses.pass_infra import PassContext
+from qpasses.passes.calibrate import CHOICES
 from qpasses.pipeline import quantize
 from qpasses.targets import load_target
-from reference import evaluate
+from reference import evaluate, fake_quant
 
 METHODS = ["minmax", "quantile", "mse", "kl", "norm", "meanstd"]
 
@@ -59,3 +64,47 @@ def test_max_samples_limits_calibration(zoo_dir):
         x[3, 0, 0, 0] = np.inf
         np.save(bad, x)
         quantize(zoo_dir / "resnet_basic.onnx", load_target("tensorrt"), bad, PassContext(quiet=True))
+
+
+def _two_matmuls(path, rng) -> np.ndarray:
+    """X -> MatMul -> Relu -> MatMul -> Y, and 32 heavy-tailed samples of X (so the methods' ranges differ)."""
+    w1 = rng.standard_normal((16, 12)).astype(np.float32)
+    w2 = rng.standard_normal((12, 4)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["X", "W1"], ["H"], name="mm1"), helper.make_node("Relu", ["H"], ["R"], name="relu"),
+         helper.make_node("MatMul", ["R", "W2"], ["Y"], name="mm2")], "g",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 4])],
+        [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    return rng.standard_t(2.0, (32, 16)).astype(np.float32)
+
+
+def test_best_chooses_per_quantizer_the_range_its_consumer_computes_best_with(tmp_path):
+    """Against numpy: for each quantized MatMul input, every candidate range is fake-quantized and
+    multiplied by the float weight; the method chosen is the one of least relative output error."""
+    rng = np.random.default_rng(3)
+    x = _two_matmuls(tmp_path / "m.onnx", rng)
+    np.savez(tmp_path / "calib.npz", X=x)
+    target = load_target("onnxruntime")
+    result = quantize(tmp_path / "m.onnx", target, tmp_path / "calib.npz",
+                      PassContext(quiet=True, calib_method="best", batch_size=8), holdout=0)
+    plan = result.state.plan
+    w = {t.name: numpy_helper.to_array(t) for t in result.float_model.graph.initializer}
+    h = x @ w["W1"]
+    inputs = {"X": (x, w["W1"]), "R": (np.maximum(h, 0), w["W2"])}  # the quantized MatMul inputs
+    assert set(inputs) <= set(plan.methods)
+    for name, (value, weight) in inputs.items():
+        errors, ranges = {}, {}
+        for method in CHOICES:
+            observer = make_observer(method)
+            observer.update(value)
+            ranges[method] = observer.compute_range(target.activation)
+            qp = compute_qparams(*ranges[method], target.activation)
+            exact = value.astype(np.float64) @ weight
+            approx = fake_quant(value, qp.scale, qp.zero_point, qp.qmin, qp.qmax).astype(np.float64) @ weight
+            errors[method] = np.sum((exact - approx) ** 2) / np.sum(exact ** 2)
+        assert len({round(float(r[1]), 6) for r in ranges.values()}) > 1  # the choice is not trivial
+        best = min(CHOICES, key=lambda m: (errors[m], CHOICES.index(m)))
+        assert plan.methods[name] == best, (name, errors)
+        assert np.allclose(plan.ranges[name], ranges[best], rtol=1e-6)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qpasses.calibration.observers import KLObserver, kl_best_bin, make_observer
+from qpasses.calibration.observers import HistogramObserver, KLObserver, as_method, kl_best_bin, make_observer
 from qpasses.errors import InputError
 from qpasses.targets.schema import Quantizer
 
@@ -186,6 +186,21 @@ def test_merge_equals_observing_both(method):
     ref_lo, ref_hi = stream(method, x, 4).compute_range(ASYM)
     span = float(x.max() - x.min())
     assert abs(lo - ref_lo) <= 3e-2 * span and abs(hi - ref_hi) <= 3e-2 * span
+
+
+@pytest.mark.parametrize("method", ["minmax", "quantile", "mse", "kl"])
+def test_one_histogram_serves_each_method(method):
+    """--calib best observes once: the method's range from a shared histogram is the range of the
+    method's own observer on the same batches (the same statistics, so exactly)."""
+    x = data(7)
+    shared = HistogramObserver()
+    for start in range(0, len(x), 8):
+        shared.update(x[start:start + 8])
+    for quantizer in (SYM, ASYM):
+        assert as_method(shared, method, q=0.999).compute_range(quantizer) == \
+            stream(method, x, 8).compute_range(quantizer)
+    with pytest.raises(ValueError, match="needs statistics"):
+        as_method(shared, "meanstd")
 
 
 def test_options_and_bad_values():

@@ -160,7 +160,7 @@ def choose_methods(float_model: onnx.ModelProto, plan: QuantPlan, candidates: di
     if not noise:
         return chosen
     graph = float_model.graph
-    outputs = [helper.make_tensor_value_info(n, TensorProto.DOUBLE, []) for n in [*noise, *signals.values()]]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, []) for n in [*noise, *signals.values()]]
     model = helper.make_model(helper.make_graph([*graph.node, *extra], "choose", graph.input, outputs,
                                                 [*graph.initializer, *initializers]),
                               opset_imports=float_model.opset_import, ir_version=float_model.ir_version)
@@ -197,12 +197,8 @@ def _dtype_range(qp: QParams) -> tuple[int, int]:
 
 
 def _energy(tag: str, exact: str, approx: str | None, output: str) -> list[onnx.NodeProto]:
-    """Nodes computing sum((exact - approx)^2), or sum(exact^2) without `approx`, as a double scalar."""
-    cast = lambda name, out: helper.make_node("Cast", [name], [out], to=TensorProto.DOUBLE)  # noqa: E731
-    nodes = [cast(exact, f"{tag}/exact")]
-    diff = f"{tag}/exact"
-    if approx is not None:
-        nodes += [cast(approx, f"{tag}/approx"), helper.make_node("Sub", [f"{tag}/exact", f"{tag}/approx"], [f"{tag}/diff"])]
-        diff = f"{tag}/diff"
-    return nodes + [helper.make_node("Mul", [diff, diff], [f"{tag}/sq"]),
-                    helper.make_node("ReduceSum", [f"{tag}/sq"], [output], keepdims=0)]
+    """Nodes computing sum((exact - approx)^2), or sum(exact^2) without `approx`, as a float scalar."""
+    if approx is None:
+        return [helper.make_node("ReduceSumSquare", [exact], [output], keepdims=0)]
+    return [helper.make_node("Sub", [exact, approx], [f"{tag}/diff"]),
+            helper.make_node("ReduceSumSquare", [f"{tag}/diff"], [output], keepdims=0)]
