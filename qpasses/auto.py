@@ -47,6 +47,7 @@ from .report import json_safe
 DEFAULT_SQNR = 25.0  # dB, worst output: the goal when none is given
 DEFAULT_DROP = 2.0  # top-1 points, on a classifier: the goal when none is given
 FALLBACK_SHARE = 0.25  # of the time budget, kept for the float-layer search
+ADAROUND_ITERATIONS = 250  # unless --adaround-iters says otherwise: most of AdaRound's gain, at a quarter of the time
 _NO_SAMPLES: DataSource = ArraySource({}, rows=np.arange(0))  # trials are scored here, not by run_trial
 
 
@@ -134,9 +135,15 @@ def search(model: onnx.ModelProto, target: Target, ctx: PassContext, held: DataS
     base = attempt(ctx.calib_method, [])
     if not met() and ctx.calib_method != BEST and _rank(attempt(BEST, []), goal) > _rank(base, goal):
         base = found.trials[-1]
+    def fits(seconds: float) -> bool:
+        return time.perf_counter() - start + seconds <= budget_s * (1 - FALLBACK_SHARE)
+
     if not met():
         applies, cost = [], {}
         for name, pass_name in TECHNIQUES.items():
+            if not fits(base.seconds):  # a technique costs at least the trial without it
+                found.skipped.append([name])
+                continue
             trial = attempt(base.calibration, [name])
             if met():
                 break
@@ -145,7 +152,7 @@ def search(model: onnx.ModelProto, target: Target, ctx: PassContext, held: DataS
                 cost[name] = max(trial.seconds - base.seconds, 0.0)
         subsets = [s for size in range(2, len(applies) + 1) for s in combinations(applies, size)] if not met() else []
         for subset in subsets:  # within a size in TECHNIQUES order, so AdaRound's come last
-            if time.perf_counter() - start + base.seconds + sum(cost[n] for n in subset) > budget_s * (1 - FALLBACK_SHARE):
+            if not fits(base.seconds + sum(cost[n] for n in subset)):
                 found.skipped.append(list(subset))
                 continue
             attempt(base.calibration, list(subset))

@@ -33,7 +33,7 @@ from qpasses.targets.schema import builtin_names, load_target
 
 from . import graph as graph_io
 from .analyze import Goal, analyze as run_analyze, format_analysis
-from .auto import DEFAULT_DROP, DEFAULT_SQNR, describe, search, techniques as auto_techniques
+from .auto import ADAROUND_ITERATIONS, DEFAULT_DROP, DEFAULT_SQNR, describe, search, techniques as auto_techniques
 from .bench import BenchResult, IncompleteRun, cpu_description, cpu_flags, format_bench, measure
 from .encodings import read_encodings, to_encodings
 from .fidelity import compare, format_fidelity
@@ -208,7 +208,7 @@ def _setup(opts: dict) -> tuple:
                    "(kept only if it helps) [flag alone: empirical].")
 @click.option("--adaround", is_flag=True, help="AdaRound weight rounding, needs torch (kept only if it helps).")
 @click.option("--adaround-iters", default=Techniques.adaround_iterations, show_default=True, type=click.IntRange(min=1),
-              help="AdaRound optimisation steps per layer.")
+              help=f"AdaRound optimisation steps per layer (--auto: {ADAROUND_ITERATIONS} unless given).")
 @click.option("--report", type=click.Path(path_type=Path),
               help="Write the JSON record of the run here (schema: qpasses/report.py).")
 @click.option("--eval-data", help="Samples to gate on (.npy/.npz, may hold `labels`) [default: the held-back part of --data].")
@@ -288,6 +288,8 @@ def quantize(model: Path, output: Path | None, cle: bool, cle_replace_relu6: boo
             raise InputError("--auto needs samples to measure on: give --eval-data, or more --data to hold back from")
         given = (min_sqnr, max_drop, min_metric) != (None, None, None)
         goal = Goal(min_sqnr, max_drop, min_int8_macs / 100, min_metric) if given else None
+        if click.get_current_context().get_parameter_source("adaround_iters") == click.core.ParameterSource.DEFAULT:
+            techniques = replace(techniques, adaround_iterations=ADAROUND_ITERATIONS)
         say = (lambda line: None) if ctx.quiet else (lambda line: click.echo(line, err=True))  # noqa: E731
         found = search(reference, target, ctx, samples, goal, techniques, 60 * auto_minutes, say, min_int8_macs / 100,
                        metric)

@@ -7,7 +7,9 @@ For each model: `qpass quantize` for every shipped target (minmax), every calibr
 techniques on the onnxruntime target, `qpass check` of each output, `qpass compile` of the
 onnxruntime int8 model for ONNX Runtime and TVM (x86, aarch64; the x86 library is run and scored
 too), `qpass analyze --fallback` to a
-30 dB worst-output SQNR (its wall time is the analysis speed), and a float-vs-int8 evaluation
+30 dB worst-output SQNR (its wall time is the analysis speed), `qpass quantize --auto` to the
+task's goal (TASK_GOALS) measured by the task metric itself (`--metric`, on 12 samples held back
+from calibration; not in --ci), and a float-vs-int8 evaluation
 (int8 run by ONNX Runtime with its optimisations, as deployed):
   detectors   the fraction of float detections kept (same class, IoU >= 0.5, score above the package's threshold)
   OCR         exact text agreement and character error rate against the float model's text
@@ -43,6 +45,7 @@ from qpasses.targets.lower.onnxruntime import int8_coverage  # noqa: E402
 
 CALIBRATORS = ("minmax", "quantile", "mse", "kl", "norm", "meanstd")
 TECHNIQUES = (("--cle",), ("--bn-recal",), ("--bias-correction",), ("--bias-correction", "analytic"))
+AUTO = "onnxruntime --auto (task goal)"
 
 
 @dataclass
@@ -76,6 +79,7 @@ def configs(ci: bool, adaround: bool) -> list[tuple[str, list[str]]]:
     rows += [(f"onnxruntime {' '.join(t)}", ["--target", "onnxruntime", *t]) for t in TECHNIQUES]
     if adaround:
         rows.append(("onnxruntime --adaround", ["--target", "onnxruntime", "--adaround"]))
+    rows.append((AUTO, []))  # its options depend on the model: auto_options
     return rows
 
 
@@ -302,6 +306,48 @@ def score(entry: dict, float_path: Path, int8_path: Path, evals) -> tuple[str, f
     return text, worst, {"kept": kept, "detections": total}
 
 
+TASK_GOALS = {"detection-yolox": 0.90, "detection-picodet": 0.90, "ocr-ctc": 0.85, "classifier": 0.98, "vad": 0.98}
+
+
+def task_value(entry: dict, ref: list[np.ndarray], got: list[np.ndarray]) -> float:
+    """The task metric of one model's outputs against the float model's, as `qpass quantize --metric`
+    calls it: detections kept, exact text, top-1 or speech-decision agreement (1.0: nothing to lose)."""
+    task = entry["task"]
+    if task == "classifier":
+        return float(np.mean(ref[0].argmax(1) == got[0].argmax(1)))
+    if task == "vad":
+        return float(np.mean((ref[0] > entry["threshold"]) == (got[0] > entry["threshold"])))
+    if task == "ocr-ctc":
+        return float(np.mean([a == b for a, b in zip(ctc_text(ref[0]), ctc_text(got[0]))]))
+    decode = yolox_detections if task == "detection-yolox" else picodet_detections
+    kept, _ = kept_fraction(decode(ref, entry), decode(got, entry))
+    return 1.0 if kept is None else kept
+
+
+METRIC_FILE = """# written by tools/real_models.py: {name}'s task metric, for qpass quantize --metric
+import json
+import sys
+
+sys.path.insert(0, {tools!r})
+import real_models  # noqa: E402
+
+ENTRY = json.loads({entry!r})
+
+
+def metric(reference, candidate):
+    return real_models.task_value(ENTRY, reference, candidate)
+"""
+
+
+def auto_options(name: str, entry: dict, work: Path) -> list[str]:
+    """`qpass quantize --auto` to the corpus goal of the model's task, measured by its task metric on
+    12 samples held back from calibration (not the evaluation images the table scores on)."""
+    path = work / f"{name}.metric.py"
+    path.write_text(METRIC_FILE.format(name=name, tools=str(Path(__file__).resolve().parent), entry=json.dumps(entry)))
+    return ["--target", "onnxruntime", "--auto", "--metric", f"{path}:metric", "--min-metric", str(TASK_GOALS[entry["task"]]),
+            "--holdout", "12"]
+
+
 def latency_ratio(float_path: Path, int8_path: Path, input_name: str, x: np.ndarray, runs: int = 20) -> float:
     """Median ORT int8 / float latency, 1 thread, batch 1, runs interleaved."""
     sessions = [float_session(str(float_path), threads=1), float_session(str(int8_path), threads=1)]
@@ -357,12 +403,19 @@ def run_model(name: str, entry: dict, model: Path, work: Path, rows: list[tuple[
     calib, evals = build_data(name, entry, model, work)
     out = []
     for label, options in rows:
+        options = auto_options(name, entry, work) if label == AUTO else options
         target = options[options.index("--target") + 1]
-        int8 = work / f"{name}.{label.replace(' ', '_').replace('-', '')}.onnx"
+        int8 = work / f"{name}.{label.split(' (')[0].replace(' ', '_').replace('-', '')}.onnx"
         code, err, secs, peak = qpass("quantize", str(model), *options, "--data", str(calib), "-o", str(int8),
-                                      "--force", "--quiet")
-        row = Row(name, label, code, seconds=secs, peak_mib=peak)
-        if code != 0:
+                                      "--force", *([] if label == AUTO else ["--quiet"]))
+        lines = err.strip().splitlines()
+        missed = label == AUTO and code == 1 and bool(lines) and "--auto: no setting met the goal" in lines[-1]
+        row = Row(name, label, 0 if missed else code, seconds=secs, peak_mib=peak)
+        if label == AUTO:  # what the search tried, and what it chose
+            trials = [line for line in lines if line.startswith("auto: trial")]
+            row.note = f"{len(trials)} trial(s); " + ("goal not met, best written" if missed else
+                                                      (trials[-1].split(": ", 1)[1] if trials else ""))
+        if row.exit_code != 0:
             row.note = err.strip().splitlines()[-1] if err.strip() else f"exit {code}"
             out.append(row)
             print(f"{name:18s} {label:34s} FAILED exit {code}: {row.note}", file=sys.stderr)
@@ -375,6 +428,8 @@ def run_model(name: str, entry: dict, model: Path, work: Path, rows: list[tuple[
         if label == "onnxruntime minmax" and entry["task"] != "vad":
             x = evals[0] if entry["task"] == "classifier" else evals
             row.latency_ratio = latency_ratio(model, int8, entry["input"], x)
+        if label == AUTO:
+            row.metric += f" ({row.note})"
         out.append(row)
         print(f"{name:18s} {label:34s} {row.metric}; SQNR {row.sqnr_db:.1f} dB; {secs:.1f} s, {peak:.0f} MiB"
               + ("" if row.conforms else f"; CHECK FAILED: {check_err.strip().splitlines()[-1:]}"), file=sys.stderr)

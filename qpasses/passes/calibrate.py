@@ -7,7 +7,7 @@ pooling in/out) merge their observers, so the shared range covers every member.
 `--calib best` chooses per quantizer among minmax, quantile, mse and kl, all computed from one
 histogram pass: the range whose fake-quantized tensor gives its consumers' outputs the least
 error, relative to their energy and summed over the consumers (each consumer's other inputs and
-its weights in float, on at most `CHOICE_SAMPLES` calibration samples). A tensor's own MSE is what
+its weights in float, on the first `CHOICE_SAMPLES` calibration samples). A tensor's own MSE is what
 the mse method minimises already; what matters is the error a clipped outlier or a coarse step
 causes downstream, which the consumer's output shows and the tensor alone does not. Weights: an
 observer of the `--weight-calib` method sees the whole constant, per channel on the planned axis.
@@ -32,7 +32,8 @@ from qpasses.plan import QuantPlan
 
 BEST = "best"  # the --calib value that chooses per quantizer
 CHOICES = ("minmax", "quantile", "mse", "kl")  # what it chooses among (the order breaks ties)
-CHOICE_SAMPLES = 32
+CHOICE_SAMPLES = 16  # enough for a stable ranking; the choice's cost grows with them (see the README)
+SAME_SCALE = 0.01  # candidates whose scales differ by less give the same error, within the estimate's noise
 ACTIVATION_METHODS = (*OBSERVERS, BEST)  # what --calib takes
 
 
@@ -112,10 +113,13 @@ def choose_methods(float_model: onnx.ModelProto, plan: QuantPlan, candidates: di
     extra, initializers, noise = [], [], {}  # noise: output name -> (anchor, method)
     signals: dict[str, str] = {}  # a compared tensor -> its energy's output name
     for a, (anchor, ranges) in enumerate(candidates.items()):
-        seen: dict[tuple, str] = {}
-        for method, value_range in ranges.items():  # methods that give the same qparams are one candidate
-            seen.setdefault(_key(compute_qparams(*value_range, quantizer)), method)
-        distinct = list(seen.values())
+        distinct: list[str] = []  # methods whose scales are within SAME_SCALE of an earlier one's are one candidate
+        scales: list[float] = []
+        for method, value_range in ranges.items():
+            scale = float(compute_qparams(*value_range, quantizer).scale)
+            if all(abs(scale - s) > SAME_SCALE * s for s in scales):
+                distinct.append(method)
+                scales.append(scale)
         members = plan.shares[anchor]
         readers = sorted({c for m in members for c, _ in plan.activations[m].consumers
                           if c in nodes and not any(at.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
@@ -185,10 +189,6 @@ def choose_methods(float_model: onnx.ModelProto, plan: QuantPlan, candidates: di
         if tried:
             chosen[anchor] = min(tried)[2]
     return chosen
-
-
-def _key(qp: QParams) -> tuple:
-    return float(qp.scale), int(qp.zero_point)
 
 
 def _dtype_range(qp: QParams) -> tuple[int, int]:
