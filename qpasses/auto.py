@@ -107,7 +107,7 @@ def search(model: onnx.ModelProto, target: Target, ctx: PassContext, held: DataS
     goal = found.goal
     snapshots: Snapshots = {}
     names = [o.name for o in model.graph.output]
-    runs: list[QuantizeResult] = []
+    runs: dict[int, QuantizeResult] = {}  # the best trial's run only: a run holds a model and a calibrated state
 
     def record(result: QuantizeResult, calibration: str, used: list[str], layers: list[str], began: float) -> Trial:
         got = run_outputs(result.model, held, ctx.batch_size, optimize=False)
@@ -118,7 +118,10 @@ def search(model: onnx.ModelProto, target: Target, ctx: PassContext, held: DataS
         trial = Trial(calibration, used, layers, score.sqnr_db, score.top1, score.metric, share, met,
                       round(time.perf_counter() - began, 2))
         found.trials.append(trial)
-        runs.append(result)
+        if not runs or _rank(trial, goal) > _rank(found.trials[found.chosen], goal):
+            runs.clear()
+            runs[len(found.trials) - 1] = result
+            found.chosen = len(found.trials) - 1
         say(describe(len(found.trials), trial))
         return trial
 
@@ -127,27 +130,29 @@ def search(model: onnx.ModelProto, target: Target, ctx: PassContext, held: DataS
         result = run_trial(model, target, replace(ctx, calib_method=calibration), techniques(options, used),
                            _NO_SAMPLES, snapshots, keep=True)
         require_quantized(result, target)
+        applied[tuple(used)] = all(any(r.name == TECHNIQUES[n] and r.modified for r in result.passes) for n in used)
         return record(result, calibration, used, [], began)
 
     def met() -> bool:
         return found.trials[-1].met
 
-    base = attempt(ctx.calib_method, [])
-    if not met() and ctx.calib_method != BEST and _rank(attempt(BEST, []), goal) > _rank(base, goal):
-        base = found.trials[-1]
     def fits(seconds: float) -> bool:
         return time.perf_counter() - start + seconds <= budget_s * (1 - FALLBACK_SHARE)
 
+    applied: dict[tuple[str, ...], bool] = {}
+    base = attempt(ctx.calib_method, [])
+    if not met() and ctx.calib_method != BEST and _rank(attempt(BEST, []), goal) > _rank(base, goal):
+        base = found.trials[-1]
     if not met():
         applies, cost = [], {}
-        for name, pass_name in TECHNIQUES.items():
+        for name in TECHNIQUES:
             if not fits(base.seconds):  # a technique costs at least the trial without it
                 found.skipped.append([name])
                 continue
             trial = attempt(base.calibration, [name])
             if met():
                 break
-            if any(r.name == pass_name and r.modified for r in runs[-1].passes):
+            if applied[name,]:
                 applies.append(name)
                 cost[name] = max(trial.seconds - base.seconds, 0.0)
         subsets = [s for size in range(2, len(applies) + 1) for s in combinations(applies, size)] if not met() else []
@@ -159,17 +164,14 @@ def search(model: onnx.ModelProto, target: Target, ctx: PassContext, held: DataS
             if met():
                 break
     if not met():
-        best = max(range(len(found.trials)), key=lambda i: _rank(found.trials[i], goal))
-        trial, result = found.trials[best], runs[best]
+        trial, result = found.trials[found.chosen], runs[found.chosen]
         for option in fallbacks(result.before_qdq, held, goal, replace(ctx, calib_method=trial.calibration), metric):
             began = time.perf_counter()
             mixed = _with_float_layers(model, result, option.layers, techniques(options, trial.techniques), ctx)
             record(mixed, trial.calibration, trial.techniques, option.layers, began)
             if met():
                 break
-    kept = [i for i, t in enumerate(found.trials) if t.met]
-    found.chosen = kept[0] if kept else max(range(len(found.trials)), key=lambda i: _rank(found.trials[i], goal))
-    found.result = runs[found.chosen]
+    found.result = runs[found.chosen]  # the first that met the goal (the search stops there), else the best
     found.result.held, found.result.reference, found.result.holdout_samples = held, model, len(held)
     return found
 

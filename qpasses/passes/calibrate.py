@@ -110,48 +110,29 @@ def choose_methods(float_model: onnx.ModelProto, plan: QuantPlan, candidates: di
     copy of each consumer reading it, reduced in-graph to a noise energy (so only scalars come back)."""
     nodes = {n.name: n for n in float_model.graph.node}
     chosen: dict[str, str] = {}
-    extra, initializers, noise = [], [], {}  # noise: output name -> (anchor, method)
-    signals: dict[str, str] = {}  # a compared tensor -> its energy's output name
+    extra, initializers = [], []
+    noise: dict[str, tuple[str, str, str]] = {}  # output name -> (anchor, method, the float tensor compared)
+    signals: dict[str, str] = {}  # a compared float tensor -> its energy's output name
     for a, (anchor, ranges) in enumerate(candidates.items()):
-        distinct: list[str] = []  # methods whose scales are within SAME_SCALE of an earlier one's are one candidate
-        scales: list[float] = []
-        for method, value_range in ranges.items():
-            scale = float(compute_qparams(*value_range, quantizer).scale)
-            if all(abs(scale - s) > SAME_SCALE * s for s in scales):
-                distinct.append(method)
-                scales.append(scale)
+        distinct = _distinct(ranges, quantizer)
+        chosen[anchor] = distinct[0]
+        if len(distinct) == 1:
+            continue
         members = plan.shares[anchor]
         readers = sorted({c for m in members for c, _ in plan.activations[m].consumers
                           if c in nodes and not any(at.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
                                                     for at in nodes[c].attribute)})
-        chosen[anchor] = distinct[0]
-        if len(distinct) == 1:
-            continue
-        for k, method in enumerate(distinct):
+        for method in distinct:
             tag = f"qpass.choose/{a}/{method}"
-            qp = compute_qparams(*ranges[method], quantizer)
-            initializers += [onnx.numpy_helper.from_array(qp.scale, f"{tag}/scale"),
-                             onnx.numpy_helper.from_array(qp.zero_point, f"{tag}/zero_point")]
-            fake = {}
-            for member in members:
-                fake[member] = f"{tag}/{member}"
-                source = member
-                if (qp.qmin, qp.qmax) != _dtype_range(qp):  # fewer bits than the container: saturate first
-                    lo, hi = ((np.array([qp.qmin, qp.qmax]) - float(qp.zero_point)) * float(qp.scale)).astype(np.float32)
-                    initializers += [onnx.numpy_helper.from_array(lo, f"{tag}/lo"), onnx.numpy_helper.from_array(hi, f"{tag}/hi")]
-                    source = f"{tag}/{member}/clipped"
-                    extra.append(helper.make_node("Clip", [member, f"{tag}/lo", f"{tag}/hi"], [source]))
-                extra += [helper.make_node("QuantizeLinear", [source, f"{tag}/scale", f"{tag}/zero_point"], [f"{tag}/{member}/q"]),
-                          helper.make_node("DequantizeLinear", [f"{tag}/{member}/q", f"{tag}/scale", f"{tag}/zero_point"],
-                                           [fake[member]])]
-            compared = []  # (float tensor, its fake-quantized counterpart)
+            fake = _fake_quantized(tag, members, compute_qparams(*ranges[method], quantizer), extra, initializers)
+            compared = []  # (float tensor, its counterpart computed from the fake-quantized members)
             for reader in readers:
-                copy = helper.make_node(nodes[reader].op_type, [fake.get(i, i) for i in nodes[reader].input],
-                                        [f"{tag}/{reader}/{o}" if o else "" for o in nodes[reader].output],
-                                        domain=nodes[reader].domain)
-                copy.attribute.extend(nodes[reader].attribute)
+                node = nodes[reader]
+                copy = helper.make_node(node.op_type, [fake.get(i, i) for i in node.input],
+                                        [f"{tag}/{reader}/{o}" if o else "" for o in node.output], domain=node.domain)
+                copy.attribute.extend(node.attribute)
                 extra.append(copy)
-                compared += [(o, f"{tag}/{reader}/{o}") for o in nodes[reader].output if o]
+                compared += [(o, f"{tag}/{reader}/{o}") for o in node.output if o]
             if not readers:  # read by no quantized node (a quantized model output): its own error
                 compared = [(m, fake[m]) for m in members]
             for j, (exact, approx) in enumerate(compared):
@@ -168,18 +149,7 @@ def choose_methods(float_model: onnx.ModelProto, plan: QuantPlan, candidates: di
     model = helper.make_model(helper.make_graph([*graph.node, *extra], "choose", graph.input, outputs,
                                                 [*graph.initializer, *initializers]),
                               opset_imports=float_model.opset_import, ir_version=float_model.ir_version)
-    names = [o.name for o in outputs]
-    totals = dict.fromkeys(names, 0.0)
-    sess = session(model, optimize=False)
-    batch, fixed = feed_batch(float_model, ctx.data, ctx.batch_size)
-    limit = min(len(ctx.data), CHOICE_SAMPLES, ctx.max_samples or CHOICE_SAMPLES)
-    if fixed:  # whole batches only; calibration ran, so there is at least one
-        limit = max(batch, limit - limit % batch)
-    with tqdm(total=limit, desc="choosing ranges", unit="sample", disable=True if ctx.quiet else None, leave=False) as bar:
-        for feeds in ctx.data.batches(batch, limit):
-            for name, value in zip(names, sess.run(names, feeds)):
-                totals[name] += float(value)
-            bar.update(1 if ctx.data.one_per_feed else len(next(iter(feeds.values()))))
+    totals = _sums(model, [o.name for o in outputs], ctx)
     error: dict[tuple[str, str], float] = {}
     for name, (anchor, method, exact) in noise.items():
         signal = totals[signals[exact]]
@@ -189,6 +159,54 @@ def choose_methods(float_model: onnx.ModelProto, plan: QuantPlan, candidates: di
         if tried:
             chosen[anchor] = min(tried)[2]
     return chosen
+
+
+def _distinct(ranges: dict[str, tuple], quantizer) -> list[str]:
+    """The methods worth comparing: one whose scale is within SAME_SCALE of an earlier one's is that one."""
+    distinct, scales = [], []
+    for method, value_range in ranges.items():
+        scale = float(compute_qparams(*value_range, quantizer).scale)
+        if all(abs(scale - s) > SAME_SCALE * s for s in scales):
+            distinct.append(method)
+            scales.append(scale)
+    return distinct
+
+
+def _fake_quantized(tag: str, members: list[str], qp: QParams, nodes: list, initializers: list) -> dict[str, str]:
+    """Append Q/DQ nodes (and their constants) for each member tensor; returns member -> dequantized name."""
+    initializers += [onnx.numpy_helper.from_array(qp.scale, f"{tag}/scale"),
+                     onnx.numpy_helper.from_array(qp.zero_point, f"{tag}/zero_point")]
+    narrow = (qp.qmin, qp.qmax) != _dtype_range(qp)  # fewer bits than the container: saturate first
+    if narrow:
+        lo, hi = ((np.array([qp.qmin, qp.qmax]) - float(qp.zero_point)) * float(qp.scale)).astype(np.float32)
+        initializers += [onnx.numpy_helper.from_array(lo, f"{tag}/lo"), onnx.numpy_helper.from_array(hi, f"{tag}/hi")]
+    fake = {}
+    for member in members:
+        source = member
+        if narrow:
+            source = f"{tag}/{member}/clipped"
+            nodes.append(helper.make_node("Clip", [member, f"{tag}/lo", f"{tag}/hi"], [source]))
+        fake[member] = f"{tag}/{member}"
+        nodes += [helper.make_node("QuantizeLinear", [source, f"{tag}/scale", f"{tag}/zero_point"], [f"{tag}/{member}/q"]),
+                  helper.make_node("DequantizeLinear", [f"{tag}/{member}/q", f"{tag}/scale", f"{tag}/zero_point"],
+                                   [fake[member]])]
+    return fake
+
+
+def _sums(model: onnx.ModelProto, names: list[str], ctx: PassContext) -> dict[str, float]:
+    """The scalar outputs `names`, summed over the first CHOICE_SAMPLES calibration samples."""
+    totals = dict.fromkeys(names, 0.0)
+    sess = session(model, optimize=False)
+    batch, fixed = feed_batch(model, ctx.data, ctx.batch_size)
+    limit = min(len(ctx.data), CHOICE_SAMPLES, ctx.max_samples or CHOICE_SAMPLES)
+    if fixed:  # whole batches only; calibration ran, so there is at least one
+        limit = max(batch, limit - limit % batch)
+    with tqdm(total=limit, desc="choosing ranges", unit="sample", disable=True if ctx.quiet else None, leave=False) as bar:
+        for feeds in ctx.data.batches(batch, limit):
+            for name, value in zip(names, sess.run(names, feeds)):
+                totals[name] += float(value)
+            bar.update(1 if ctx.data.one_per_feed else len(next(iter(feeds.values()))))
+    return totals
 
 
 def _dtype_range(qp: QParams) -> tuple[int, int]:
