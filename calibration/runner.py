@@ -216,6 +216,13 @@ def run_outputs(model: onnx.ModelProto, source: DataSource, batch_size: int, opt
     return [np.concatenate(parts) for parts in zip(*outs)] if outs else []
 
 
+class Ignore:
+    """An observer of a tensor a step only needs to reach."""
+
+    def update(self, x: np.ndarray) -> None:
+        pass
+
+
 class StepRunner:
     """Runs one model a piece at a time over the same calibration batches.
 

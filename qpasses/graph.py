@@ -322,3 +322,13 @@ def node_reads(node: gs.Node) -> list[gs.Variable]:
                 inner = {id(t) for t in sub.inputs} | {id(o) for n in sub.nodes for o in n.outputs}
                 found += [t for n in sub.nodes for t in node_reads(n) if id(t) not in inner]
     return found
+
+
+def levels(graph: gs.Graph, layers: set[str]) -> dict[str, int]:
+    """node -> how many of `layers` lie on the longest path from the inputs to it, itself included
+    (a path may pass through what an If's branches read)."""
+    level: dict[str, int] = {}
+    for node in graph.nodes:  # topologically sorted
+        up = max((level.get(t.inputs[0].name, 0) for t in node_reads(node) if t.inputs), default=0)
+        level[node.name] = up + (node.name in layers)
+    return level

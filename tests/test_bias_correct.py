@@ -33,20 +33,23 @@ def mean_errors(result, zoo_dir) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("target", ["academic", "tvm-arm"])  # a float bias and an int32 bias
-def test_mean_error_shrinks(zoo_dir, target):
+def test_every_layer_mean_error_vanishes(zoo_dir, target):
+    """Level by level, each layer is corrected behind the corrections upstream, and nothing after it
+    changes its output: so every layer's mean error vanishes, down to the step of an int32 bias
+    (s_x * s_w), which no correction can split. (Correcting all layers from one measurement
+    corrects the upstream part twice: the deeper the layer, the worse.)"""
     run = lambda bc: quantize(zoo_dir / "resnet_basic.onnx", load_target(target), zoo_dir / "calib.npy",  # noqa: E731
                               PassContext(quiet=True), holdout=0, techniques=Techniques(bias_correction="empirical" if bc else None))
     corrected = run(True)
     before, after = mean_errors(run(False), zoo_dir), mean_errors(corrected, zoo_dir)
-    # the first layer's input is not affected by other corrections: its error must vanish, down to
-    # the step of an int32 bias (s_x * s_w), which no correction can split
-    first = next(iter(before))
-    conv = next(n for n in corrected.model.graph.node if n.op_type == "Conv")
-    bias_dq = next((n for n in corrected.model.graph.node if n.output[0] == conv.input[2] and n.op_type == "DequantizeLinear"), None)
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in corrected.model.graph.initializer}
-    step = inits[bias_dq.input[1]] if bias_dq is not None else np.zeros(len(after[first]))
-    assert np.all(after[first] <= np.maximum(0.05 * before[first].max(), step / 2) + 1e-7)
-    assert sum(a.mean() for a in after.values()) < 0.5 * sum(b.mean() for b in before.values())
+    producer = {o: n for n in corrected.model.graph.node for o in n.output}
+    assert len(after) >= 4
+    for node in (n for n in corrected.model.graph.node if n.output[0] in after):
+        bias = producer.get(node.input[2])
+        step = inits[bias.input[1]] if bias is not None and bias.op_type == "DequantizeLinear" else 0.0
+        assert np.all(after[node.output[0]] <= step / 2 + 1e-5 * (1 + before[node.output[0]].max())), node.name
+    assert sum(a.mean() for a in after.values()) < 0.2 * sum(b.mean() for b in before.values())
 
 
 def test_a_technique_that_hurts_is_dropped_and_one_that_does_not_apply_is_said(zoo_dir):

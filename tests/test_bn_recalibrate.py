@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from qpasses.calibration.data import InputSpec, open_source
+from qpasses.graph import levels
 from qpasses.pass_infra import PassContext, QuantState
 from qpasses.passes.bias_correct import channel_moments
-from qpasses.passes.bn_recalibrate import BNRecalibrate, levels
+from qpasses.passes.bn_recalibrate import BNRecalibrate
 from qpasses.passes.insert_qdq import realize
 from qpasses.pipeline import Techniques, build_pipeline, quantize
 from qpasses.targets import load_target

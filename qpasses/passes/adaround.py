@@ -47,9 +47,9 @@ from tqdm import tqdm
 from qpasses.calibration.qparams import QParams, dequantize, on_axis
 from qpasses.calibration.runner import StepRunner
 from qpasses.errors import CalibrationError, InputError
+from qpasses.graph import levels
 from qpasses.pass_infra import Pass, PassContext, QuantState
 
-from .bn_recalibrate import levels
 from .insert_qdq import realize
 
 if TYPE_CHECKING:

@@ -6,8 +6,12 @@ E[y_q] != E[y]. Measured on calibration data, the shift is removed by adding
 to the bias of channel c (a float bias directly; an int32 bias in steps of its scale s_x * s_w;
 a node without bias gets one). Means are taken over the batch and spatial axes, in ONNX Runtime,
 for the float model and the current Q/DQ model (simulated op by op: the target's engine, not
-ORT's int8 kernels, is what the correction is for); two rounds let later layers see the earlier
-corrections.
+ORT's int8 kernels, is what the correction is for). Layers are corrected level by level in graph
+order (as AIMET does layer by layer), each measured behind the corrections of the levels before
+it: a layer's shift includes what its inputs carry from upstream, so correcting every layer at
+once from one measurement corrects the upstream part twice. That lost the YOLOX detector (83
+convs deep): 20.3 dB worst-output SQNR to 5.4 dB with two such rounds. The levels' runs continue
+from one another (`StepRunner`), so the Q/DQ model runs about once.
 
 Analytic mode (Nagel et al. 2019, sec. 4.2) needs no data for a layer whose input x comes from a
 folded BatchNorm (statistics on record), directly or through a ReLU: x_i ~ N(beta_i, gamma_i^2), so
@@ -26,8 +30,9 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from qpasses.calibration.qparams import QParams, dequantize, fake_quantize
-from qpasses.calibration.runner import observe
+from qpasses.calibration.runner import Ignore, StepRunner, observe
 from qpasses.calibration.stats import ChannelMoments
+from qpasses.graph import levels
 from qpasses.ops import BIASED_OPS, WEIGHTED_OPS
 from qpasses.pass_infra import Pass, PassContext, QuantState
 
@@ -53,9 +58,8 @@ class BiasCorrect(Pass):
     summary = "bias correction of conv/gemm outputs, empirical or analytic from BN statistics (--bias-correction)"
     requires = ("plan", "float_model")
 
-    def __init__(self, mode: str = "empirical", rounds: int = 2):
+    def __init__(self, mode: str = "empirical"):
         self.mode = mode
-        self.rounds = rounds
 
     def run(self, state: QuantState, ctx: PassContext) -> bool:
         nodes = {n.name: n for n in state.graph.nodes}
@@ -71,15 +75,36 @@ class BiasCorrect(Pass):
             state.notes.append(f"bias correction: {len(targets)} layer(s) left uncorrected: no calibration data")
             targets = {}
         if targets:
-            outputs = [n.outputs[0].name for n in targets.values()]
-            reference = channel_means(state.float_model, outputs, ctx, quantized=False)
-            for _ in range(self.rounds):
-                current = channel_means(state.model(), outputs, ctx, quantized=True)
-                for node, name in zip(targets.values(), outputs):
-                    _add_to_bias(state.graph, node, reference[name] - current[name], int32)
+            self.empirical(state, list(targets.values()), int32, ctx)
         state.graph.toposort()  # new int32 bias DQs were appended at the end
         state.notes.append(f"bias correction: {len(analytic)} layer(s) analytic, {len(targets)} empirical")
         return bool(analytic or targets)
+
+
+    def empirical(self, state: QuantState, nodes: list[gs.Node], int32: bool, ctx: PassContext) -> None:
+        """Correct `nodes` level by level against the float model's output means."""
+        outputs = {node.name: node.outputs[0].name for node in nodes}
+        reference = channel_means(state.float_model, list(outputs.values()), ctx, quantized=False)
+        for node in nodes:  # every node gets its bias first, so each level's model has the same nodes
+            if len(node.inputs) < 3 or node.inputs[2].name == "":
+                _add_to_bias(state.graph, node, np.zeros_like(reference[outputs[node.name]]), int32)
+        state.graph.toposort()
+        level = levels(state.graph, set(outputs))
+        limit = min(ctx.max_samples or MAX_SAMPLES, MAX_SAMPLES)
+        steps: StepRunner | None = None
+        for depth in sorted({level[name] for name in outputs}):
+            now = [node for node in nodes if level[node.name] == depth]
+            model = state.model()
+            steps = steps or StepRunner(model, ctx.data, ctx.batch_size, limit, ctx.quiet, "bias correction",
+                                        optimize=False)
+            # up to the level's inputs behind the corrections so far; its outputs are only peeked at,
+            # since the correction changes them and the next level runs them again
+            steps.advance(model, {t.name: Ignore() for node in now for t in node.inputs[:1]})
+            moments = {outputs[node.name]: ChannelMoments() for node in now}
+            steps.peek(model, moments)
+            for node in now:
+                tensor = outputs[node.name]
+                _add_to_bias(state.graph, node, reference[tensor] - moments[tensor].mean(), int32)
 
 
 def expected_relu(mu: np.ndarray, sigma: np.ndarray) -> np.ndarray:

@@ -22,8 +22,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qpasses.calibration.runner import StepRunner
-from qpasses.graph import node_reads
+from qpasses.calibration.runner import Ignore, StepRunner
+from qpasses.graph import levels
 from qpasses.calibration.stats import ChannelMoments
 from qpasses.pass_infra import Pass, PassContext, QuantState
 
@@ -40,23 +40,6 @@ def _output_axis_scale(node: gs.Node, a: np.ndarray) -> None:
         shape = (-1, 1) if node.attrs.get("transB", 0) else (1, -1)
     w.values = (w.values * a.reshape(shape)).astype(w.values.dtype)
     b.values = (b.values * a).astype(b.values.dtype)
-
-
-class _Ignore:
-    """An observer of a tensor a step only needs to reach."""
-
-    def update(self, x: np.ndarray) -> None:
-        pass
-
-
-def levels(graph: gs.Graph, layers: set[str]) -> dict[str, int]:
-    """node -> how many of `layers` lie on the longest path from the inputs to it, itself included
-    (a path may pass through what an If's branches read)."""
-    level: dict[str, int] = {}
-    for node in graph.nodes:  # topologically sorted
-        up = max((level.get(t.inputs[0].name, 0) for t in node_reads(node) if t.inputs), default=0)
-        level[node.name] = up + (node.name in layers)
-    return level
 
 
 class BNRecalibrate(Pass):
@@ -96,7 +79,7 @@ class BNRecalibrate(Pass):
             # only peeked at: the layers change below, and the next step runs them again
             names = {layers[t].name for t in tensors}
             inputs = {node.input[0] for node in simulated.graph.node if node.name in names}
-            steps.advance(simulated, {name: _Ignore() for name in inputs})
+            steps.advance(simulated, {name: Ignore() for name in inputs})
             moments = {tensor: ChannelMoments() for tensor in tensors}
             steps.peek(simulated, moments)
             for tensor in tensors:
