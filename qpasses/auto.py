@@ -105,6 +105,7 @@ def search(model: onnx.ModelProto, target: Target, ctx: PassContext, held: DataS
         raise InputError("--max-drop needs a classifier (first output [N, classes]); use --min-sqnr")
     found = Search(goal or default_goal(evaluate.classifier, min_int8), goal is None, budget_s)
     goal = found.goal
+    say(f"auto: goal {describe_goal(goal)}" + (" (the default: no goal was given)" if found.default_goal else ""))
     snapshots: Snapshots = {}
     names = [o.name for o in model.graph.output]
     runs: dict[int, QuantizeResult] = {}  # the best trial's run only: a run holds a model and a calibrated state
@@ -174,6 +175,13 @@ def search(model: onnx.ModelProto, target: Target, ctx: PassContext, held: DataS
     found.result = runs[found.chosen]  # the first that met the goal (the search stops there), else the best
     found.result.held, found.result.reference, found.result.holdout_samples = held, model, len(held)
     return found
+
+
+def describe_goal(goal: Goal) -> str:
+    """The goal as the options that set it, e.g. "--min-sqnr 25, 80% of MACs in int8"."""
+    given = [f"{flag} {value:g}" for flag, value in (("--min-sqnr", goal.min_sqnr), ("--max-drop", goal.max_drop),
+                                                     ("--min-metric", goal.min_metric)) if value is not None]
+    return ", ".join([*given, f"{100 * goal.min_int8:g}% of MACs in int8"])
 
 
 def describe(number: int, t: Trial) -> str:

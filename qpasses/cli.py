@@ -33,7 +33,7 @@ from qpasses.targets.schema import builtin_names, load_target
 
 from . import graph as graph_io
 from .analyze import Goal, analyze as run_analyze, format_analysis
-from .auto import ADAROUND_ITERATIONS, DEFAULT_DROP, DEFAULT_SQNR, describe, search, techniques as auto_techniques
+from .auto import ADAROUND_ITERATIONS, DEFAULT_DROP, DEFAULT_SQNR, describe, describe_goal, search, techniques as auto_techniques
 from .bench import BenchResult, IncompleteRun, cpu_description, cpu_flags, format_bench, measure
 from .encodings import read_encodings, to_encodings
 from .fidelity import compare, format_fidelity
@@ -354,11 +354,8 @@ def quantize(model: Path, output: Path | None, cle: bool, cle_replace_relu6: boo
             click.echo(f"check: {violation}", err=True)
         raise GateError(f"the output breaks {len(conformance.violations)} rule(s) of {target.name} (`qpass check` lists them)")
     if found is not None and not found.met:
-        goal = found.goal
-        asked = ", ".join(f"{flag} {value:g}" for flag, value in (("--min-sqnr", goal.min_sqnr), ("--max-drop", goal.max_drop),
-                                                                  ("--min-metric", goal.min_metric)) if value is not None)
-        raise GateError(f"--auto: no setting met the goal ({asked}{' by default' if found.default_goal else ''}, "
-                        f"{100 * goal.min_int8:g}% of MACs in int8) in {len(found.trials)} trial(s); wrote the best, "
+        raise GateError(f"--auto: no setting met the goal ({describe_goal(found.goal)}"
+                        f"{', by default' if found.default_goal else ''}) in {len(found.trials)} trial(s); wrote the best, "
                         f"trial {found.chosen + 1} ({describe(found.chosen + 1, found.trials[found.chosen]).split(': ', 1)[1]})")
     if failures:
         raise GateError("gate failed: " + "; ".join(failures))

@@ -74,6 +74,12 @@ def test_float_layers_respect_the_int8_rule_and_the_best_is_written(unreachable)
     assert set(chosen.float_layers) <= set(found.result.state.plan.float_nodes)
 
 
+def test_cli_says_the_default_goal(tmp_path):
+    proc = qpass("quantize", EXAMPLE / "model.onnx", "--data", EXAMPLE / "calib.npz", "--auto", "-o", tmp_path / "m.onnx")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.startswith("auto: goal --max-drop 2, 80% of MACs in int8 (the default: no goal was given)\n")
+
+
 def test_default_goal_on_a_classifier_and_the_time_budget():
     _, _, found = run(None, budget_s=1e-3)
     assert found.default_goal and found.goal.max_drop == 2.0 and found.goal.min_sqnr is None
@@ -90,6 +96,7 @@ def test_cli_writes_the_best_and_exits_1_when_no_setting_meets_the_goal(tmp_path
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("qpass: error: --auto: no setting met the goal (--min-sqnr 200, 80% of MACs in int8)"), last
     assert "auto: trial 1 (minmax): worst-output SQNR" in proc.stderr
+    assert proc.stderr.startswith("auto: goal --min-sqnr 200, 80% of MACs in int8\n")
     record = json.loads(report.read_text())
     assert out.exists() and record["auto"]["met"] is False and record["auto"]["trials"]
     chosen = record["auto"]["trials"][record["auto"]["chosen"]]
