@@ -36,9 +36,9 @@ from qpasses.calibration.stats import TensorSummary
 from qpasses.errors import InputError
 from qpasses.targets.schema import Target
 
-from .pass_infra import PassContext, QuantState
 from .metric import TaskMetric
 from .ops import WEIGHTED_OPS, node_macs
+from .pass_infra import PassContext, QuantState
 from .passes.fold_factors import folded
 from .passes.insert_qdq import float_output_name, realize
 from .pipeline import build_pipeline, prepare, sqnr, sqnr_db
@@ -313,7 +313,11 @@ class Variants:
     def sensitivity(self, unit: int) -> tuple[Score, Score]:
         """(only the unit's layers quantized, every layer but the unit's quantized)."""
         only, all_but = self.cuts[unit]
-        return self.score(self._run(only, False)), self.score(self._run(all_but, True))
+        return self.score(self._run(only, False)), self.all_but(unit)
+
+    def all_but(self, unit: int) -> Score:
+        """Every layer but the unit's quantized: what keeping the unit float buys (fallback's ranking)."""
+        return self.score(self._run(self.cuts[unit][1], True))
 
     def tensor_db(self, names: list[str]) -> dict[str, float]:
         """SQNR of float-graph tensors in the fully quantized model, against the float model."""
@@ -412,7 +416,7 @@ def analyze(model_path: str | Path, target: Target, data: str | Path, ctx: PassC
     mixed_plan = plan.keep_float(chosen, "kept in float by analysis")
     analysis.fallback, analysis.fallback_score = chosen, result
     analysis.int8_share = int8_share(mixed_plan, macs)
-    analysis.goal_met = meets_goal(result, analysis.float_top1, goal) and not mostly_float(analysis.int8_share, goal)
+    analysis.goal_met = goal_holds(result, analysis.float_top1, analysis.int8_share, goal)
     mixed = realize(float_model, target, mixed_plan)
     return analysis, folded(mixed) if target.fusion else mixed
 
@@ -438,14 +442,14 @@ def fallbacks(state: QuantState, held: DataSource, goal: Goal, ctx: PassContext,
     float_top1 = evaluate.top1(evaluate.reference)
     units = _units(plan, float_model)
     variants = Variants(float_model, state.target, plan, evaluate, units, [])
-    all_but = [variants.sensitivity(i)[1].sqnr_db for i in tqdm(range(len(units)), desc="ranking layers", unit="unit",
+    all_but = [variants.all_but(i).sqnr_db for i in tqdm(range(len(units)), desc="ranking layers", unit="unit",
                                                                  disable=True if ctx.quiet else None, leave=False)]
     ranked = [units[i] for i in sorted(range(len(units)), key=lambda i: -all_but[i])]
     meets = lambda score: meets_goal(score, float_top1, goal)  # noqa: E731
     macs = node_macs(float_model)
     layers, score = _fallback(ranked, variants, variants.score(variants.cache[True]), meets)
     share = int8_share(plan.keep_float(layers, ""), macs)
-    found = [Fallback(layers, score, share, meets(score) and not mostly_float(share, goal))]
+    found = [Fallback(layers, score, share, goal_holds(score, float_top1, share, goal))]
     prefix = lambda k: [layer for unit in ranked[:k] for layer in unit]  # noqa: E731
     counts = lambda k: not mostly_float(int8_share(plan.keep_float(prefix(k), ""), macs), goal)  # noqa: E731
     if mostly_float(share, goal) and counts(1):
@@ -522,6 +526,11 @@ def int8_share(plan: QuantPlan, counts: dict[str, int]) -> float | None:
 def mostly_float(share: float | None, goal: Goal) -> bool:
     """Too little of the conv/matmul work left in int8 for the result to count (a model without any counts)."""
     return share is not None and share < goal.min_int8
+
+
+def goal_holds(score: Score, float_top1: float | None, share: float | None, goal: Goal) -> bool:
+    """The accuracy goal holds and the result counts as int8."""
+    return meets_goal(score, float_top1, goal) and not mostly_float(share, goal)
 
 
 def meets_goal(score: Score, float_top1: float | None, goal: Goal) -> bool:

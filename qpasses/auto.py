@@ -35,7 +35,7 @@ from qpasses.calibration.runner import run_outputs
 from qpasses.errors import InputError
 from qpasses.targets.schema import Target
 
-from .analyze import Evaluator, Goal, fallbacks, int8_share, meets_goal, mostly_float
+from .analyze import Evaluator, Goal, fallbacks, goal_holds, int8_share, mostly_float
 from .metric import TaskMetric
 from .ops import node_macs
 from .pass_infra import PassContext, Sequential
@@ -115,8 +115,8 @@ def search(model: onnx.ModelProto, target: Target, ctx: PassContext, held: DataS
         result.sqnr_db = {name: sqnr(r, g) for name, r, g in zip(names, evaluate.reference, got)}
         score = evaluate.score(got)
         share = int8_share(result.state.plan, node_macs(result.float_model))
-        met = meets_goal(score, float_top1, goal) and not mostly_float(share, goal)
-        trial = Trial(calibration, used, layers, score.sqnr_db, score.top1, score.metric, share, met,
+        trial = Trial(calibration, used, layers, score.sqnr_db, score.top1, score.metric, share,
+                      goal_holds(score, float_top1, share, goal),
                       round(time.perf_counter() - began, 2))
         found.trials.append(trial)
         if not runs or _rank(trial, goal) > _rank(found.trials[found.chosen], goal):
