@@ -48,3 +48,22 @@ def test_a_scalar_factor_between_two_quantized_tensors_folds_into_the_scale():
 def test_what_the_scale_cannot_carry_stays(kwargs):
     model, folded = fold(chain(**kwargs))
     assert not folded and "Mul" in [n.op_type for n in model.graph.node]
+
+
+def test_a_factor_after_a_shared_quantizer_stays():
+    """Attention's q * d**-0.25 after a Transpose that keeps its input's scale: folding would give the
+    Transpose's output a scale of its own, and ORT would run the Transpose in float."""
+    c = lambda name, v, dtype=np.float32: numpy_helper.from_array(np.array(v, dtype), name)  # noqa: E731
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s1", "z1"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "s1", "z1"], ["xdq"]),
+             helper.make_node("Transpose", ["xdq"], ["y"], perm=[1, 0]),
+             helper.make_node("QuantizeLinear", ["y", "s1", "z1"], ["yq"]),
+             helper.make_node("DequantizeLinear", ["yq", "s1", "z1"], ["ydq"]),
+             helper.make_node("Mul", ["ydq", "k"], ["m"], name="times"),
+             helper.make_node("QuantizeLinear", ["m", "s2", "z2"], ["mq"]),
+             helper.make_node("DequantizeLinear", ["mq", "s2", "z2"], ["out"])]
+    inits = [c("s1", 0.05), c("z1", 128, np.uint8), c("k", 0.35), c("s2", 0.02), c("z2", 128, np.uint8)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [8, 4])], inits)
+    model, folded = fold(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    assert not folded and "Mul" in [n.op_type for n in model.graph.node]

@@ -3,6 +3,9 @@
     y -> Q(s1) -> DQ -> Mul(c) -> Q(s2, z2) -> DQ(s2, z2)   =>   y -> Q(s2 / c, z2) -> DQ(s2, z2)
 
 One rounding instead of two, and no kernel for the factor (hard-swish's 1/6, HardSigmoid's alpha).
+A factor whose input pair is a shared quantizer (the output of a Transpose or Reshape that keeps
+its input's scale, as attention's q * d**-0.25 reads) stays: the folded scale would break the tie,
+and the engine would run the shared op in float.
 The QuantizeLinear and DequantizeLinear of the pair then differ in scale, so this runs after
 everything that reads a Q/DQ pair as one tensor's value (`realize`, analysis, AdaRound): last, on
 targets whose engine fuses Q/DQ groups (`[fusion]`), and on `analyze`'s mixed model.
@@ -69,6 +72,12 @@ def _producer(tensor: gs.Tensor, op: str) -> gs.Node | None:
     return tensor.inputs[0] if len(tensor.inputs) == 1 and tensor.inputs[0].op == op else None
 
 
+def _shared(q: gs.Node) -> bool:
+    """Whether the QuantizeLinear's scale is a quantizer other tensors are tied to (read by more
+    than one Q/DQ pair)."""
+    return len(q.inputs[1].outputs) > 2
+
+
 def fold_scalar_factors(graph: gs.Graph) -> dict[str, str]:
     """Fold every foldable factor in place; returns each folded Mul -> the node whose output now
     carries the factor in its QuantizeLinear's scale."""
@@ -82,6 +91,8 @@ def fold_scalar_factors(graph: gs.Graph) -> dict[str, str]:
             q_out = _only_reader(mul.outputs[0], "QuantizeLinear", outputs)
             if (factor is None or q is None or q_out is None or not isinstance(q_out.inputs[1], gs.Constant)
                     or _only_reader(x, "Mul", outputs) is None or _only_reader(dq.inputs[0], "DequantizeLinear", outputs) is None):
+                continue
+            if _shared(q):
                 continue
             y = q.inputs[0]
             q_out.inputs[0] = y
