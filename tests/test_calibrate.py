@@ -112,3 +112,21 @@ def test_best_chooses_per_quantizer_the_range_its_consumer_computes_best_with(tm
         assert chosen == best or (CHOICES.index(chosen) < CHOICES.index(best)
                                   and abs(scale[chosen] - scale[best]) <= SAME_SCALE * scale[chosen]), (name, errors)
         assert np.allclose(plan.ranges[name], ranges[chosen], rtol=1e-6)
+
+
+def test_best_compares_only_the_float_outputs_of_a_consumer(tmp_path):
+    """A consumer with an integer output too (MaxPool's Indices) is scored on its float output only."""
+    rng = np.random.default_rng(4)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["X", "W"], ["H"], name="conv", pads=[1, 1, 1, 1]),
+         helper.make_node("MaxPool", ["H"], ["P", "I"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+         helper.make_node("Conv", ["P", "W2"], ["Y"], name="conv2")], "g",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 4, 8, 8])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 2, 4, 4]), helper.make_tensor_value_info("I", TensorProto.INT64, ["N", 4, 4, 4])],
+        [numpy_helper.from_array(rng.standard_normal((4, 4, 3, 3)).astype(np.float32), "W"),
+         numpy_helper.from_array(rng.standard_normal((2, 4, 1, 1)).astype(np.float32), "W2")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "m.onnx")
+    np.savez(tmp_path / "calib.npz", X=rng.standard_t(2.0, (CHOICE_SAMPLES, 4, 8, 8)).astype(np.float32))
+    result = quantize(tmp_path / "m.onnx", load_target("tensorrt"), tmp_path / "calib.npz",
+                      PassContext(quiet=True, calib_method="best", batch_size=8), holdout=0)
+    assert "H" in result.state.plan.methods

@@ -109,6 +109,9 @@ def choose_methods(float_model: onnx.ModelProto, plan: QuantPlan, candidates: di
     candidate's error: next to the float graph, per candidate, a Q/DQ of each member tensor and a
     copy of each consumer reading it, reduced in-graph to a noise energy (so only scalars come back)."""
     nodes = {n.name: n for n in float_model.graph.node}
+    graph = float_model.graph
+    typed = onnx.shape_inference.infer_shapes(float_model).graph
+    floats = {v.name for v in [*typed.value_info, *typed.output] if v.type.tensor_type.elem_type == TensorProto.FLOAT}
     chosen: dict[str, str] = {}
     extra, initializers = [], []
     noise: dict[str, tuple[str, str, str]] = {}  # output name -> (anchor, method, the float tensor compared)
@@ -132,7 +135,7 @@ def choose_methods(float_model: onnx.ModelProto, plan: QuantPlan, candidates: di
                                         [f"{tag}/{reader}/{o}" if o else "" for o in node.output], domain=node.domain)
                 copy.attribute.extend(node.attribute)
                 extra.append(copy)
-                compared += [(o, f"{tag}/{reader}/{o}") for o in node.output if o]
+                compared += [(o, f"{tag}/{reader}/{o}") for o in node.output if o in floats]  # not a Shape's int64
             if not readers:  # read by no quantized node (a quantized model output): its own error
                 compared = [(m, fake[m]) for m in members]
             for j, (exact, approx) in enumerate(compared):
@@ -144,7 +147,6 @@ def choose_methods(float_model: onnx.ModelProto, plan: QuantPlan, candidates: di
                     extra += _energy(signals[exact], exact, None, signals[exact])
     if not noise:
         return chosen
-    graph = float_model.graph
     outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, []) for n in [*noise, *signals.values()]]
     model = helper.make_model(helper.make_graph([*graph.node, *extra], "choose", graph.input, outputs,
                                                 [*graph.initializer, *initializers]),
