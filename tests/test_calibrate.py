@@ -16,6 +16,7 @@ from qpasses.pass_infra import PassContext
 from qpasses.passes.calibrate import CHOICE_SAMPLES, CHOICES, SAME_SCALE
 from qpasses.pipeline import quantize
 from qpasses.targets import load_target
+from qpasses.targets.check import check_model
 from reference import evaluate, fake_quant
 
 METHODS = ["minmax", "quantile", "mse", "kl", "norm", "meanstd"]
@@ -130,3 +131,29 @@ def test_best_compares_only_the_float_outputs_of_a_consumer(tmp_path):
     result = quantize(tmp_path / "m.onnx", load_target("tensorrt"), tmp_path / "calib.npz",
                       PassContext(quiet=True, calib_method="best", batch_size=8), holdout=0)
     assert "H" in result.state.plan.methods
+
+
+def test_a_channel_of_all_but_zero_weights_keeps_its_int32_bias(tmp_path):
+    """Its weight scale would make s_x * s_w denormal and the bias overflow int32 (clipped, the output
+    lost): the scale is raised until the bias fits. Against numpy: that channel's output is its bias,
+    within one step of the activation quantizer (an identity 1x1 conv reads it)."""
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((3, 4, 1, 1)).astype(np.float32)
+    w[1] = 1e-39  # a pruned channel that BatchNorm folding left all but zero
+    b = np.array([0.1, 0.75, -0.2], np.float32)
+    graph = helper.make_graph([helper.make_node("Conv", ["X", "W", "B"], ["H"], name="conv"),
+                               helper.make_node("Conv", ["H", "I"], ["Y"], name="identity")], "g",
+                              [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 4, 6, 6])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 3, 6, 6])],
+                              [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B"),
+                               numpy_helper.from_array(np.eye(3, dtype=np.float32).reshape(3, 3, 1, 1), "I")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "m.onnx")
+    x = rng.standard_normal((16, 4, 6, 6)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", X=x)
+    target = load_target("onnxruntime")
+    result = quantize(tmp_path / "m.onnx", target, tmp_path / "calib.npz", PassContext(quiet=True), holdout=0)
+    got = session(result.model, optimize=False).run(None, {"X": x})[0]
+    step = float(result.state.plan.qparams["H"].scale)
+    assert np.abs(got[:, 1] - 0.75).max() <= step
+    assert any("raised the weight scale of 1 channel" in n for n in result.state.notes)
+    assert not check_model(result.model, target).violations

@@ -10,7 +10,10 @@ error, relative to their energy and summed over the consumers (each consumer's o
 its weights in float, on the first `CHOICE_SAMPLES` calibration samples). A tensor's own MSE is what
 the mse method minimises already; what matters is the error a clipped outlier or a coarse step
 causes downstream, which the consumer's output shows and the tensor alone does not. Weights: an
-observer of the `--weight-calib` method sees the whole constant, per channel on the planned axis.
+observer of the `--weight-calib` method sees the whole constant, per channel on the planned axis;
+a weight scale so small that its int32 bias (scale s_x * s_w) would overflow or be denormal is
+raised until the bias fits, as ONNX Runtime's quantizer does (a channel whose weights are all but
+zero: they round to zero either way, and its bias is all its output).
 With `--encodings`, the qparams come from an AIMET encodings file instead (qpasses/encodings.py).
 Run after `annotate`.
 """
@@ -35,6 +38,8 @@ CHOICES = ("minmax", "quantile", "mse", "kl")  # what it chooses among (the orde
 CHOICE_SAMPLES = 16  # enough for a stable ranking; the choice's cost grows with them (see the README)
 SAME_SCALE = 0.01  # candidates whose scales differ by less give the same error, within the estimate's noise
 ACTIVATION_METHODS = (*OBSERVERS, BEST)  # what --calib takes
+INT32_MAX = float(np.iinfo(np.int32).max)
+MIN_BIAS_SCALE = float(np.finfo(np.float32).tiny / np.finfo(np.float32).eps)  # normal, with float32's full precision
 
 
 class Calibrate(Pass):
@@ -49,6 +54,10 @@ class Calibrate(Pass):
             return False
         calibrate_activations(state, ctx)
         calibrate_weights(state, ctx)
+        raised = make_room_for_biases(state)
+        if raised:
+            state.notes.append(f"calibrate: raised the weight scale of {raised} channel(s) whose int32 bias would not "
+                               f"fit its scale s_x * s_w (their weights are all but zero)")
         return False
 
 
@@ -100,6 +109,39 @@ def calibrate_weights(state: QuantState, ctx: PassContext) -> None:
         observer.update(tensors[w.tensor].values)
         plan.ranges[w.tensor] = observer.compute_range(quantizer)
         plan.qparams[w.tensor] = compute_qparams(*plan.ranges[w.tensor], quantizer, w.axis)
+
+
+def make_room_for_biases(state: QuantState) -> int:
+    """Raise weight scales so that every int32 bias b fits: |b| / (s_x s_w) <= INT32_MAX and
+    s_x s_w >= MIN_BIAS_SCALE, per output channel. Returns how many channels were raised."""
+    plan, target = state.plan, state.target
+    tensors = {t.name: t for t in state.graph.tensors().values()}
+    nodes = {n.name: n for n in state.graph.nodes}
+    raised = 0
+    for b in plan.biases:
+        anchor = plan.quantizer_of(b.input_tensor)
+        if anchor not in plan.qparams or b.weight_tensor not in plan.qparams:
+            continue
+        s_x = float(plan.qparams[anchor].scale)
+        w_qp = plan.qparams[b.weight_tensor]
+        bias = np.abs(tensors[b.tensor].values.astype(np.float64)).ravel()
+        need = np.maximum(bias / (s_x * INT32_MAX), MIN_BIAS_SCALE / s_x)
+        scale = w_qp.scale.astype(np.float64).ravel()
+        if scale.size == 1:
+            need = need.max(keepdims=True)
+        elif scale.size != need.size:  # a grouped ConvTranspose: one weight scale per channel of a group
+            need = need.reshape(-1, scale.size).max(axis=0)
+        factor = np.where(scale < need, need / scale, 1.0)
+        if np.all(factor == 1.0):
+            continue
+        raised += int(np.sum(factor > 1.0))
+        op = nodes[b.node].op
+        quantizer = target.weight_quantizer(op)
+        lo, hi = (np.asarray(r, np.float64) for r in plan.ranges[b.weight_tensor])
+        factor = factor.reshape(np.shape(lo)) if np.ndim(lo) else factor.max()
+        plan.ranges[b.weight_tensor] = (lo * factor, hi * factor)
+        plan.qparams[b.weight_tensor] = compute_qparams(lo * factor, hi * factor, quantizer, w_qp.axis)
+    return raised
 
 
 def choose_methods(float_model: onnx.ModelProto, plan: QuantPlan, candidates: dict[str, dict[str, tuple]],
