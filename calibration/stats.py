@@ -1,7 +1,7 @@
 """Streaming statistics that are not range setters: per-channel moments and tensor summaries.
 
 They follow the observers' `update(x)` protocol, so `runner.observe` can feed them; they are what
-bias correction, BatchNorm re-calibration and `qpass analyze` measure.
+bias correction, BatchNorm re-calibration, SmoothQuant and `qpass analyze` measure.
 """
 
 from __future__ import annotations
@@ -30,6 +30,17 @@ class ChannelMoments:
 
     def var(self) -> np.ndarray:
         return np.maximum(self.squares / self.count - np.square(self.mean()), 0.0)
+
+
+class ChannelAbsMax:
+    """Per-channel max |x| over every axis but the last (a transformer's [tokens, channels])."""
+
+    def __init__(self):
+        self.maximum: np.ndarray | None = None
+
+    def update(self, x: np.ndarray) -> None:
+        m = np.abs(x.astype(np.float64)).reshape(-1, x.shape[-1]).max(axis=0)
+        self.maximum = m if self.maximum is None else np.maximum(self.maximum, m)
 
 
 class TensorSummary:

@@ -4,7 +4,7 @@ Settings are tried in the order of how little they change the model:
 
 1. calibration: the method asked for (`--calib`, minmax by default), then `best` (each quantizer's
    method chosen by its consumers' output error); the better of the two is kept for what follows;
-2. techniques: subsets of CLE, BN re-calibration, bias correction and AdaRound, one technique
+2. techniques: subsets of CLE, SmoothQuant, BN re-calibration, bias correction and AdaRound, one technique
    first, then pairs, and so on (AdaRound last within a size: it is the slow one). A technique
    that finds nothing to do on the model is left out of larger subsets. Subsets, not one
    technique added after another: such a greedy chain can end below one technique alone;
@@ -195,7 +195,8 @@ def describe(number: int, t: Trial) -> str:
 
 def techniques(options: Techniques, used: list[str]) -> Techniques:
     """`options` with exactly the techniques in `used` switched on (a trial's setting)."""
-    return replace(options, cle="cle" in used, bn_recal="bn_recal" in used, adaround="adaround" in used,
+    return replace(options, cle="cle" in used, smoothquant="smoothquant" in used, bn_recal="bn_recal" in used,
+                   adaround="adaround" in used,
                    bias_correction=(options.bias_correction or "empirical") if "bias_correction" in used else None)
 
 

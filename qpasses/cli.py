@@ -202,6 +202,8 @@ def _setup(opts: dict) -> tuple:
 @click.option("--output", "-o", type=click.Path(path_type=Path), help="Output path [default: MODEL.<target>.int8.onnx].")
 @click.option("--cle", is_flag=True, help="Cross-layer equalization (kept only if it does not lower the output SQNR).")
 @click.option("--cle-replace-relu6", is_flag=True, help="Let --cle turn ReLU6 into ReLU to equalize across it.")
+@click.option("--smoothquant", is_flag=True,
+              help="SmoothQuant: move LayerNorm outlier channels into the matmul weights (kept only if it helps).")
 @click.option("--bn-recal", is_flag=True, help="BatchNorm re-calibration of folded layers (kept only if it helps).")
 @click.option("--bias-correction", type=click.Choice(["empirical", "analytic"]), is_flag=False, flag_value="empirical",
               help="Bias correction: empirical on calibration data, or analytic from BN statistics where on record "
@@ -236,7 +238,7 @@ def _setup(opts: dict) -> tuple:
 @click.option("--min-int8-macs", type=FiniteFloat(min=0, max=100), default=80.0, show_default=True,
               help="--auto: a result meets the goal only with at least this percent of the conv/matmul MACs in int8.")
 @click.option("--force", is_flag=True, help="Replace outputs that already exist (without it qpass refuses).")
-def quantize(model: Path, output: Path | None, cle: bool, cle_replace_relu6: bool, bn_recal: bool,
+def quantize(model: Path, output: Path | None, cle: bool, cle_replace_relu6: bool, smoothquant: bool, bn_recal: bool,
              bias_correction: str | None, adaround: bool, adaround_iters: int, report: Path | None,
              eval_data: str | None, min_sqnr: float | None, max_drop: float | None,
              min_int8_coverage: float | None, html: Path | None,
@@ -259,7 +261,8 @@ def quantize(model: Path, output: Path | None, cle: bool, cle_replace_relu6: boo
     _files(force, {**_calibration_inputs(model, opts), "the --eval-data file": eval_data, "the --latency file": latency,
                    "the --encodings file": encodings_path, **_metric_file(metric_spec)},
            {"-o": output, "--report": report, "--html": html, "--export-encodings": export_encodings})
-    techniques = Techniques(cle=cle, cle_replace_relu6=cle_replace_relu6, bn_recal=bn_recal, bias_correction=bias_correction,
+    techniques = Techniques(cle=cle, cle_replace_relu6=cle_replace_relu6, smoothquant=smoothquant, bn_recal=bn_recal,
+                            bias_correction=bias_correction,
                             adaround=adaround, adaround_iterations=adaround_iters)
     metric = _metric(metric_spec, min_metric)
     if min_int8_coverage is not None and not target.engine:
@@ -272,16 +275,16 @@ def quantize(model: Path, output: Path | None, cle: bool, cle_replace_relu6: boo
                                      or not isinstance(bench_record.get("models"), dict)):
         raise InputError(f"--latency {latency} is not a `qpass bench --report` record")
     if encodings_path is not None:
-        if any((cle, bn_recal, bias_correction, adaround)):
-            raise InputError("--encodings fixes every quantizer: it does not combine with --cle, --bn-recal, "
-                             "--bias-correction or --adaround")
+        if any((cle, smoothquant, bn_recal, bias_correction, adaround)):
+            raise InputError("--encodings fixes every quantizer: it does not combine with --cle, --smoothquant, "
+                             "--bn-recal, --bias-correction or --adaround")
         ctx.encodings = read_encodings(encodings_path)
     shapes = graph_io.parse_input_shapes(opts["input_shape"])
     found = None
     if auto:
-        if any((cle, bn_recal, bias_correction, adaround, encodings_path, ctx.float_layers)):
+        if any((cle, smoothquant, bn_recal, bias_correction, adaround, encodings_path, ctx.float_layers)):
             raise InputError("--auto chooses the techniques and float layers itself: it does not combine with --cle, "
-                             "--bn-recal, --bias-correction, --adaround, --encodings or --float-layer")
+                             "--smoothquant, --bn-recal, --bias-correction, --adaround, --encodings or --float-layer")
         reference, held = prepare(model, opts["data"], ctx, shapes, opts["holdout"], opts["preprocess"])
         samples = held if eval_data is None else open_source(eval_data, input_specs(reference), opts["preprocess"], opts["seed"])
         if not len(samples):

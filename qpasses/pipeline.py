@@ -32,12 +32,13 @@ from .passes.fold_factors import FoldScalarFactors
 from .passes.fold_batchnorm import FoldBatchNorm
 from .passes.insert_qdq import InsertQDQ
 from .passes.preoptimize import Preoptimize
+from .passes.smoothquant import SmoothQuant
 
-ALL_PASSES: tuple[type[Pass], ...] = (FoldBatchNorm, Preoptimize, Equalize, Decompose, Annotate, Calibrate,
+ALL_PASSES: tuple[type[Pass], ...] = (FoldBatchNorm, Preoptimize, Equalize, SmoothQuant, Decompose, Annotate, Calibrate,
                                        BNRecalibrate, AdaRound, InsertQDQ, BiasCorrect, FoldScalarFactors)
 # technique -> its pass, tried in this order: cheap first, AdaRound (the slow one) last, so it runs once
-TECHNIQUES = {"cle": Equalize.name, "bn_recal": BNRecalibrate.name, "bias_correction": BiasCorrect.name,
-              "adaround": AdaRound.name}
+TECHNIQUES = {"cle": Equalize.name, "smoothquant": SmoothQuant.name, "bn_recal": BNRecalibrate.name,
+              "bias_correction": BiasCorrect.name, "adaround": AdaRound.name}
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class Techniques:
 
     cle: bool = False
     cle_replace_relu6: bool = False
+    smoothquant: bool = False
     bn_recal: bool = False
     bias_correction: str | None = None  # "empirical" | "analytic"
     adaround: bool = False
@@ -70,6 +72,8 @@ def build_pipeline(target: Target, techniques: Techniques = Techniques(), stop_a
         passes.append(Preoptimize())
     if techniques.cle:
         passes.append(Equalize(replace_relu6=techniques.cle_replace_relu6))
+    if techniques.smoothquant:
+        passes.append(SmoothQuant())
     if target.fusion and target.fusion.decompose:
         passes.append(Decompose())
     passes += [Annotate(), Calibrate()]

@@ -108,20 +108,25 @@ ALPHABET = "0123456789abcdefghijkmnpqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ"
 
 
 def text_images(entry: dict, count: int, seed: int) -> np.ndarray:
-    """Captcha-like text lines [N, 1, 64, W]: 4-6 random characters, random size, offset and noise."""
+    """Captcha-like text lines [N, C, H, W]: 4-6 random characters, random size, offset and noise, in
+    gray; C = 1 for `channels = "L"`, else 3 (the gray line in each), normalised as `normalise` does."""
     rng = np.random.default_rng(seed)
     h, w = entry["size"]
     out = []
     for _ in range(count):
         text = "".join(rng.choice(list(ALPHABET), rng.integers(4, 7)))
         canvas = Image.new("L", (w, h), int(rng.integers(200, 256)))
-        font = ImageFont.load_default(size=int(rng.integers(30, 44)))
+        font = ImageFont.load_default(size=int(rng.integers(30, 44)) * h // 64)
         draw = ImageDraw.Draw(canvas)
-        draw.text((int(rng.integers(2, 20)), int(rng.integers(0, 12))), text, fill=int(rng.integers(0, 80)), font=font)
+        draw.text((int(rng.integers(2, 20)), int(rng.integers(0, 12)) * h // 64), text, fill=int(rng.integers(0, 80)), font=font)
         for _ in range(int(rng.integers(1, 4))):  # a few strike lines, as captchas have
             draw.line([tuple(rng.integers(0, [w, h])) for _ in range(2)], fill=int(rng.integers(60, 160)), width=1)
-        x = np.asarray(canvas, np.float32) + rng.normal(0, 6, (h, w))
-        out.append(np.clip(x, 0, 255)[None] * entry["scale"])
+        x = np.clip(np.asarray(canvas, np.float32) + rng.normal(0, 6, (h, w)), 0, 255)[None]
+        if entry.get("channels", "L") != "L":
+            x = np.repeat(x, 3, axis=0)
+        mean = np.asarray(entry.get("mean", [0.0]), np.float64).reshape(-1, 1, 1)
+        std = np.asarray(entry.get("std", [1.0]), np.float64).reshape(-1, 1, 1)
+        out.append((x * entry["scale"] - mean) / std)
     return np.stack(out).astype(np.float32)
 
 

@@ -44,7 +44,7 @@ from qpasses.targets import builtin_names  # noqa: E402
 from qpasses.targets.lower.onnxruntime import int8_coverage  # noqa: E402
 
 CALIBRATORS = ("minmax", "quantile", "mse", "kl", "norm", "meanstd")
-TECHNIQUES = (("--cle",), ("--bn-recal",), ("--bias-correction",), ("--bias-correction", "analytic"))
+TECHNIQUES = (("--cle",), ("--smoothquant",), ("--bn-recal",), ("--bias-correction",), ("--bias-correction", "analytic"))
 AUTO = "onnxruntime --auto (task goal)"
 
 
@@ -215,10 +215,12 @@ def kept_fraction(ref: list, got: list) -> tuple[float | None, int]:
     return (kept / total if total else None), total
 
 
-def ctc_text(out: np.ndarray) -> list[tuple[int, ...]]:
-    """Greedy CTC of [T, N, C] logits: argmax, collapse repeats, drop the blank (0)."""
+def ctc_text(out: np.ndarray, entry: dict) -> list[tuple[int, ...]]:
+    """Greedy CTC of [T, N, C] logits ([N, T, C] with `ctc = "NTC"`): argmax, collapse repeats, drop
+    the blank (0)."""
     texts = []
-    for seq in out.argmax(-1).T:
+    best = out.argmax(-1)
+    for seq in (best if entry.get("ctc") == "NTC" else best.T):
         collapsed = [int(c) for i, c in enumerate(seq) if c != 0 and (i == 0 or c != seq[i - 1])]
         texts.append(tuple(collapsed))
     return texts
@@ -296,7 +298,7 @@ def score(entry: dict, float_path: Path, int8_path: Path, evals) -> tuple[str, f
             text += f" (accuracy {acc[0]:.3f}, float {acc[1]:.3f})"
         return text, worst, {"agreement": agree}
     if task == "ocr-ctc":
-        rt, gt = ctc_text(ref[0]), ctc_text(got[0])
+        rt, gt = ctc_text(ref[0], entry), ctc_text(got[0], entry)
         exact = float(np.mean([a == b for a, b in zip(rt, gt)]))
         cer = float(np.mean([edit_distance(a, b) / max(1, len(a)) for a, b in zip(rt, gt)]))
         return f"exact text {exact:.3f}, CER {cer:.3f}", worst, {"exact": exact, "cer": cer}
@@ -318,7 +320,7 @@ def task_value(entry: dict, ref: list[np.ndarray], got: list[np.ndarray]) -> flo
     if task == "vad":
         return float(np.mean((ref[0] > entry["threshold"]) == (got[0] > entry["threshold"])))
     if task == "ocr-ctc":
-        return float(np.mean([a == b for a, b in zip(ctc_text(ref[0]), ctc_text(got[0]))]))
+        return float(np.mean([a == b for a, b in zip(ctc_text(ref[0], entry), ctc_text(got[0], entry))]))
     decode = yolox_detections if task == "detection-yolox" else picodet_detections
     kept, _ = kept_fraction(decode(ref, entry), decode(got, entry))
     return 1.0 if kept is None else kept
