@@ -77,7 +77,10 @@ def ort_quantize_static(model: Path, calib: dict[str, np.ndarray], output: Path,
         upgraded = output.with_suffix(".opset13.onnx")
         onnx.save(onnx.version_converter.convert_version(onnx.load(model), graph_io.MIN_OPSET), upgraded)
         model = upgraded
-    quant_pre_process(str(model), str(prepared))
+    try:
+        quant_pre_process(str(model), str(prepared))
+    except Exception:  # "Incomplete symbolic shape inference" on most real models: ORT's advice is to skip it
+        quant_pre_process(str(model), str(prepared), skip_symbolic_shape=True)
     quantize_static(str(prepared), str(output), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                     reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     calibrate_method=getattr(CalibrationMethod, method))
