@@ -41,7 +41,7 @@ from .ops import node_macs
 from .pass_infra import PassContext, Sequential
 from .passes.calibrate import BEST
 from .passes.insert_qdq import InsertQDQ
-from .pipeline import TECHNIQUES, QuantizeResult, Snapshots, Techniques, build_pipeline, finish, require_quantized, run_trial, sqnr
+from .pipeline import EXCLUSIVE, TECHNIQUES, QuantizeResult, Snapshots, Techniques, build_pipeline, finish, require_quantized, run_trial, sqnr
 from .report import json_safe
 
 DEFAULT_SQNR = 25.0  # dB, worst output: the goal when none is given
@@ -156,7 +156,8 @@ def search(model: onnx.ModelProto, target: Target, ctx: PassContext, held: DataS
             if applied[name,]:
                 applies.append(name)
                 cost[name] = max(trial.seconds - base.seconds, 0.0)
-        subsets = [s for size in range(2, len(applies) + 1) for s in combinations(applies, size)] if not met() else []
+        subsets = [s for size in range(2, len(applies) + 1) for s in combinations(applies, size)
+                   if len(EXCLUSIVE & set(s)) < 2] if not met() else []
         for subset in subsets:  # within a size in TECHNIQUES order, so AdaRound's come last
             if not fits(base.seconds + sum(cost[n] for n in subset)):
                 found.skipped.append(list(subset))
@@ -196,7 +197,7 @@ def describe(number: int, t: Trial) -> str:
 def techniques(options: Techniques, used: list[str]) -> Techniques:
     """`options` with exactly the techniques in `used` switched on (a trial's setting)."""
     return replace(options, cle="cle" in used, smoothquant="smoothquant" in used, bn_recal="bn_recal" in used,
-                   adaround="adaround" in used,
+                   adaround="adaround" in used, brecq="brecq" in used,
                    bias_correction=(options.bias_correction or "empirical") if "bias_correction" in used else None)
 
 

@@ -209,8 +209,11 @@ def _setup(opts: dict) -> tuple:
               help="Bias correction: empirical on calibration data, or analytic from BN statistics where on record "
                    "(kept only if it helps) [flag alone: empirical].")
 @click.option("--adaround", is_flag=True, help="AdaRound weight rounding, needs torch (kept only if it helps).")
+@click.option("--brecq", is_flag=True,
+              help="Block reconstruction (BRECQ with QDrop): weight rounding and activation steps learned per block "
+                   "with torch, instead of AdaRound's per layer (kept only if it helps).")
 @click.option("--adaround-iters", default=Techniques.adaround_iterations, show_default=True, type=click.IntRange(min=1),
-              help=f"AdaRound optimisation steps per layer (--auto: {ADAROUND_ITERATIONS} unless given).")
+              help=f"AdaRound's optimisation steps per layer, BRECQ's per block (--auto: {ADAROUND_ITERATIONS} unless given).")
 @click.option("--report", type=click.Path(path_type=Path),
               help="Write the JSON record of the run here (schema: qpasses/report.py).")
 @click.option("--eval-data", help="Samples to gate on (.npy/.npz, may hold `labels`) [default: the held-back part of --data].")
@@ -239,7 +242,7 @@ def _setup(opts: dict) -> tuple:
               help="--auto: a result meets the goal only with at least this percent of the conv/matmul MACs in int8.")
 @click.option("--force", is_flag=True, help="Replace outputs that already exist (without it qpass refuses).")
 def quantize(model: Path, output: Path | None, cle: bool, cle_replace_relu6: bool, smoothquant: bool, bn_recal: bool,
-             bias_correction: str | None, adaround: bool, adaround_iters: int, report: Path | None,
+             bias_correction: str | None, adaround: bool, brecq: bool, adaround_iters: int, report: Path | None,
              eval_data: str | None, min_sqnr: float | None, max_drop: float | None,
              min_int8_coverage: float | None, html: Path | None,
              latency: Path | None, export_encodings: Path | None, encodings_path: Path | None,
@@ -263,7 +266,7 @@ def quantize(model: Path, output: Path | None, cle: bool, cle_replace_relu6: boo
            {"-o": output, "--report": report, "--html": html, "--export-encodings": export_encodings})
     techniques = Techniques(cle=cle, cle_replace_relu6=cle_replace_relu6, smoothquant=smoothquant, bn_recal=bn_recal,
                             bias_correction=bias_correction,
-                            adaround=adaround, adaround_iterations=adaround_iters)
+                            adaround=adaround, brecq=brecq, adaround_iterations=adaround_iters)
     metric = _metric(metric_spec, min_metric)
     if min_int8_coverage is not None and not target.engine:
         raise InputError(f"--min-int8-coverage reads the engine's optimised graph: target {target.name} names no engine "
@@ -275,16 +278,17 @@ def quantize(model: Path, output: Path | None, cle: bool, cle_replace_relu6: boo
                                      or not isinstance(bench_record.get("models"), dict)):
         raise InputError(f"--latency {latency} is not a `qpass bench --report` record")
     if encodings_path is not None:
-        if any((cle, smoothquant, bn_recal, bias_correction, adaround)):
+        if any((cle, smoothquant, bn_recal, bias_correction, adaround, brecq)):
             raise InputError("--encodings fixes every quantizer: it does not combine with --cle, --smoothquant, "
-                             "--bn-recal, --bias-correction or --adaround")
+                             "--bn-recal, --bias-correction, --adaround or --brecq")
         ctx.encodings = read_encodings(encodings_path)
     shapes = graph_io.parse_input_shapes(opts["input_shape"])
     found = None
     if auto:
-        if any((cle, smoothquant, bn_recal, bias_correction, adaround, encodings_path, ctx.float_layers)):
+        if any((cle, smoothquant, bn_recal, bias_correction, adaround, brecq, encodings_path, ctx.float_layers)):
             raise InputError("--auto chooses the techniques and float layers itself: it does not combine with --cle, "
-                             "--smoothquant, --bn-recal, --bias-correction, --adaround, --encodings or --float-layer")
+                             "--smoothquant, --bn-recal, --bias-correction, --adaround, --brecq, --encodings or "
+                             "--float-layer")
         reference, held = prepare(model, opts["data"], ctx, shapes, opts["holdout"], opts["preprocess"])
         samples = held if eval_data is None else open_source(eval_data, input_specs(reference), opts["preprocess"], opts["seed"])
         if not len(samples):

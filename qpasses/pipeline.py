@@ -25,6 +25,7 @@ from .passes.annotate import Annotate
 from .passes.adaround import AdaRound, AdaRoundConfig
 from .passes.bias_correct import BiasCorrect
 from .passes.bn_recalibrate import BNRecalibrate
+from .passes.brecq import BlockReconstruct
 from .passes.calibrate import Calibrate
 from .passes.decompose import Decompose
 from .passes.equalize import Equalize
@@ -35,10 +36,11 @@ from .passes.preoptimize import Preoptimize
 from .passes.smoothquant import SmoothQuant
 
 ALL_PASSES: tuple[type[Pass], ...] = (FoldBatchNorm, Preoptimize, Equalize, SmoothQuant, Decompose, Annotate, Calibrate,
-                                       BNRecalibrate, AdaRound, InsertQDQ, BiasCorrect, FoldScalarFactors)
+                                       BNRecalibrate, AdaRound, BlockReconstruct, InsertQDQ, BiasCorrect, FoldScalarFactors)
 # technique -> its pass, tried in this order: cheap first, AdaRound (the slow one) last, so it runs once
 TECHNIQUES = {"cle": Equalize.name, "smoothquant": SmoothQuant.name, "bn_recal": BNRecalibrate.name,
-              "bias_correction": BiasCorrect.name, "adaround": AdaRound.name}
+              "bias_correction": BiasCorrect.name, "adaround": AdaRound.name, "brecq": BlockReconstruct.name}
+EXCLUSIVE = {"adaround", "brecq"}  # two ways of choosing the same roundings: never both
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,8 @@ class Techniques:
     bn_recal: bool = False
     bias_correction: str | None = None  # "empirical" | "analytic"
     adaround: bool = False
-    adaround_iterations: int = AdaRoundConfig.iterations
+    brecq: bool = False
+    adaround_iterations: int = AdaRoundConfig.iterations  # AdaRound's per layer, BRECQ's per block
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,9 @@ def build_pipeline(target: Target, techniques: Techniques = Techniques(), stop_a
     passes += [Annotate(), Calibrate()]
     if techniques.bn_recal:
         passes.append(BNRecalibrate())
-    if techniques.adaround:
+    if techniques.brecq:
+        passes.append(BlockReconstruct(iterations=techniques.adaround_iterations))
+    elif techniques.adaround:
         passes.append(AdaRound(iterations=techniques.adaround_iterations))
     passes.append(InsertQDQ())
     if techniques.bias_correction:

@@ -132,6 +132,26 @@ class Deconv(nn.Module):
         return self.out(self.up(self.down(x)))
 
 
+class Attention(nn.Module):
+    """A pre-norm transformer block on patches: LayerNorm, attention with softmax, GELU MLP, residuals."""
+
+    def __init__(self, d: int = 32, heads: int = 4):
+        super().__init__()
+        self.patch = nn.Conv2d(3, d, 4, 4)
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+        self.heads = heads
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        b, n, c = x.shape
+        q, k, v = self.qkv(self.ln1(x)).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        a = ((q @ k.transpose(-2, -1)) * (c // self.heads) ** -0.5).softmax(-1)
+        x = x + self.proj((a @ v).transpose(1, 2).reshape(b, n, c))
+        return x + self.fc2(nn.functional.gelu(self.fc1(self.ln2(x))))
+
+
 ZOO: dict[str, type[nn.Module]] = {
     "resnet_basic": BasicBlock,
     "resnet_bottleneck": Bottleneck,

@@ -293,8 +293,8 @@ def test_listing_commands():
     assert advice.split(":")[0].strip() in ("avx512_vnni", "avx_vnni", "asimddp", "avx2") or "no advice" in advice
     passes = qpass("passes")
     assert [line.split()[0] for line in passes.stdout.splitlines()] == [
-        "fold-batchnorm", "preoptimize", "equalize", "smoothquant", "decompose", "annotate", "calibrate", "bn-recal", "adaround",
-        "insert-qdq", "bias-correct", "fold-scalar-factors"]
+        "fold-batchnorm", "preoptimize", "equalize", "smoothquant", "decompose", "annotate", "calibrate", "bn-recal",
+        "adaround", "brecq", "insert-qdq", "bias-correct", "fold-scalar-factors"]
     version = qpass("--version")
     assert version.returncode == 0 and "qpass" in version.stdout
 
