@@ -35,13 +35,32 @@ def _reduce_mean(node: gs.Node, v: list) -> "torch.Tensor":
     return v[0].mean() if axes is None else v[0].mean(dim=axes, keepdim=keep)
 
 
+def _pads(node: gs.Node, spatial: tuple[int, ...], kernel: list[int]) -> list[int]:
+    """ONNX pads (all begins, then all ends), `auto_pad` resolved for the input's spatial size."""
+    nd = len(kernel)
+    auto = node.attrs.get("auto_pad", "NOTSET")
+    if auto == "VALID":
+        return [0] * 2 * nd
+    if auto not in ("SAME_UPPER", "SAME_LOWER"):
+        return list(node.attrs.get("pads", [0] * 2 * nd))
+    strides = node.attrs.get("strides", [1] * nd)
+    dilations = node.attrs.get("dilations", [1] * nd)
+    begins, ends = [], []
+    for n, k, s, d in zip(spatial, kernel, strides, dilations):
+        total = max((-(-n // s) - 1) * s + (k - 1) * d + 1 - n, 0)
+        small, large = total // 2, total - total // 2
+        begins.append(small if auto == "SAME_UPPER" else large)
+        ends.append(large if auto == "SAME_UPPER" else small)
+    return begins + ends
+
+
 def _conv(node: gs.Node, v: list) -> "torch.Tensor":
     import torch.nn.functional as F
 
     w = v[1]
     nd = w.ndim - 2
-    pads = list(node.attrs.get("pads", [0] * 2 * nd))
     x = v[0]
+    pads = _pads(node, tuple(x.shape[2:]), list(w.shape[2:]))
     if any(pads):
         x = F.pad(x, [p for i in reversed(range(nd)) for p in (pads[i], pads[nd + i])])
     conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
@@ -61,8 +80,8 @@ def _pool(node: gs.Node, v: list, kind: str) -> "torch.Tensor":
 
     kernel = list(node.attrs["kernel_shape"])
     nd = len(kernel)
-    pads = list(node.attrs.get("pads", [0] * 2 * nd))
     x = v[0]
+    pads = _pads(node, tuple(x.shape[2:]), kernel)
     if any(pads):
         x = F.pad(x, [p for i in reversed(range(nd)) for p in (pads[i], pads[nd + i])],
                   value=float("-inf") if kind == "max" else 0.0)
@@ -107,12 +126,40 @@ def _slice(v: list) -> "torch.Tensor":
     steps = v[4].tolist() if len(v) > 4 and v[4] is not None else [1] * len(starts)
     index = [slice(None)] * x.ndim
     for s, e, a, st in zip(starts, ends, axes, steps):
-        if st != 1:
-            raise NotImplementedError("Slice with a step")
         n = x.shape[a]
         s, e = max(0, s + n if s < 0 else min(s, n)), max(0, e + n if e < 0 else min(e, n))
-        index[a] = slice(s, e)
+        index[a] = slice(s, e, st)  # a positive step (`unsupported` refuses the others)
     return x[tuple(index)]
+
+
+def _resize(node: gs.Node, v: list) -> "torch.Tensor":
+    """Nearest (asymmetric, floor) or linear (half-pixel or align-corners) upsampling by scales or sizes."""
+    import torch.nn.functional as F
+
+    x = v[0]
+    sizes = v[3] if len(v) > 3 and v[3] is not None and v[3].numel() else None
+    if sizes is not None:
+        size = [int(s) for s in sizes.tolist()[2:]]
+    else:
+        size = [int(np.floor(n * float(f))) for n, f in zip(x.shape[2:], v[2].tolist()[2:])]
+    if node.attrs.get("mode", "nearest") == "nearest":
+        return F.interpolate(x, size=size, mode="nearest")
+    corners = node.attrs.get("coordinate_transformation_mode", "half_pixel") == "align_corners"
+    return F.interpolate(x, size=size, mode="bilinear" if x.ndim == 4 else "linear", align_corners=corners)
+
+
+def _constant_of_shape(node: gs.Node, v: list) -> "torch.Tensor":
+    import torch
+
+    value = node.attrs.get("value")  # a one-element tensor; float 0 by default
+    fill = np.zeros(1, np.float32) if value is None else np.asarray(value.values).ravel()
+    return torch.full([int(d) for d in v[0].tolist()], fill[0].item(), dtype=torch.from_numpy(fill).dtype)
+
+
+def _space_to_depth(node: gs.Node, v: list) -> "torch.Tensor":
+    x, b = v[0], int(node.attrs["blocksize"])
+    n, c, h, w = x.shape
+    return x.reshape(n, c, h // b, b, w // b, b).permute(0, 3, 5, 1, 2, 4).reshape(n, c * b * b, h // b, w // b)
 
 
 def _torch_ops() -> dict[str, Callable[[gs.Node, list], Any]]:
@@ -160,6 +207,9 @@ def _torch_ops() -> dict[str, Callable[[gs.Node, list], Any]]:
         "Gather": _gather,
         "BatchNormalization": lambda n, v: F.batch_norm(v[0], v[3], v[4], v[1], v[2], False, 0.0, float(attr(n, "epsilon", 1e-5))),
         "Cast": lambda n, v: v[0],
+        "Resize": _resize,
+        "SpaceToDepth": _space_to_depth,
+        "ConstantOfShape": _constant_of_shape,
     }
 
 
@@ -193,7 +243,8 @@ def ops() -> dict[str, Callable[[gs.Node, list], Any]]:
 SUPPORTED = ("Conv", "Gemm", "MatMul", "Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Erf", "Tanh", "Relu", "LeakyRelu",
              "Sigmoid", "HardSigmoid", "HardSwish", "Clip", "Softmax", "ReduceMean", "LayerNormalization", "MaxPool",
              "AveragePool", "GlobalAveragePool", "Concat", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze",
-             "Identity", "Split", "Slice", "Shape", "Gather", "Cast", "BatchNormalization")
+             "Identity", "Split", "Slice", "Shape", "Gather", "Cast", "BatchNormalization", "Resize", "SpaceToDepth",
+             "ConstantOfShape")
 
 
 def unsupported(nodes: list[gs.Node]) -> str | None:
@@ -203,7 +254,23 @@ def unsupported(nodes: list[gs.Node]) -> str | None:
             return f"{node.op} has no torch rule"
         if node.op == "Cast" and node.attrs.get("to") not in (1, 7):  # float, int64: torch keeps the input type
             return "Cast to a type other than float or int64"
+        if node.op == "Slice" and len(node.inputs) > 4 and not (isinstance(node.inputs[4], gs.Constant)
+                                                              and np.all(node.inputs[4].values > 0)):
+            return "Slice with a step that is not a positive constant"
+        if node.op == "Resize" and not _resize_rule(node):
+            return "Resize other than nearest (asymmetric, floor) or linear (half_pixel, align_corners)"
+        if node.op == "DepthToSpace" or (node.op in ("Conv", "MaxPool", "AveragePool") and
+                                         node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER")):
+            return f"{node.op} with these attributes"
     return None
+
+
+def _resize_rule(node: gs.Node) -> bool:
+    mode = node.attrs.get("mode", "nearest")
+    transform = node.attrs.get("coordinate_transformation_mode", "half_pixel")
+    if mode == "nearest":
+        return transform == "asymmetric" and node.attrs.get("nearest_mode", "round_prefer_floor") == "floor"
+    return mode == "linear" and transform in ("half_pixel", "align_corners", "pytorch_half_pixel")
 
 
 def constant(tensor: gs.Constant, cache: dict[str, "torch.Tensor"]) -> "torch.Tensor":

@@ -56,3 +56,39 @@ def test_a_transformer_block_runs_in_torch_as_in_onnx_runtime(tmp_path, opset):
     ops = {n.op_type for n in model.graph.node}
     assert {"Softmax", "Erf", "MatMul"} <= ops and ("LayerNormalization" in ops) == (opset == 17)
     _compare(model, {"input": np.random.default_rng(1).standard_normal((2, 3, 16, 16)).astype(np.float32)})
+
+
+def _single(op: str, inputs: dict[str, np.ndarray], constants: dict[str, np.ndarray], **attrs) -> onnx.ModelProto:
+    from onnx import TensorProto, helper, numpy_helper
+
+    node = helper.make_node(op, [*inputs, *constants], ["y"], **attrs)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(k, TensorProto.FLOAT, v.shape) for k, v in inputs.items()],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(v, k) for k, v in constants.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+X = np.random.default_rng(2).standard_normal((2, 4, 7, 9)).astype(np.float32)
+
+
+@pytest.mark.parametrize("op, constants, attrs", [
+    ("Conv", {"w": np.random.default_rng(3).standard_normal((3, 4, 2, 2)).astype(np.float32)}, {"auto_pad": "SAME_UPPER"}),
+    ("Conv", {"w": np.random.default_rng(3).standard_normal((3, 4, 2, 3)).astype(np.float32)},
+     {"auto_pad": "SAME_LOWER", "strides": [2, 2]}),
+    ("MaxPool", {}, {"kernel_shape": [3, 3], "auto_pad": "SAME_UPPER", "strides": [2, 2]}),
+    ("Resize", {"roi": np.zeros(0, np.float32), "scales": np.array([1, 1, 2, 2], np.float32)},
+     {"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"}),
+    ("Resize", {"roi": np.zeros(0, np.float32), "scales": np.array([1, 1, 2, 2], np.float32)},
+     {"mode": "linear", "coordinate_transformation_mode": "half_pixel"}),
+    ("Slice", {"s": np.array([1, 0], np.int64), "e": np.array([7, 9], np.int64), "a": np.array([2, 3], np.int64),
+               "st": np.array([2, 3], np.int64)}, {}),
+], ids=["conv-same-upper", "conv-same-lower-strided", "maxpool-same-upper", "resize-nearest", "resize-linear", "slice-steps"])
+def test_padding_resizing_and_slicing_as_onnx_runtime_does(op, constants, attrs):
+    model = _single(op, {"x": X}, constants, **attrs)
+    assert torch_graph.unsupported(gs.import_onnx(model).nodes) is None
+    _compare(model, {"x": X})
+
+
+def test_space_to_depth_as_onnx_runtime_does():
+    x = np.random.default_rng(4).standard_normal((2, 3, 8, 6)).astype(np.float32)
+    _compare(_single("SpaceToDepth", {"x": x}, {}, blocksize=2), {"x": x})
