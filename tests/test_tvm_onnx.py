@@ -164,3 +164,23 @@ def test_dequantize_nodes_are_not_folded_and_other_models_are_untouched():
         [helper.make_node("Relu", ["x"], ["y"])], "plain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N"])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N"])]))
     assert importable(plain, {"x": [3]}) is plain  # neither If nor LSTM: nothing to rewrite
+
+
+def test_an_identity_of_a_shape_is_bypassed_and_tvm_imports_the_model():
+    """Paddle exports pass shapes through Identity nodes, which TVM 0.27's Identity converter refuses
+    ("cannot handle ShapeExpr inputs"); bypassed, the model computes what ORT computes on the original."""
+    from tvm.relax.frontend.onnx import from_onnx
+
+    nodes = [helper.make_node("Shape", ["x"], ["shape"]), helper.make_node("Identity", ["shape"], ["same"]),
+             helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Identity", ["r"], ["r2"]),
+             helper.make_node("Reshape", ["r2", "same"], ["y"])]
+    model = helper.make_model(helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                                                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])]),
+                              opset_imports=[helper.make_opsetid("", 13)])
+    with pytest.raises(Exception, match="ShapeExpr"):
+        from_onnx(model, shape_dict={"x": [2, 3]})
+    rewritten = importable(model, {"x": [2, 3]})
+    assert "Identity" not in {n.op_type for n in rewritten.graph.node}
+    x = RNG.standard_normal((2, 3)).astype(np.float32)
+    assert np.array_equal(session(rewritten).run(None, {"x": x})[0], session(model).run(None, {"x": x})[0])
+    from_onnx(rewritten, shape_dict={"x": [2, 3]})

@@ -6,6 +6,8 @@ neither needs one once the input shapes are fixed, as they are for a compiled li
   library's static input shapes those conditions are constants, and the taken branch is inlined.
 - `unroll_lstm`: an LSTM over a known sequence length is the same recurrence written out: one
   MatMul of all timesteps with W, then per step a MatMul with R and the gate ops, in float32.
+- `bypass_identities`: its Identity converter fails on a shape value ("cannot handle ShapeExpr
+  inputs": Paddle exports pass shapes through Identity nodes), and an Identity computes nothing.
 
 Quantize/dequantize nodes are never folded, so the Q/DQ structure that qpass's integer lowering
 looks for is unchanged.
@@ -24,19 +26,29 @@ _QDQ = ("QuantizeLinear", "DequantizeLinear")
 
 
 def importable(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> onnx.ModelProto:
-    """`model` with its inputs fixed to `shapes`, static `If`s inlined and LSTMs unrolled.
-
-    Models with neither op are returned unchanged."""
-    if not {"If", "LSTM"} & {op for _, op in op_types(model.graph)}:
+    """`model` with its inputs fixed to `shapes`, static `If`s inlined, LSTMs unrolled and Identity
+    nodes bypassed. Models with none of these ops are returned unchanged."""
+    if not {"If", "LSTM", "Identity"} & {op for _, op in op_types(model.graph)}:
         return model
     graph = gs.import_onnx(model)
     for tensor in graph.inputs:
         if tensor.name in shapes:
             tensor.shape = list(shapes[tensor.name])
+    bypass_identities(graph)
     graph = flatten_static_ifs(_with_shapes(graph))
     unroll_lstm(graph)
     graph.cleanup().toposort()
     return gs.export_onnx(graph)
+
+
+def bypass_identities(graph: gs.Graph) -> None:
+    """Readers of an Identity's output read its input instead (not where the output is a graph output)."""
+    outputs = {t.name for t in graph.outputs}
+    for node in [n for n in graph.nodes if n.op == "Identity" and n.outputs[0].name not in outputs]:
+        source, out = node.inputs[0], node.outputs[0]
+        for reader in list(out.outputs):
+            reader.inputs = [source if t is out else t for t in reader.inputs]
+        node.outputs.clear()
 
 
 def _with_shapes(graph: gs.Graph) -> gs.Graph:
