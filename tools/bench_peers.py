@@ -17,7 +17,9 @@ task metric against the float model's outputs on held-out data, and the worst ou
                   fp32 high precision, CPU calibration) run by `--modelopt-python`, the interpreter of
                   its own venv (its onnxruntime-gpu shadows onnxruntime: /work/shared/notes/peers.md),
                   the best of its max and entropy calibrators
-"Best" is the highest task metric, ties broken by the worst output SQNR. A tool that fails (or
+"Best" is the highest task metric, ties broken by the worst output SQNR. Each int8 model also gets
+the share of all the model's conv/matmul MACs that ONNX Runtime runs in integer kernels
+(`int8_coverage(...).model_share`): a tool that keeps most layers float is not compared like for like. A tool that fails (or
 ModelOpt without `--modelopt-python`) gets a few words instead of numbers; the VAD (recurrent state
 fed as inputs) and the refused model are left out.
 """
@@ -43,6 +45,7 @@ from fetch_models import default_cache, fetch, registry  # noqa: E402
 from real_models import TASK_GOALS, auto_options, build_data, qpass, score  # noqa: E402
 
 from qpasses.calibration.runner import check_loads  # noqa: E402
+from qpasses.targets.lower.onnxruntime import int8_coverage  # noqa: E402
 
 TOOLS = ("qpass", "qpass --auto", "ORT", "ModelOpt")
 ORT_METHODS = ("MinMax", "Percentile", "Entropy")
@@ -62,6 +65,7 @@ class Result:
     sqnr_db: float | None = None
     choice: str = ""  # the calibrator kept, for the tools that try several
     note: str = ""  # why there is no number
+    int8_share: float | None = None  # of all the model's conv/matmul MACs, in ORT's integer kernels
 
     def key(self) -> tuple[float, float]:
         """What picks a tool's best calibrator: the task metric, then the worst output SQNR."""
@@ -72,7 +76,8 @@ def scored(entry: dict, model: Path, int8: Path, evals, choice: str = "") -> Res
     """The int8 model's task metric (1.0 when the float model finds nothing to lose) and worst SQNR."""
     _, worst, numbers = score(entry, model, int8, evals)
     value = numbers[METRICS[entry["task"]][1]]
-    return Result(1.0 if value is None else float(value), worst, choice)
+    share = int8_coverage(onnx.load(int8)).model_share
+    return Result(1.0 if value is None else float(value), worst, choice, int8_share=share)
 
 
 def last_line(text: str, default: str) -> str:
@@ -203,11 +208,13 @@ def metric_cell(r: Result) -> str:
 
 def table(rows: dict[str, tuple[dict, dict[str, Result]]]) -> str:
     lines = ["| model | task metric (goal) | " + " | ".join(TOOLS) + " | "
-             + " | ".join(f"{t} SQNR dB" for t in TOOLS) + " |", "|---|---|" + "---|" * (2 * len(TOOLS))]
+             + " | ".join(f"{t} SQNR dB" for t in TOOLS) + " | " + " | ".join(f"{t} int8 MACs" for t in TOOLS) + " |",
+             "|---|---|" + "---|" * (3 * len(TOOLS))]
     for name, (entry, results) in rows.items():
         metric = f"{METRICS[entry['task']][0]} ({TASK_GOALS[entry['task']]:.2f})"
         cells = [metric_cell(results[t]) for t in TOOLS]
         cells += ["" if results[t].sqnr_db is None else f"{results[t].sqnr_db:.1f}" for t in TOOLS]
+        cells += ["" if results[t].int8_share is None else f"{100 * results[t].int8_share:.0f}%" for t in TOOLS]
         lines.append(f"| {name} | {metric} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
