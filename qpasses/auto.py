@@ -128,8 +128,9 @@ def search(model: onnx.ModelProto, target: Target, ctx: PassContext, held: DataS
 
     def attempt(calibration: str, used: list[str]) -> Trial:
         began = time.perf_counter()
-        result = run_trial(model, target, replace(ctx, calib_method=calibration), techniques(options, used),
-                           _NO_SAMPLES, snapshots, keep=True)
+        deadline = start + budget_s * (1 - FALLBACK_SHARE)  # AdaRound and BRECQ stop there: the budget holds
+        result = run_trial(model, target, replace(ctx, calib_method=calibration, deadline=deadline),
+                           techniques(options, used), _NO_SAMPLES, snapshots, keep=True)
         require_quantized(result, target)
         applied[tuple(used)] = all(any(r.name == TECHNIQUES[n] and r.modified for r in result.passes) for n in used)
         return record(result, calibration, used, [], began)

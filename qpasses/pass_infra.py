@@ -64,7 +64,12 @@ class PassContext:
     encodings: dict | None = None  # an AIMET encodings file's content: qparams from it, no calibration
     quiet: bool = False
     debug: bool = False
+    deadline: float | None = None  # time.perf_counter() value after which a learning pass stops early (--auto)
     timings: dict[str, float] = field(default_factory=dict)
+
+
+    def out_of_time(self) -> bool:
+        return self.deadline is not None and time.perf_counter() > self.deadline
 
 
 @dataclass

@@ -70,3 +70,13 @@ def test_the_pass_beats_nearest_rounding_with_4_bit_weights(tmp_path):
     accuracy = [float((session(r.model, optimize=False).run(None, {"input": evaluation["input"]})[0].argmax(1)
                        == evaluation["labels"]).mean()) for r in (nearest, result)]
     assert accuracy[1] >= accuracy[0]
+
+
+def test_a_deadline_stops_the_pass_and_leaves_nearest_rounding():
+    """--auto's time budget: a block not begun by the deadline keeps nearest rounding, with a note."""
+    ctx = PassContext(quiet=True, deadline=0.0)  # long past
+    nearest = quantize(EXAMPLE / "model.onnx", load_target("academic"), EXAMPLE / "calib.npz", PassContext(quiet=True))
+    result = quantize(EXAMPLE / "model.onnx", load_target("academic"), EXAMPLE / "calib.npz", ctx,
+                      techniques=Techniques(brecq=True, adaround_iterations=50))
+    assert any("time budget ran out" in n for n in result.state.notes), result.state.notes
+    assert result.decisions[0].after_db == nearest.score_db

@@ -288,6 +288,10 @@ class AdaRound(Pass):
         changed = False
         with tqdm(total=len(layers), desc="adaround", unit="layer", disable=True if ctx.quiet else None, leave=False) as bar:
             for depth in sorted({level[layer.node.name] for layer in layers}):
+                if ctx.out_of_time():
+                    state.notes.append(f"adaround: stopped at the time budget: {len(layers) - bar.n} layer(s) "
+                                       "left to nearest rounding")
+                    break
                 simulated = realize(state.model(), state.target, state.plan)  # with the weights rounded so far
                 noisy = noisy or StepRunner(simulated, ctx.data, ctx.batch_size, limit, ctx.quiet,
                                             "adaround inputs (quantized)", optimize=False)

@@ -208,6 +208,9 @@ class BlockReconstruct(Pass):
         rng = np.random.default_rng(ctx.seed)
         with tqdm(total=len(blocks), desc="brecq", unit="block", disable=True if ctx.quiet else None, leave=False) as bar:
             for block in blocks:
+                if ctx.out_of_time():
+                    skipped.append(f"{block.layers[0]} and after: the time budget ran out")
+                    break
                 bar.update(1)
                 why = torch_graph.unsupported(block.nodes) or (None if block.outputs else "the block has no output")
                 if why is not None:
