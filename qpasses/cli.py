@@ -806,6 +806,8 @@ def targets_show(name: str) -> None:
         click.echo("  kept in float: " + ", ".join(t.float_ops))
     if t.float_tail:
         click.echo("  float tail: ops that no conv/matmul comes after stay float (decode, sigmoids, box/score concat)")
+    click.echo(f"  shared quantizers (concat, pooling) split where members' ranges differ over {t.share_range_ratio:g}x: "
+               "the op that ties them runs float")
     if t.fusion:
         click.echo("  fusion: an op runs in integer only as a whole DequantizeLinear -> op -> QuantizeLinear group; "
                    "Q/DQ only where such a group needs it" + (f"; float output allowed: {', '.join(t.fusion.float_output)}"

@@ -168,6 +168,8 @@ def check_model(model: onnx.ModelProto, target: Target) -> CheckResult:
             continue  # checked with its layer below
         quantizer = target.weight_quantizer(node.op) if is_weight else target.activation
         result.violations += _check_quantizer(qdq, quantizer, name, weight_of=node if is_weight else None)
+    if result.float_layers:  # a float concat or pool ties nothing (a split shared quantizer)
+        plan = build_plan(graph, target, frozenset(n for layer in result.float_layers for n in plan.members(layer)))
     _check_shares(plan, actual, result)
     _check_biases(plan, actual, nodes, target, result)
     order = {n.name: i for i, n in enumerate(graph.nodes)}

@@ -112,6 +112,9 @@ class Target:
     supergroups: tuple[tuple[str, ...], ...]
     float_ops: tuple[str, ...]
     float_tail: bool = True  # ops after the last conv/matmul on every path (decode, sigmoid, concat) stay float
+    # a shared quantizer (concat inputs, pooling in/out) whose members' ranges differ by more than this
+    # factor is split: the op that ties them runs float and each member keeps its own range
+    share_range_ratio: float = 32.0
     tvm: TvmDevice | None = None  # where `qpass compile --engine tvm` builds for, if the target runs on TVM
     engine: str = ""  # the engine whose own optimised graph `quantize` reads back (int8 coverage): "onnxruntime"
     fusion: Fusion | None = None  # how the engine fuses Q/DQ groups, when it does (see Fusion)
@@ -124,6 +127,13 @@ class Target:
         if rule and rule.weight_granularity:
             return Quantizer(**{**self.weight.__dict__, "granularity": rule.weight_granularity})
         return self.weight
+
+
+def _ratio(f: "_Fields") -> float:
+    ratio = float(f.take("share_range_ratio", (float, int), Target.share_range_ratio))
+    if not ratio >= 1.0:
+        raise f.fail("share_range_ratio", "expected a factor of at least 1 (inf: never split)")
+    return ratio
 
 
 def builtin_names() -> list[str]:
@@ -336,6 +346,7 @@ def _from_dict(data: dict[str, Any], source: str) -> Target:
         supergroups=tuple(tuple(g) for g in supergroups),
         float_ops=tuple(float_ops),
         float_tail=f.take("float_tail", bool, True),
+        share_range_ratio=_ratio(f),
         tvm=_tvm_device(f.table("tvm")) if "tvm" in f.data else None,
         engine=f.choice("engine", ("", "onnxruntime"), ""),
         fusion=_fusion(f.table("fusion")) if "fusion" in f.data else None,

@@ -215,7 +215,8 @@ def detector_head(path):
 @pytest.mark.parametrize("target", ["tensorrt", "onnxruntime", "tvm-x86"])
 def test_the_float_tail_keeps_scores_off_the_box_grid(tmp_path, target):
     """After the last conv, the sigmoid and the concat stay float (the default rule): the scores keep
-    their float precision; with `float_tail = false` they share the concat's grid with the boxes."""
+    their float precision; with `float_tail = false` they share the concat's grid with the boxes,
+    unless `share_range_ratio` splits a grid over ranges that far apart."""
     import dataclasses
 
     import numpy as np
@@ -227,8 +228,8 @@ def test_the_float_tail_keeps_scores_off_the_box_grid(tmp_path, target):
     x = np.load(source.with_suffix(".npy"))
     expected = session(onnx.load(source), optimize=False).run(None, {"x": x})[0][:, 4]
 
-    def score_db(tail: bool) -> tuple[float, dict]:
-        rules = dataclasses.replace(load_target(target), float_tail=tail)
+    def score_db(tail: bool, ratio: float = 32.0) -> tuple[float, dict]:
+        rules = dataclasses.replace(load_target(target), float_tail=tail, share_range_ratio=ratio)
         result = quantize(source, rules, source.with_suffix(".npy"), PassContext(quiet=True))
         got = session(result.model, optimize=False).run(None, {"x": x})[0][:, 4]
         return 10 * np.log10(np.sum(expected ** 2) / np.sum((got - expected) ** 2)), result.state.plan.float_nodes
@@ -239,4 +240,8 @@ def test_the_float_tail_keeps_scores_off_the_box_grid(tmp_path, target):
     assert "relu" not in float_nodes  # inside the stem's supergroup, or quantized before the convs
     assert with_tail > 35  # what is left is the obj conv's int8 error (measured 41-43 dB)
     if target != "onnxruntime":  # ORT's fusion rules leave that tail float anyway
-        assert score_db(False)[0] < 10  # one concat grid for boxes and scores: every score rounds to 0 (0.0 dB)
+        # one concat grid for boxes and scores: every score rounds to 0 (0.0 dB)
+        assert score_db(False, ratio=float("inf"))[0] < 10
+        # unless the ranges' rule splits that grid: the concat then runs float as well (43 dB)
+        split, float_nodes = score_db(False)
+        assert split > 35 and "share_range_ratio" in float_nodes["concat"]

@@ -157,3 +157,41 @@ def test_a_channel_of_all_but_zero_weights_keeps_its_int32_bias(tmp_path):
     assert np.abs(got[:, 1] - 0.75).max() <= step
     assert any("raised the weight scale of 1 channel" in n for n in result.state.notes)
     assert not check_model(result.model, target).violations
+
+
+def _two_ranges(path, rng) -> None:
+    """A concat of a conv output in the hundreds and a sigmoid in [0, 1] (as a detector head's boxes and
+    scores), the sigmoid also read by a conv of its own (Y2), the concat by another (Y1)."""
+    c = lambda n, v: numpy_helper.from_array(np.asarray(v, np.float32), n)  # noqa: E731
+    nodes = [helper.make_node("Conv", ["X", "WA"], ["A"], name="big", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["X", "WB"], ["b"], name="small", pads=[1, 1, 1, 1]),
+             helper.make_node("Sigmoid", ["b"], ["B"], name="sig"),
+             helper.make_node("Concat", ["A", "B"], ["AB"], name="cat", axis=1),
+             helper.make_node("Conv", ["AB", "WC"], ["Y1"], name="mix"),
+             helper.make_node("Conv", ["B", "WD"], ["Y2"], name="scores")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info(y, TensorProto.FLOAT, ["N", 2, 8, 8]) for y in ("Y1", "Y2")],
+                              [c("WA", rng.standard_normal((4, 3, 3, 3)) * 30), c("WB", rng.standard_normal((4, 3, 3, 3)) * 0.3),
+                               c("WC", rng.standard_normal((2, 8, 1, 1))), c("WD", rng.standard_normal((2, 4, 1, 1)))])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+
+
+@pytest.mark.parametrize("base", ["tensorrt", "onnxruntime", "tvm-arm"])
+def test_a_shared_quantizer_over_ranges_far_apart_is_split(tmp_path, base):
+    """One grid over [-300, 300] and [0, 1] rounds the sigmoid to 0 (Y2 at 0 dB against the float model
+    in ORT); split, the concat runs float and the sigmoid keeps its own range (Y2 above 40 dB). The
+    model still conforms: a float concat ties nothing."""
+    rng = np.random.default_rng(0)
+    _two_ranges(tmp_path / "m.onnx", rng)
+    np.save(tmp_path / "calib.npy", rng.standard_normal((64, 3, 8, 8)).astype(np.float32))
+    runs = {}
+    for ratio in ("32", "inf"):
+        (tmp_path / "t.toml").write_text(f'extends = "{base}"\nname = "split"\nshare_range_ratio = {ratio}\n')
+        target = load_target(str(tmp_path / "t.toml"))
+        runs[ratio] = quantize(tmp_path / "m.onnx", target, tmp_path / "calib.npy", PassContext(quiet=True))
+        assert not check_model(runs[ratio].model, target).violations
+    split, tied = runs["32"], runs["inf"]
+    assert tied.sqnr_db["Y2"] < 1.0 and split.sqnr_db["Y2"] > 40.0
+    assert split.sqnr_db["Y1"] >= tied.sqnr_db["Y1"] - 0.5
+    assert "ranges differ" in split.state.plan.float_nodes["cat"] and "share_range_ratio" in split.state.plan.float_nodes["cat"]
+    assert split.state.plan.quantizer_of("B") == "B" and any("split" in n for n in split.state.notes)

@@ -5,7 +5,8 @@ MobileNetV2 inverted residual) trained briefly on scikit-learn's digits (8x8 ups
 3 channels), so the numbers mean something. Techniques are run as `qpass quantize` runs them:
 each is kept only if it does not lower the held-back SQNR, so a row can equal "none".
 
-Usage: python tools/measure_techniques.py [--targets tvm-arm snpe ...] [--workdir /tmp/qpass-techniques]
+Usage: python tools/measure_techniques.py [--targets tvm-arm snpe ...] [--settings none adaround brecq ...]
+                                         [--workdir /tmp/qpass-techniques]
 Prints a Markdown table: top-1 % (Q/DQ simulated) / worst-output SQNR dB. Needs torch.
 """
 
@@ -38,6 +39,7 @@ SETTINGS = {
     "bias (empirical)": Techniques(bias_correction="empirical"),
     "bias (analytic)": Techniques(bias_correction="analytic"),
     "adaround": Techniques(adaround=True),
+    "brecq": Techniques(brecq=True),
     "all": Techniques(cle=True, cle_replace_relu6=True, bn_recal=True, bias_correction="empirical", adaround=True),
 }
 # A user target (one file, no code): academic with 4-bit weights, where rounding choices matter.
@@ -85,18 +87,20 @@ def top1(model: onnx.ModelProto, eval_path: Path, optimize: bool) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--targets", nargs="*", default=["tvm-arm", "snpe", "academic", "tensorrt", "academic-w4"])
+    parser.add_argument("--settings", nargs="*", choices=list(SETTINGS), default=list(SETTINGS))
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/qpass-techniques"))
     args = parser.parse_args()
+    settings = {name: SETTINGS[name] for name in args.settings}
     models = prepare(args.workdir)
     (args.workdir / "academic-w4.toml").write_text(W4_TARGET)
     targets = {t: load_target(args.workdir / f"{t}.toml" if t == "academic-w4" else t) for t in args.targets}
-    print("| model | target | float | " + " | ".join(SETTINGS) + " |")
-    print("|---|---|---|" + "---|" * len(SETTINGS))
+    print("| model | target | float | " + " | ".join(settings) + " |")
+    print("|---|---|---|" + "---|" * len(settings))
     for label, (path, calib, evaluation) in models.items():
         float_acc = top1(onnx.load(path), evaluation, True)
         for name, target in targets.items():
             cells = []
-            for techniques in SETTINGS.values():
+            for techniques in settings.values():
                 result = quantize(path, target, calib, PassContext(quiet=True), techniques=techniques)
                 kept = [d.technique for d in result.decisions if d.kept]
                 mark = "" if len(kept) == sum(d.applied for d in result.decisions) else " (kept: " + (", ".join(kept) or "none") + ")"

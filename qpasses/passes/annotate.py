@@ -143,7 +143,9 @@ def _has_subgraph(node: gs.Node) -> bool:
                for v in node.attrs.values())
 
 
-def build_plan(graph: gs.Graph, target: Target) -> QuantPlan:
+def build_plan(graph: gs.Graph, target: Target, float_nodes: frozenset[str] = frozenset()) -> QuantPlan:
+    """The target's plan for `graph`; `float_nodes` run float whatever the rules say (what `qpass
+    check` found a model keeps float, so that they tie no quantizers)."""
     plan = QuantPlan()
     groups, inner = match_supergroups(graph, target)
     tail = float_tail(graph) if target.float_tail else set()
@@ -172,6 +174,9 @@ def build_plan(graph: gs.Graph, target: Target) -> QuantPlan:
         rule = target.ops.get(node.op)
         if node.op in target.float_ops:
             plan.float_nodes[node.name] = "listed in the target's float_ops"
+            continue
+        if node.name in float_nodes:
+            plan.float_nodes[node.name] = "float in this model"
             continue
         if rule is None:
             if node.name in in_group:

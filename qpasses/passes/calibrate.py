@@ -2,7 +2,10 @@
 
 Activations: the float model (after folding) runs in ONNX Runtime on the calibration data and one
 observer per quantized tensor streams its values; tensors that share a quantizer (concat inputs,
-pooling in/out) merge their observers, so the shared range covers every member.
+pooling in/out) merge their observers, so the shared range covers every member. Unless their ranges
+differ by more than the target's `share_range_ratio`: one grid over a box offset in pixels and a
+probability rounds the probability away, so the op that ties them runs float instead and each
+member keeps its own range (the split is reported with the ratio).
 
 `--calib best` chooses per quantizer among minmax, quantile, mse and kl, all computed from one
 histogram pass: the range whose fake-quantized tensor gives its consumers' outputs the least
@@ -19,6 +22,8 @@ Run after `annotate`.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -73,7 +78,10 @@ def calibrate_activations(state: QuantState, ctx: PassContext) -> None:
         return HistogramObserver() if best else make_observer(ctx.calib_method, **ctx.calib_options)
 
     observers = {name: new() for name in plan.activations}
-    plan.calibration_samples = observe(state.float_model, observers, ctx.data, ctx.batch_size, ctx.max_samples, ctx.quiet)
+    samples = observe(state.float_model, observers, ctx.data, ctx.batch_size, ctx.max_samples, ctx.quiet)
+    split_wide_shares(state, observers)
+    plan = state.plan
+    plan.calibration_samples = samples
     candidates: dict[str, dict[str, tuple]] = {}
     for anchor, members in plan.shares.items():
         merged = new()
@@ -89,6 +97,46 @@ def calibrate_activations(state: QuantState, ctx: PassContext) -> None:
         plan.ranges.update((anchor, candidates[anchor][m]) for anchor, m in plan.methods.items())
     for anchor in plan.shares:
         plan.qparams[anchor] = compute_qparams(*plan.ranges[anchor], target.activation)
+
+
+def _extent(observer: Observer) -> float:
+    """The width of the range a tensor's own minmax grid would span (zero included)."""
+    return float(np.max(observer.hi)) - min(float(np.min(observer.lo)), 0.0) if observer.lo is not None else 0.0
+
+
+def split_wide_shares(state: QuantState, observers: dict[str, Observer]) -> None:
+    """Split every shared quantizer whose members' ranges differ by more than the target allows: the
+    ops that tie its members run float, and each member becomes a quantizer of its own."""
+    plan, target = state.plan, state.target
+    wide = {}
+    for anchor, members in plan.shares.items():
+        extents = [e for m in members if (e := _extent(observers[m])) > 0]
+        if len(extents) >= 2 and max(extents) > target.share_range_ratio * min(extents):
+            wide[anchor] = max(extents) / min(extents)
+    if not wide:
+        return
+    layer_of = plan.layer_of()
+    ties: dict[str, float] = {}  # layer -> the ratio it would have tied
+    for node in state.graph.nodes:
+        rule = target.ops.get(node.op)
+        if rule is None or not rule.share or node.name not in plan.quantized_nodes:
+            continue
+        touched = {t.name for t in [*node.inputs, *node.outputs]}
+        for anchor, ratio in wide.items():
+            if touched & set(plan.shares[anchor]):
+                layer = layer_of.get(node.name, node.name)
+                ties[layer] = max(ties.get(layer, 0.0), ratio)
+    for layer, ratio in ties.items():
+        plan = plan.keep_float([layer], f"its inputs' ranges differ {ratio:.0f}x: one shared grid would round the small "
+                                        f"ones away (target rule share_range_ratio = {target.share_range_ratio:g})")
+    members = {m for anchor in wide for m in state.plan.shares[anchor]}
+    for name in members & set(plan.activations):
+        plan.activations[name] = replace(plan.activations[name], share=name)
+    plan.shares = {a: ms for a, ms in plan.shares.items() if a not in wide}
+    plan.shares.update((m, [m]) for m in sorted(members & set(plan.activations)))
+    state.plan = plan
+    state.notes.append(f"calibrate: {len(wide)} shared quantizer(s) split (members' ranges up to "
+                       f"{max(wide.values()):.0f}x apart); float: {', '.join(ties)}")
 
 
 def calibrate_weights(state: QuantState, ctx: PassContext) -> None:
