@@ -724,6 +724,9 @@ def rpc_server(host: str, port: int, port_end: int | None, tracker: str | None, 
         server.terminate()
 
 
+FEW_SAMPLES = 16  # held-back samples below which a technique's keep-or-drop is mostly noise
+
+
 def _print_summary(result, output: Path, methods: str) -> None:
     plan, state = result.state.plan, result.state
     echo = lambda text="": click.echo(text, err=True)  # noqa: E731 - the summary goes to stderr
@@ -744,6 +747,9 @@ def _print_summary(result, output: Path, methods: str) -> None:
             continue
         verdict = "kept" if d.kept else "dropped (it lowered the output SQNR)"
         echo(f"{d.technique}: {verdict}: worst-output SQNR {d.before_db:.1f} -> {d.after_db:.1f} dB")
+    if any(d.applied for d in result.decisions) and result.holdout_samples < FEW_SAMPLES:
+        echo(f"warning: the techniques were judged on {result.holdout_samples} held-back sample(s), too few to tell "
+             f"differences of a dB apart: give more --data (1/8 is held back) or a larger --holdout")
     for name, db in result.sqnr_db.items():
         echo(f"output {name}: SQNR {db:.1f} dB on {result.holdout_samples} held-back samples")
     echo(f"wrote {output}")

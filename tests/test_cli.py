@@ -414,3 +414,13 @@ def test_bench_latency_gate(tmp_path):
     assert failed.returncode == 1 and failed.stderr.strip().splitlines()[-1].startswith("qpass: error: gate failed: median")
     assert json.loads((tmp_path / "slow.json").read_text())["gates"]["failed"]
     assert qpass(*args, "--max-latency", "10000").returncode == 0
+
+
+def test_a_technique_judged_on_few_samples_says_so(tmp_path):
+    """Keep-or-drop rests on the held-back samples: with 4 of them the summary warns."""
+    few = qpass("quantize", EXAMPLE / "model.onnx", "--data", EXAMPLE / "calib.npz", "--cle", "--holdout", "4",
+                "-o", tmp_path / "few.onnx")
+    assert few.returncode == 0 and "judged on 4 held-back sample(s)" in few.stderr
+    enough = qpass("quantize", EXAMPLE / "model.onnx", "--data", EXAMPLE / "calib.npz", "--cle", "--holdout", "32",
+                   "-o", tmp_path / "enough.onnx")
+    assert enough.returncode == 0 and "held-back sample(s), too few" not in enough.stderr
