@@ -299,12 +299,14 @@ class BlockReconstruct(Pass):
             return [torch.cat(p) for p in zip(*parts)]
 
         batch = min(config.batch_size, n) if not fixed_batch else min(4, n)
+        with torch.no_grad():  # the float block's outputs, once
+            parts = [forward(np.arange(i, min(i + batch, n)), quantized=False, drop=False) for i in range(0, n, batch)]
+        float_outputs = [torch.cat(p) for p in zip(*parts)]
         warm = int(config.warmup * config.iterations)
         start, end = config.beta
         for it in range(config.iterations):
             rows = rng.choice(n, size=batch, replace=False)
-            with torch.no_grad():
-                targets = forward(rows, quantized=False, drop=False)
+            targets = [t[rows] for t in float_outputs]
             got = forward(rows, quantized=True, drop=True)
             loss = sum(((g - t) ** 2).mean() / (t ** 2).mean().clamp_min(1e-12) for g, t in zip(got, targets))
             if it >= warm:
