@@ -435,8 +435,10 @@ def fallbacks(state: QuantState, held: DataSource, goal: Goal, ctx: PassContext,
               metric: TaskMetric | None = None) -> list[Fallback]:
     """Fallback for a calibrated plan (`state` as insert-qdq would start from it): the fewest units
     in float that meet the accuracy goal; when those leave less than goal.min_int8 of the MACs in
-    int8, also the most units the int8 rule allows, in the same order (the best that still counts).
-    Units are ranked and scored on the float weights of `state.float_model`."""
+    int8, also the best that still counts: units ranked by what their float copy buys per MAC it
+    takes from int8 (a depthwise conv, an Add or a small SE conv before a large conv), the fewest
+    of them that meet the goal within the rule, else all the rule allows. Units are ranked and
+    scored on the float weights of `state.float_model`."""
     plan, float_model = state.plan, state.float_model
     evaluate = Evaluator(float_model, held, ctx.batch_size, metric)
     float_top1 = evaluate.top1(evaluate.reference)
@@ -447,17 +449,25 @@ def fallbacks(state: QuantState, held: DataSource, goal: Goal, ctx: PassContext,
     ranked = [units[i] for i in sorted(range(len(units)), key=lambda i: -all_but[i])]
     meets = lambda score: meets_goal(score, float_top1, goal)  # noqa: E731
     macs = node_macs(float_model)
-    layers, score = _fallback(ranked, variants, variants.score(variants.cache[True]), meets)
+    quantized = variants.score(variants.cache[True])
+    layers, score = _fallback(ranked, variants, quantized, meets)
     share = int8_share(plan.keep_float(layers, ""), macs)
     found = [Fallback(layers, score, share, goal_holds(score, float_top1, share, goal))]
-    prefix = lambda k: [layer for unit in ranked[:k] for layer in unit]  # noqa: E731
+    if not mostly_float(share, goal):
+        return found
+    cost = [sum(macs.get(n, 0) for layer in unit for n in plan.members(layer)) for unit in units]
+    helps = [i for i in range(len(units)) if all_but[i] > quantized.sqnr_db]
+    cheap = [units[i] for i in sorted(helps, key=lambda i: -(all_but[i] - quantized.sqnr_db) / max(cost[i], 1))]
+    prefix = lambda k: [layer for unit in cheap[:k] for layer in unit]  # noqa: E731
     counts = lambda k: not mostly_float(int8_share(plan.keep_float(prefix(k), ""), macs), goal)  # noqa: E731
-    if mostly_float(share, goal) and counts(1):
-        lo, hi = 1, len(ranked)  # the share only falls as units go float: the longest prefix that counts
+    if cheap and counts(1):
+        lo, hi = 1, len(cheap) + 1  # the share only falls as units go float: the longest prefix that counts
         while hi - lo > 1:
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if counts(mid) else (lo, mid)
-        found.append(Fallback(prefix(lo), variants(prefix(lo)), int8_share(plan.keep_float(prefix(lo), ""), macs), False))
+        layers, score = _fallback(cheap[:lo], variants, quantized, meets)
+        share = int8_share(plan.keep_float(layers, ""), macs)
+        found.append(Fallback(layers, score, share, goal_holds(score, float_top1, share, goal)))
     return found
 
 

@@ -62,8 +62,9 @@ def test_float_layers_respect_the_int8_rule_and_the_best_is_written(unreachable)
     model, held, found = unreachable
     first, allowed = [t for t in found.trials if t.float_layers]
     assert first.int8_share < 0.7 <= allowed.int8_share  # the goal's own fallback breaks the rule: the most it allows
-    assert len(first.float_layers) > len(allowed.float_layers) and first.float_layers[:len(allowed.float_layers)] == \
-        allowed.float_layers
+    assert len(first.float_layers) > len(allowed.float_layers)
+    # ranked by what a float copy buys per MAC: the units without MACs that help (the residual Add) go first
+    assert allowed.float_layers[0] == "/Add" and allowed.sqnr_db > max(t.sqnr_db for t in found.trials if not t.float_layers)
     counting = [t for t in found.trials if t.int8_share >= 0.7]
     assert found.trials[found.chosen] is max(counting, key=lambda t: t.sqnr_db)
     # the written model is the trial's: its SQNR measured again, independently, in numpy
