@@ -10,7 +10,7 @@ Settings are tried in the order of how little they change the model:
    technique added after another: such a greedy chain can end below one technique alone;
 3. float layers: on the best setting so far, the fewest units in float that meet the goal
    (`analyze.fallbacks`). A result with less than `goal.min_int8` of the conv/matmul MACs in
-   int8 does not count; then the most float units that rule allows is tried as well.
+   int8 does not count; then the best that still counts (units ranked by gain per MAC) is tried.
 
 The first setting that meets the goal is the result; when none does, the best one by the goal's
 measures is, and the caller exits 1. Trials share work: a trial resumes from the calibrated state
