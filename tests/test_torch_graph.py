@@ -25,11 +25,9 @@ def _compare(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> None:
         assert np.allclose(got, expected, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(expected).max()))), out.name
 
 
-@pytest.mark.parametrize("model", ZOO_NAMES)
+@pytest.mark.parametrize("model", [m for m in ZOO_NAMES if m != "conv_transpose"])  # ConvTranspose: no torch rule
 def test_the_zoo_runs_in_torch_as_in_onnx_runtime(zoo_dir, model):
     onnx_model = graph_io.normalize(graph_io.load_model(zoo_dir / f"{model}.onnx"))
-    if torch_graph.unsupported(gs.import_onnx(onnx_model).nodes):
-        pytest.skip(f"{model}: {torch_graph.unsupported(gs.import_onnx(onnx_model).nodes)}")  # ConvTranspose
     x = np.random.default_rng(0).standard_normal((3, *INPUT_SHAPE)).astype(np.float32)
     _compare(onnx_model, {"input": x})
 
