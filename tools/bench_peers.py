@@ -127,7 +127,9 @@ def run_ort(name: str, entry: dict, model: Path, calib: Path, evals, work: Path)
     for method in ORT_METHODS:
         int8 = work / f"{name}.ort-{method}.onnx"
         try:
-            with contextlib.redirect_stdout(sys.stderr):  # its calibrators' progress: stdout is the table's
+            # its calibrators' progress goes to stderr (stdout is the table's); the augmented models and their
+            # external data it writes to the working directory go to the work directory, not the caller's
+            with contextlib.redirect_stdout(sys.stderr), contextlib.chdir(work):
                 ort_quantize_static(model, arrays, int8, method)
             check_loads(onnx.load(int8), "its output")
             results.append(scored(entry, model, int8, evals, method))
