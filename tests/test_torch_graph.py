@@ -14,22 +14,26 @@ from qpasses import torch_graph
 from qpasses.calibration.runner import session
 
 
-def _compare(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> None:
+def _mismatches(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[str]:
+    """The outputs whose torch value differs from ONNX Runtime's (shape, or beyond 1e-4 relative)."""
     graph = gs.import_onnx(model)
     values = {name: torch.as_tensor(v) for name, v in feeds.items()}
     with torch.no_grad():
         torch_graph.run(graph.nodes, values)
+    wrong = []
     for out, expected in zip(graph.outputs, session(model, optimize=False).run(None, feeds)):
         got = values[out.name].numpy()
-        assert got.shape == expected.shape
-        assert np.allclose(got, expected, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(expected).max()))), out.name
+        if got.shape != expected.shape or not np.allclose(
+                got, expected, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(expected).max()))):
+            wrong.append(out.name)
+    return wrong
 
 
 @pytest.mark.parametrize("model", [m for m in ZOO_NAMES if m != "conv_transpose"])  # ConvTranspose: no torch rule
 def test_the_zoo_runs_in_torch_as_in_onnx_runtime(zoo_dir, model):
     onnx_model = graph_io.normalize(graph_io.load_model(zoo_dir / f"{model}.onnx"))
     x = np.random.default_rng(0).standard_normal((3, *INPUT_SHAPE)).astype(np.float32)
-    _compare(onnx_model, {"input": x})
+    assert not _mismatches(onnx_model, {"input": x})
 
 
 def test_every_zoo_model_but_the_deconvolution_is_supported(zoo_dir):
@@ -40,7 +44,7 @@ def test_every_zoo_model_but_the_deconvolution_is_supported(zoo_dir):
 
 def test_the_example_runs_in_torch_as_in_onnx_runtime():
     model = graph_io.normalize(graph_io.load_model(EXAMPLE / "model.onnx"))
-    _compare(model, {"input": np.load(EXAMPLE / "eval.npz")["input"][:8]})
+    assert not _mismatches(model, {"input": np.load(EXAMPLE / "eval.npz")["input"][:8]})
 
 
 @pytest.mark.parametrize("opset", [13, 17])
@@ -53,7 +57,7 @@ def test_a_transformer_block_runs_in_torch_as_in_onnx_runtime(tmp_path, opset):
     model = graph_io.normalize(graph_io.load_model(path))
     ops = {n.op_type for n in model.graph.node}
     assert {"Softmax", "Erf", "MatMul"} <= ops and ("LayerNormalization" in ops) == (opset == 17)
-    _compare(model, {"input": np.random.default_rng(1).standard_normal((2, 3, 16, 16)).astype(np.float32)})
+    assert not _mismatches(model, {"input": np.random.default_rng(1).standard_normal((2, 3, 16, 16)).astype(np.float32)})
 
 
 def _single(op: str, inputs: dict[str, np.ndarray], constants: dict[str, np.ndarray], **attrs) -> onnx.ModelProto:
@@ -84,9 +88,9 @@ X = np.random.default_rng(2).standard_normal((2, 4, 7, 9)).astype(np.float32)
 def test_padding_resizing_and_slicing_as_onnx_runtime_does(op, constants, attrs):
     model = _single(op, {"x": X}, constants, **attrs)
     assert torch_graph.unsupported(gs.import_onnx(model).nodes) is None
-    _compare(model, {"x": X})
+    assert not _mismatches(model, {"x": X})
 
 
 def test_space_to_depth_as_onnx_runtime_does():
     x = np.random.default_rng(4).standard_normal((2, 3, 8, 6)).astype(np.float32)
-    _compare(_single("SpaceToDepth", {"x": x}, {}, blocksize=2), {"x": x})
+    assert not _mismatches(_single("SpaceToDepth", {"x": x}, {}, blocksize=2), {"x": x})
