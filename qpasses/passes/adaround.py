@@ -130,6 +130,39 @@ PATCH = 4  # output positions per spatial axis of the window each sample contrib
 LayerOp = LinearOp | ConvOp
 
 
+@dataclass
+class SoftRounding:
+    """The numbers soft rounding of one weight starts from (AdaRound here, BRECQ per block):
+    W~ = base + step * h(V), V starting where h(V) = frac(W / s)."""
+
+    floor: np.ndarray  # floor(W / s)
+    zp: np.ndarray  # zero point on the weight's axis
+    movable: np.ndarray  # floor and ceil differ and both lie in [qmin, qmax]
+    base: np.ndarray  # s * clip(floor, qmin - z, qmax - z)
+    step: np.ndarray  # s where movable, else 0
+    v: np.ndarray  # the initial V
+    qp: QParams
+
+    @classmethod
+    def of(cls, w: np.ndarray, qp: QParams) -> "SoftRounding":
+        scale = on_axis(qp.scale.astype(np.float64), qp.axis, w.ndim)
+        zp = on_axis(qp.zero_point.astype(np.float64), qp.axis, w.ndim)
+        ratio = w.astype(np.float64) / scale
+        floor = np.floor(ratio)
+        frac = ratio - floor
+        # a weight on the grid keeps its value (floor == ceil); one whose ceil would leave [qmin, qmax]
+        # (or whose floor already has) has one choice too
+        movable = (frac > 0) & (floor + zp >= qp.qmin) & (floor + 1 + zp <= qp.qmax)
+        p = (frac - GAMMA) / (ZETA - GAMMA)  # h(V) = frac at the start
+        return cls(floor, zp, movable, scale * np.clip(floor, qp.qmin - zp, qp.qmax - zp), scale * movable,
+                   np.log(p / (1 - p)), qp)
+
+    def integers(self, up: np.ndarray) -> np.ndarray:
+        """q = clip(floor + up + z) for the movable weights rounded up (`up`: h(V) >= 0.5)."""
+        q = self.floor + (up & self.movable) + self.zp
+        return np.clip(q, self.qp.qmin, self.qp.qmax).astype(self.qp.zero_point.dtype)
+
+
 def adaround_weight(w: np.ndarray, qp: QParams, op: LayerOp, x: np.ndarray, x_q: np.ndarray | None = None,
                     config: AdaRoundConfig = AdaRoundConfig(), seed: int = 0) -> np.ndarray:
     """The integers q (zero point included) AdaRound chooses for weight `w` of `op`.
@@ -139,25 +172,16 @@ def adaround_weight(w: np.ndarray, qp: QParams, op: LayerOp, x: np.ndarray, x_q:
     Deterministic for a given seed."""
     torch = _torch()
     rng = np.random.default_rng(seed)
-    scale = on_axis(qp.scale.astype(np.float64), qp.axis, w.ndim)
-    zp = on_axis(qp.zero_point.astype(np.float64), qp.axis, w.ndim)
-    ratio = w.astype(np.float64) / scale
-    floor = np.floor(ratio)
-    frac = ratio - floor
-    movable = frac > 0  # a weight on the grid keeps its value: floor == ceil
-    p = (frac - GAMMA) / (ZETA - GAMMA)  # h(V) = frac at the start
     x_q = x if x_q is None else x_q
 
     def t(a: np.ndarray) -> "torch.Tensor":
         return torch.as_tensor(np.asarray(a, np.float32))
 
-    # a weight whose ceil would leave [qmin, qmax] (or whose floor already has) has one choice too
-    movable &= (floor + zp >= qp.qmin) & (floor + 1 + zp <= qp.qmax)
+    rounding = SoftRounding.of(w, qp)
     # soft weight W~ = base + s * h(V) on the movable weights, the clipped floor elsewhere
-    base = t(scale * np.clip(floor, qp.qmin - zp, qp.qmax - zp))
-    step_t, movable_t = t(scale * movable), t(movable)
+    base, step_t, movable_t = t(rounding.base), t(rounding.step), t(rounding.movable)
     w_t = t(w)
-    v = torch.nn.Parameter(t(np.log(p / (1 - p))))
+    v = torch.nn.Parameter(t(rounding.v))
     optimizer = torch.optim.Adam([v], lr=config.lr, fused=True)
 
     def ramp(sig: "torch.Tensor") -> "torch.Tensor":  # h before its clamp to [0, 1]
@@ -206,8 +230,8 @@ def adaround_weight(w: np.ndarray, qp: QParams, op: LayerOp, x: np.ndarray, x_q:
         v.grad = grad.contiguous()  # fused Adam walks the memory of V and of its gradient alike
         optimizer.step()
     with torch.no_grad():
-        up = (ramp(torch.sigmoid(v)).clamp(0, 1).numpy() >= 0.5) & movable
-    return np.clip(floor + up + zp, qp.qmin, qp.qmax).astype(qp.zero_point.dtype)
+        up = ramp(torch.sigmoid(v)).clamp(0, 1).numpy() >= 0.5
+    return rounding.integers(up)
 
 
 def _output_size(op: ConvOp, spatial: tuple[int, ...], kernel: tuple[int, ...]) -> tuple[int, ...] | None:

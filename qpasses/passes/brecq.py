@@ -38,12 +38,12 @@ import onnx_graphsurgeon as gs
 from tqdm import tqdm
 
 from qpasses import torch_graph
-from qpasses.calibration.qparams import QParams, dequantize, on_axis
+from qpasses.calibration.qparams import QParams, dequantize
 from qpasses.calibration.runner import StepRunner
 from qpasses.errors import CalibrationError
 from qpasses.pass_infra import Pass, PassContext, QuantState
 
-from .adaround import GAMMA, ZETA, AdaRoundConfig, _Inputs, _torch
+from .adaround import GAMMA, ZETA, AdaRoundConfig, SoftRounding, _Inputs, _torch
 from .insert_qdq import realize
 
 if TYPE_CHECKING:
@@ -134,22 +134,14 @@ def _with_borders(graph: gs.Graph, chunk: list[gs.Node], layers: set[str]) -> Bl
 
 
 class _SoftWeight:
-    """AdaRound's soft rounding of one weight: W~ = s * clip(floor(W / s) + h(V), qmin - z, qmax - z)."""
+    """AdaRound's soft rounding of one weight (`SoftRounding`), with V learned in torch."""
 
     def __init__(self, w: np.ndarray, qp: QParams):
         torch = _torch()
-        scale = on_axis(qp.scale.astype(np.float64), qp.axis, w.ndim)
-        zp = on_axis(qp.zero_point.astype(np.float64), qp.axis, w.ndim)
-        ratio = w.astype(np.float64) / scale
-        self.floor = np.floor(ratio)
-        frac = ratio - self.floor
-        movable = (frac > 0) & (self.floor + zp >= qp.qmin) & (self.floor + 1 + zp <= qp.qmax)
-        p = np.clip((frac - GAMMA) / (ZETA - GAMMA), 1e-6, 1 - 1e-6)
-        self.qp, self.zp, self.movable_np = qp, zp, movable
-        self.base = torch.as_tensor(scale * np.clip(self.floor, qp.qmin - zp, qp.qmax - zp), dtype=torch.float32)
-        self.step = torch.as_tensor(scale * movable, dtype=torch.float32)
-        self.movable = torch.as_tensor(movable, dtype=torch.float32)
-        self.v = torch.nn.Parameter(torch.as_tensor(np.log(p / (1 - p)), dtype=torch.float32))
+        self.rounding = SoftRounding.of(w, qp)
+        self.base, self.step, self.movable = (torch.as_tensor(a, dtype=torch.float32) for a in
+                                              (self.rounding.base, self.rounding.step, self.rounding.movable))
+        self.v = torch.nn.Parameter(torch.as_tensor(self.rounding.v, dtype=torch.float32))
 
     def h(self) -> "torch.Tensor":
         torch = _torch()
@@ -162,8 +154,7 @@ class _SoftWeight:
         return (self.movable * (1 - (2 * self.h() - 1).abs().pow(beta))).sum()
 
     def integers(self) -> np.ndarray:
-        up = (self.h().detach().numpy() >= 0.5) & self.movable_np
-        return np.clip(self.floor + up + self.zp, self.qp.qmin, self.qp.qmax).astype(self.qp.zero_point.dtype)
+        return self.rounding.integers(self.h().detach().numpy() >= 0.5)
 
 
 class _Step:

@@ -24,7 +24,6 @@ import onnx_graphsurgeon as gs
 
 from qpasses.calibration.runner import observe
 from qpasses.calibration.stats import ChannelAbsMax
-from qpasses.ops import WEIGHTED_OPS
 from qpasses.pass_infra import Pass, PassContext, QuantState
 
 ALPHA = 0.5
