@@ -19,7 +19,9 @@ task metric against the float model's outputs on held-out data, and the worst ou
                   the best of its max and entropy calibrators
 "Best" is the highest task metric, ties broken by the worst output SQNR. Each int8 model also gets
 the share of all the model's conv/matmul MACs that ONNX Runtime runs in integer kernels
-(`int8_coverage(...).model_share`): a tool that keeps most layers float is not compared like for like. A tool that fails (or
+(`int8_coverage(...).model_share`): a tool that keeps most layers float is not compared like for like;
+and its ORT latency against the float model's (real_models.latency_ratio: 1 thread, batch 1, runs
+interleaved, median of 20; below 1 is faster). A tool that fails (or
 ModelOpt without `--modelopt-python`) gets a few words instead of numbers; the VAD (recurrent state
 fed as inputs) and the refused model are left out.
 """
@@ -42,7 +44,7 @@ import onnx
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_latency import ort_quantize_static  # noqa: E402
 from fetch_models import default_cache, fetch, registry  # noqa: E402
-from real_models import TASK_GOALS, auto_options, build_data, qpass, score  # noqa: E402
+from real_models import TASK_GOALS, auto_options, build_data, latency_ratio, qpass, score  # noqa: E402
 
 from qpasses.calibration.runner import check_loads  # noqa: E402
 from qpasses.targets.lower.onnxruntime import int8_coverage  # noqa: E402
@@ -66,6 +68,7 @@ class Result:
     choice: str = ""  # the calibrator kept, for the tools that try several
     note: str = ""  # why there is no number
     int8_share: float | None = None  # of all the model's conv/matmul MACs, in ORT's integer kernels
+    latency: float | None = None  # ORT int8 / float, 1 thread
 
     def key(self) -> tuple[float, float]:
         """What picks a tool's best calibrator: the task metric, then the worst output SQNR."""
@@ -73,11 +76,14 @@ class Result:
 
 
 def scored(entry: dict, model: Path, int8: Path, evals, choice: str = "") -> Result:
-    """The int8 model's task metric (1.0 when the float model finds nothing to lose) and worst SQNR."""
+    """The int8 model's task metric (1.0 when the float model finds nothing to lose), worst SQNR, int8
+    share and latency ratio."""
     _, worst, numbers = score(entry, model, int8, evals)
     value = numbers[METRICS[entry["task"]][1]]
     share = int8_coverage(onnx.load(int8)).model_share
-    return Result(1.0 if value is None else float(value), worst, choice, int8_share=share)
+    x = evals[0] if entry["task"] == "classifier" else evals
+    return Result(1.0 if value is None else float(value), worst, choice, int8_share=share,
+                  latency=latency_ratio(model, int8, entry["input"], x))
 
 
 def last_line(text: str, default: str) -> str:
@@ -106,7 +112,7 @@ def run_qpass(name: str, entry: dict, model: Path, calib: Path, evals, work: Pat
     if code != 0 and not missed:
         return Result(note=f"exit {code}: {last_line(err, '')}")
     try:
-        return scored(entry, model, int8, evals, auto_choice(record, missed) if auto else "")
+        return scored(entry, model, int8, evals, auto_choice(record, missed) if auto else "minmax")
     except Exception as exc:  # noqa: BLE001  one model ORT cannot run is a cell, not the end of the table
         return Result(note=f"{type(exc).__name__}: {last_line(str(exc), '')}")
 
@@ -202,22 +208,21 @@ def run_model(name: str, entry: dict, model: Path, work: Path, modelopt: Path | 
 
 # --- the table -------------------------------------------------------------------------------------
 
-def metric_cell(r: Result) -> str:
+def cells(r: Result) -> list[str]:
+    """Setting, task metric, SQNR, int8 MACs and latency of one tool's result; a failure's reason."""
     if r.metric is None:
-        return r.note.replace("|", "\\|")
-    return f"{r.metric:.3f}" + (f" ({r.choice})" if r.choice else "")
+        return [r.note.replace("|", "\\|"), "", "", "", ""]
+    return [r.choice, f"{r.metric:.3f}", f"{r.sqnr_db:.1f}", f"{100 * r.int8_share:.0f}%", f"{r.latency:.2f}"]
 
 
 def table(rows: dict[str, tuple[dict, dict[str, Result]]]) -> str:
-    lines = ["| model | task metric (goal) | " + " | ".join(TOOLS) + " | "
-             + " | ".join(f"{t} SQNR dB" for t in TOOLS) + " | " + " | ".join(f"{t} int8 MACs" for t in TOOLS) + " |",
-             "|---|---|" + "---|" * (3 * len(TOOLS))]
+    """One row per model and tool."""
+    lines = ["| model | task metric (goal) | tool | setting | metric | worst SQNR dB | int8 MACs | ORT int8/float |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, (entry, results) in rows.items():
         metric = f"{METRICS[entry['task']][0]} ({TASK_GOALS[entry['task']]:.2f})"
-        cells = [metric_cell(results[t]) for t in TOOLS]
-        cells += ["" if results[t].sqnr_db is None else f"{results[t].sqnr_db:.1f}" for t in TOOLS]
-        cells += ["" if results[t].int8_share is None else f"{100 * results[t].int8_share:.0f}%" for t in TOOLS]
-        lines.append(f"| {name} | {metric} | " + " | ".join(cells) + " |")
+        for tool in TOOLS:
+            lines.append(f"| {name} | {metric} | {tool} | " + " | ".join(cells(results[tool])) + " |")
     return "\n".join(lines)
 
 
