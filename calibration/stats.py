@@ -9,6 +9,16 @@ from __future__ import annotations
 import numpy as np
 
 
+class Batches:
+    """Keeps every batch of one tensor, for the passes that optimise on a layer's real inputs."""
+
+    def __init__(self) -> None:
+        self.parts: list[np.ndarray] = []
+
+    def update(self, x: np.ndarray) -> None:
+        self.parts.append(x)
+
+
 class ChannelMoments:
     """Per-channel mean and variance over every axis but 1 (the NCHW / NC channel axis)."""
 

@@ -14,10 +14,21 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from qpasses.errors import InputError
+
 if TYPE_CHECKING:
     import torch
 
 Hook = Callable[[gs.Node, int, "torch.Tensor"], "torch.Tensor"]  # (reader, input index, value) -> value read
+
+
+def require_torch(option: str) -> Any:
+    """The torch module, or a one-line error naming the option that needs it (torch is optional)."""
+    try:
+        import torch
+    except ImportError:
+        raise InputError(f"{option} needs torch: pip install torch") from None
+    return torch
 
 
 def _axes(node: gs.Node, values: list, index: int = 1) -> list[int] | None:

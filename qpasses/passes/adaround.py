@@ -38,7 +38,7 @@ points of top-1 (see the issue 5 note); the compounding error is what it missed.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -46,9 +46,11 @@ from tqdm import tqdm
 
 from qpasses.calibration.qparams import QParams, dequantize, on_axis
 from qpasses.calibration.runner import StepRunner
-from qpasses.errors import CalibrationError, InputError
+from qpasses.calibration.stats import Batches
+from qpasses.errors import CalibrationError
 from qpasses.graph import levels
 from qpasses.pass_infra import Pass, PassContext, QuantState
+from qpasses.torch_graph import require_torch
 
 from .insert_qdq import realize
 
@@ -56,14 +58,6 @@ if TYPE_CHECKING:
     import torch
 
 ZETA, GAMMA = 1.1, -0.1
-
-
-def _torch() -> Any:
-    try:
-        import torch
-    except ImportError:
-        raise InputError("--adaround needs torch: pip install torch") from None
-    return torch
 
 
 @dataclass(frozen=True)
@@ -170,7 +164,7 @@ def adaround_weight(w: np.ndarray, qp: QParams, op: LayerOp, x: np.ndarray, x_q:
     `x` holds the float layer's inputs, samples on axis 0 ([N, C, ...] for a conv, [rows, K] for a
     linear op); `x_q` what the rounded layer sees for the same samples (default: `x`).
     Deterministic for a given seed."""
-    torch = _torch()
+    torch = require_torch("--adaround")
     rng = np.random.default_rng(seed)
     x_q = x if x_q is None else x_q
 
@@ -252,17 +246,7 @@ class _Layer:
     qp: QParams
 
 
-class _Inputs:
-    """Keeps every batch of one tensor (the observer protocol's `update`)."""
-
-    def __init__(self) -> None:
-        self.parts: list[np.ndarray] = []
-
-    def update(self, x: np.ndarray) -> None:
-        self.parts.append(x)
-
-
-def _samples(inputs: _Inputs, op: LayerOp) -> np.ndarray:
+def _samples(inputs: Batches, op: LayerOp) -> np.ndarray:
     x = np.concatenate(inputs.parts)
     return x.reshape(-1, x.shape[-1]) if isinstance(op, LinearOp) else x  # MatMul over [..., K]: rows are samples
 
@@ -300,7 +284,7 @@ class AdaRound(Pass):
         self.samples = samples
 
     def run(self, state: QuantState, ctx: PassContext) -> bool:
-        _torch()
+        require_torch("--adaround")
         if ctx.data is None:
             raise CalibrationError("--adaround needs calibration data (--data)")
         layers, skipped = self._layers(state)
@@ -321,8 +305,8 @@ class AdaRound(Pass):
                                             "adaround inputs (quantized)", optimize=False)
                 seen_by = {node.name: node.input[0] for node in simulated.graph.node}
                 now = [layer for layer in layers if level[layer.node.name] == depth]
-                x_float = {layer.input: _Inputs() for layer in now}
-                x_quantized = {seen_by[layer.node.name]: _Inputs() for layer in now}
+                x_float = {layer.input: Batches() for layer in now}
+                x_quantized = {seen_by[layer.node.name]: Batches() for layer in now}
                 exact.advance(state.float_model, x_float)
                 noisy.advance(simulated, x_quantized)
                 for layer in now:

@@ -38,12 +38,14 @@ import onnx_graphsurgeon as gs
 from tqdm import tqdm
 
 from qpasses import torch_graph
+from qpasses.calibration.stats import Batches
 from qpasses.calibration.qparams import QParams, dequantize
 from qpasses.calibration.runner import StepRunner
 from qpasses.errors import CalibrationError
 from qpasses.pass_infra import Pass, PassContext, QuantState
+from qpasses.torch_graph import require_torch
 
-from .adaround import GAMMA, ZETA, AdaRoundConfig, SoftRounding, _Inputs, _torch
+from .adaround import GAMMA, ZETA, AdaRoundConfig, SoftRounding
 from .insert_qdq import realize
 
 if TYPE_CHECKING:
@@ -137,14 +139,14 @@ class _SoftWeight:
     """AdaRound's soft rounding of one weight (`SoftRounding`), with V learned in torch."""
 
     def __init__(self, w: np.ndarray, qp: QParams):
-        torch = _torch()
+        torch = require_torch("--brecq")
         self.rounding = SoftRounding.of(w, qp)
         self.base, self.step, self.movable = (torch.as_tensor(a, dtype=torch.float32) for a in
                                               (self.rounding.base, self.rounding.step, self.rounding.movable))
         self.v = torch.nn.Parameter(torch.as_tensor(self.rounding.v, dtype=torch.float32))
 
     def h(self) -> "torch.Tensor":
-        torch = _torch()
+        torch = require_torch("--brecq")
         return (torch.sigmoid(self.v) * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
 
     def soft(self) -> "torch.Tensor":
@@ -161,7 +163,7 @@ class _Step:
     """One activation quantizer in torch: a fixed or a learned (LSQ) step, the zero point fixed."""
 
     def __init__(self, qp: QParams, learn: bool):
-        torch = _torch()
+        torch = require_torch("--brecq")
         self.qp = qp
         self.scale = torch.tensor(float(qp.scale), dtype=torch.float32, requires_grad=learn)
         self.zp = float(qp.zero_point)
@@ -177,12 +179,12 @@ class _Masks:
     random tensor per quantized edge and iteration took a quarter of the pass's time."""
 
     def __init__(self, generator: Any, size: int = 1 << 22):
-        torch = _torch()
+        torch = require_torch("--brecq")
         self.generator = generator
         self.buffer = torch.rand(size, generator=generator) < 1 - DROP
 
     def __call__(self, shape: tuple[int, ...]) -> "torch.Tensor":
-        torch = _torch()
+        torch = require_torch("--brecq")
         n = int(np.prod(shape))
         if n * 2 > len(self.buffer):
             return torch.rand(shape, generator=self.generator) < 1 - DROP
@@ -202,7 +204,7 @@ class BlockReconstruct(Pass):
         self.max_layers = max_layers
 
     def run(self, state: QuantState, ctx: PassContext) -> bool:
-        torch = _torch()
+        torch = require_torch("--brecq")
         if ctx.data is None:
             raise CalibrationError("--brecq needs calibration data (--data)")
         plan = state.plan
@@ -228,8 +230,8 @@ class BlockReconstruct(Pass):
                 simulated = realize(state.model(), state.target, plan)  # the blocks before, reconstructed
                 noisy = noisy or StepRunner(simulated, ctx.data, ctx.batch_size, limit, ctx.quiet,
                                             "brecq inputs (quantized)", optimize=False)
-                x_float = {name: _Inputs() for name in block.inputs}
-                x_quant = {name: _Inputs() for name in block.inputs}
+                x_float = {name: Batches() for name in block.inputs}
+                x_quant = {name: Batches() for name in block.inputs}
                 exact.advance(state.float_model, x_float)
                 noisy.advance(simulated, x_quant)
                 x = {name: np.concatenate(v.parts) for name, v in x_float.items()}
@@ -243,7 +245,7 @@ class BlockReconstruct(Pass):
 
     def _reconstruct(self, state: QuantState, block: Block, weights: dict, x: dict[str, np.ndarray],
                      x_q: dict[str, np.ndarray], fixed_batch: bool, masks: _Masks, rng: np.random.Generator) -> bool:
-        torch = _torch()
+        torch = require_torch("--brecq")
         plan, config = state.plan, self.config
         nodes = {n.name: n for n in block.nodes}
         soft = {weights[name].tensor: _SoftWeight(nodes[name].inputs[1].values, plan.qparams[weights[name].tensor])
