@@ -205,15 +205,36 @@ def observe(model: onnx.ModelProto, observers: dict[str, Observer], source: Data
 
 
 def run_outputs(model: onnx.ModelProto, source: DataSource, batch_size: int, optimize: bool = True) -> list[np.ndarray]:
-    """All model outputs over `source`, concatenated along the batch axis."""
+    """All model outputs over `source`, each concatenated along its batch axis (`sample_axes`)."""
     sess = session(model, optimize)
     batch, fixed = feed_batch(model, source, batch_size)
     outs: list[list[np.ndarray]] = []
+    first = 0
     for feeds in source.batches(batch):
         if fixed and len(next(iter(feeds.values()))) != batch:
             break
+        first = first or len(next(iter(feeds.values())))
         outs.append(sess.run(None, feeds))
-    return [np.concatenate(parts) for parts in zip(*outs)] if outs else []
+    if not outs:
+        return []
+    axes = sample_axes(model, first, outs[0])
+    return [np.concatenate(parts, axis=axis) for parts, axis in zip(zip(*outs), axes)]
+
+
+def sample_axes(model: onnx.ModelProto, samples: int, outputs: list[np.ndarray]) -> list[int]:
+    """The axis of each output that counts the samples of one run. Time-major sequence outputs
+    ([T, N, C], as CTC and RNN exports give) do not have it first: the axis named like the first
+    input's batch dimension, else the first axis whose size is the run's sample count, else 0."""
+    specs = input_specs(model)
+    batch_name = specs[0].shape[0] if specs and specs[0].shape and isinstance(specs[0].shape[0], str) else None
+    axes = []
+    for value, out in zip(model.graph.output, outputs):
+        names = [d.dim_param if d.dim_param else None for d in value.type.tensor_type.shape.dim]
+        if batch_name is not None and batch_name != "?" and batch_name in names and len(names) == out.ndim:
+            axes.append(names.index(batch_name))
+        else:
+            axes.append(next((i for i, size in enumerate(out.shape) if size == samples), 0))
+    return axes
 
 
 class Ignore:

@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import ModelProto, TensorProto, helper, numpy_helper
 
 from qpasses.calibration.data import ArraySource
-from qpasses.calibration.runner import StepRunner, only_outputs, reads, session
+from qpasses.calibration.runner import StepRunner, only_outputs, reads, run_outputs, session
 
 
 def branchy_model():
@@ -127,3 +127,22 @@ def test_a_step_with_another_graph_is_refused():
     runner.advance(chain_model(), {"r": Parts()})
     with pytest.raises(ValueError, match="same graph"):
         runner.advance(chain_model(extra_node=True), {"y": Parts()})
+
+
+def time_major_model(batch: int | str) -> ModelProto:
+    """x [N, 4, 3] -> y = Transpose(x) [4, N, 3] (a CTC head's time-major logits) and z = x summed [N, 3]."""
+    nodes = [helper.make_node("Transpose", ["x"], ["y"], perm=[1, 0, 2]),
+             helper.make_node("ReduceSum", ["x", "axis"], ["z"], keepdims=0)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 4, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, batch, 3]),
+                               helper.make_tensor_value_info("z", TensorProto.FLOAT, [batch, 3])],
+                              [numpy_helper.from_array(np.array([1], np.int64), "axis")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+@pytest.mark.parametrize("batch", ["N", 1])
+def test_outputs_are_joined_along_their_batch_axis_also_when_it_is_not_the_first(batch):
+    x = np.random.default_rng(0).normal(size=(5, 4, 3)).astype(np.float32)
+    y, z = run_outputs(time_major_model(batch), ArraySource({"x": [x]}), batch_size=2)
+    np.testing.assert_array_equal(y, x.transpose(1, 0, 2))
+    np.testing.assert_allclose(z, x.sum(1), rtol=1e-6)
