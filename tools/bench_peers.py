@@ -12,7 +12,8 @@ task metric against the float model's outputs on held-out data, and the worst ou
                   task metric itself (real_models.auto_options); `--skip-auto` leaves it out
   ORT             onnxruntime.quantization `quantize_static` after `quant_pre_process`, QDQ,
                   per-channel, reduce_range (tools/bench_latency.py's `ort_quantize_static`), the
-                  best of its MinMax, Percentile and Entropy calibrators
+                  best of its MinMax, Percentile and Entropy calibrators (each in a child process
+                  whose address space is capped at 16 GiB: ORT_MEMORY_BYTES)
   ModelOpt        NVIDIA Model Optimizer ONNX PTQ (`python -m modelopt.onnx.quantization`, int8,
                   fp32 high precision, CPU calibration) run by `--modelopt-python`, the interpreter of
                   its own venv (its onnxruntime-gpu shadows onnxruntime: /work/shared/notes/peers.md),
@@ -31,10 +32,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import multiprocessing
+import resource
 import shutil
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +55,7 @@ from qpasses.targets.lower.onnxruntime import int8_coverage  # noqa: E402
 
 TOOLS = ("qpass", "qpass --auto", "ORT", "ModelOpt")
 ORT_METHODS = ("MinMax", "Percentile", "Entropy")
+ORT_MEMORY_BYTES = 16 << 30  # address space of the child that runs one ORT calibration
 MODELOPT_METHODS = ("max", "entropy")
 MODELOPT_TIMEOUT_S = 3600
 # task -> (the metric's name, its key in score()'s numbers); the same value real_models.task_value
@@ -125,18 +130,26 @@ def auto_choice(record: Path, missed: bool) -> str:
     return ", ".join([trial["calibration"], *trial["techniques"], *layers]) + ("; goal not met" if missed else "")
 
 
-def run_ort(name: str, entry: dict, model: Path, calib: Path, evals, work: Path) -> Result:
-    """onnxruntime.quantization's quantize_static, each calibrator in turn; the best is kept."""
+def ort_in_child(model: Path, calib: Path, int8: Path, method: str, work: Path) -> None:
+    """quantize_static in this (child) process, its memory capped: ORT's histogram calibrators keep
+    every intermediate tensor of every sample (24 GB on the 800x608 layout detector, and the OOM
+    killer took the whole benchmark). Its progress goes to stderr (stdout is the table's), and the
+    augmented models it writes to the working directory go to the work directory."""
+    resource.setrlimit(resource.RLIMIT_AS, (ORT_MEMORY_BYTES, ORT_MEMORY_BYTES))
     with np.load(calib) as data:
         arrays = {k: data[k] for k in data.files}
+    with contextlib.redirect_stdout(sys.stderr), contextlib.chdir(work):
+        ort_quantize_static(model, arrays, int8, method)
+
+
+def run_ort(name: str, entry: dict, model: Path, calib: Path, evals, work: Path) -> Result:
+    """onnxruntime.quantization's quantize_static, each calibrator in turn; the best is kept."""
     results = []
     for method in ORT_METHODS:
         int8 = work / f"{name}.ort-{method}.onnx"
         try:
-            # its calibrators' progress goes to stderr (stdout is the table's); the augmented models and their
-            # external data it writes to the working directory go to the work directory, not the caller's
-            with contextlib.redirect_stdout(sys.stderr), contextlib.chdir(work):
-                ort_quantize_static(model, arrays, int8, method)
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as child:
+                child.submit(ort_in_child, model, calib, int8, method, work).result()
             check_loads(onnx.load(int8), "its output")
             results.append(scored(entry, model, int8, evals, method))
         except Exception as exc:  # noqa: BLE001  a peer's failure is a cell of the table

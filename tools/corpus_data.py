@@ -2,7 +2,7 @@
 
 Images come from scikit-image's bundled samples and scikit-learn's `load_sample_images`, several
 crops of each; calibration and evaluation never share a source image (every fourth source is for
-evaluation). OCR text is rendered with Pillow; speech is synthesised by espeak-ng (Debian's
+evaluation). OCR text and the layout detector's document pages are rendered with Pillow; speech is synthesised by espeak-ng (Debian's
 `espeak-ng`). Everything is seeded: the same call gives the same arrays.
 """
 
@@ -95,6 +95,70 @@ def image_split(entry: dict, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         for crop in crops(image, rng, CROPS_PER_IMAGE):
             (evals if i % 4 == 3 else calib).append(normalise(fit(crop, entry), entry))
     return np.stack(calib), np.stack(evals)
+
+
+WORDS = ("the of model layer int8 scale table figure results method data input output latency accuracy "
+         "calibration quantized network we show that this paper in for with on is are by as from range error "
+         "per channel tensor kernel runtime measured and a to").split()
+
+
+def document_pages(entry: dict, count: int, seed: int, evaluation: bool) -> np.ndarray:
+    """Rendered document pages, normalised as `normalise` does, for a layout detector: a header, a
+    title, paragraphs in one or two columns, figures (bundled photos, split between calibration and
+    `evaluation` pages as `image_split` splits them) with captions, ruled tables with captions, and a
+    footer, at random sizes and places."""
+    rng = np.random.default_rng(seed)
+    photos = [image for i, (_, image) in enumerate(source_images()) if (i % 4 == 3) == evaluation]
+    out = []
+    for _ in range(count):
+        w, h = 1000, int(rng.integers(1250, 1450))
+        page = Image.new("RGB", (w, h), tuple(int(v) for v in rng.integers(235, 256, 3)))
+        draw = ImageDraw.Draw(page)
+        ink = tuple(int(v) for v in rng.integers(0, 60, 3))
+        margin, columns = int(rng.integers(60, 110)), int(rng.integers(1, 3))
+
+        def text(x: int, y: int, width: int, size: int, lines: int) -> int:
+            font = ImageFont.load_default(size=size)
+            for _ in range(lines):
+                line, words = "", rng.choice(WORDS, 40)
+                for word in words:
+                    if draw.textlength(f"{line} {word}", font=font) > width:
+                        break
+                    line = f"{line} {word}".strip()
+                draw.text((x, y), line, fill=ink, font=font)
+                y += int(size * 1.45)
+            return y
+
+        y = text(margin, 30, w // 2, 14, 1) + 30  # header
+        y = text(margin + int(rng.integers(0, 200)), y, w - 2 * margin - 200, int(rng.integers(30, 44)), 1) + 25  # title
+        column_w = (w - 2 * margin - (columns - 1) * 40) // columns
+        for c in range(columns):
+            x, cy = margin + c * (column_w + 40), y
+            while cy < h - 220:
+                kind = rng.choice(["text", "text", "figure", "table"])
+                if kind == "text":
+                    cy = text(x, cy, column_w, int(rng.integers(15, 20)), int(rng.integers(3, 10))) + 20
+                elif kind == "figure":
+                    photo = photos[int(rng.integers(len(photos)))]
+                    fh = int(rng.integers(120, 300))
+                    fw = min(column_w, int(fh * photo.shape[1] / photo.shape[0]))
+                    page.paste(Image.fromarray(photo).resize((fw, fh), Image.BILINEAR), (x + (column_w - fw) // 2, cy))
+                    cy = text(x + 20, cy + fh + 8, column_w - 40, 13, int(rng.integers(1, 3))) + 20  # caption
+                else:
+                    cy = text(x + 20, cy, column_w - 40, 13, 1) + 6  # caption above the table
+                    rows, cols = int(rng.integers(3, 8)), int(rng.integers(2, 6))
+                    row_h, col_w = int(rng.integers(22, 30)), column_w // cols
+                    for r in range(rows + 1):
+                        draw.line([(x, cy + r * row_h), (x + cols * col_w, cy + r * row_h)], fill=ink, width=1)
+                    for k in range(cols + 1):
+                        draw.line([(x + k * col_w, cy), (x + k * col_w, cy + rows * row_h)], fill=ink, width=1)
+                    for r in range(rows):
+                        for k in range(cols):
+                            text(x + k * col_w + 4, cy + r * row_h + 5, col_w - 8, 12, 1)
+                    cy += rows * row_h + 24
+        text(w // 2 - 60, h - 60, 200, 13, 1)  # footer
+        out.append(normalise(fit(np.asarray(page), entry), entry))
+    return np.stack(out)
 
 
 def rotations(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

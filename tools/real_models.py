@@ -109,6 +109,9 @@ def build_data(name: str, entry: dict, model_path: Path, work: Path) -> tuple[Pa
     """Write the calibration .npz; return it and the evaluation data."""
     calib_path = work / f"{name}.calib.npz"
     task = entry["task"]
+    if entry.get("data") == "documents":
+        np.savez(calib_path, **{entry["input"]: corpus_data.document_pages(entry, 48, seed=1, evaluation=False)})
+        return calib_path, corpus_data.document_pages(entry, 32, seed=2, evaluation=True)
     if task in ("detection-yolox", "detection-picodet", "classifier"):
         calib, evals = corpus_data.image_split(entry)
         if task == "classifier":
@@ -343,15 +346,19 @@ def metric(reference, candidate):
 
 def auto_options(name: str, entry: dict, work: Path) -> list[str]:
     """`qpass quantize --auto` to the corpus goal of the model's task, measured by its task metric on
-    samples the table does not score: for OCR 96 more rendered lines (`--eval-data`: on 20 lines a goal
-    of 0.85 cannot be told from 0.75), otherwise 20 samples held back from calibration."""
+    samples the table does not score: what can be rendered, 96 more text lines or 24 more document
+    pages (`--eval-data`: on 20 lines a goal of 0.85 cannot be told from 0.75), otherwise 20 samples
+    held back from calibration."""
     path = work / f"{name}.metric.py"
     path.write_text(METRIC_FILE.format(name=name, tools=str(Path(__file__).resolve().parent), entry=json.dumps(entry)))
     options = ["--target", "onnxruntime", "--auto", "--metric", f"{path}:metric",
                "--min-metric", str(TASK_GOALS[entry["task"]])]
-    if entry["task"] == "ocr-ctc":
+    rendered = {"ocr-ctc": lambda: corpus_data.text_images(entry, 96, seed=3),
+                "documents": lambda: corpus_data.document_pages(entry, 24, seed=3, evaluation=False)}
+    render = rendered.get(entry["task"]) or rendered.get(entry.get("data", ""))
+    if render is not None:
         validation = work / f"{name}.validation.npz"
-        np.savez(validation, **{entry["input"]: corpus_data.text_images(entry, 96, seed=3)})
+        np.savez(validation, **{entry["input"]: render()})
         return [*options, "--eval-data", str(validation)]
     return [*options, "--holdout", "20"]
 
