@@ -28,7 +28,7 @@ from qpasses.calibration.runner import check_loads, input_specs
 from qpasses.calibration.observers import OBSERVERS
 from qpasses.errors import EngineError, GateError, InputError, QpassError
 from qpasses.targets.check import check_model, format_check
-from qpasses.targets.lower import ENGINES, SUFFIX, engine, expect_kind
+from qpasses.targets.lower import ENGINES, INT_KERNELS, SUFFIX, engine, expect_kind
 from qpasses.targets.schema import builtin_names, load_target
 
 from . import graph as graph_io
@@ -534,11 +534,11 @@ def check(model: Path, target_name: str, as_json: bool) -> None:
               help="tvm: the target file whose [tvm] table names the device (tvm-x86, tvm-arm, or a path).")
 @click.option("--mcpu", help="tvm: LLVM CPU, overriding the target file's (e.g. cortex-a76).")
 @click.option("--mattr", metavar="+dotprod,+i8mm", help="tvm: LLVM CPU features, overriding the target file's.")
-@click.option("--int-kernel", type=click.Choice(["auto", "integer", "pmaddwd", "sdot", "float-exact"]),
-              default="auto", show_default=True,
+@click.option("--int-kernel", type=click.Choice(INT_KERNELS), default="auto", show_default=True,
               help="tvm: how integer convs run, all with the same results: int32 multiplies (integer), dot-product "
-                   "instructions (pmaddwd: x86 AVX2; sdot: ARM +dotprod), or float32 FMA where the sums provably "
-                   "stay exact (float-exact). auto: the target's dot-product kernel, else integer.")
+                   "instructions (pmaddwd: x86 AVX2; vnni512/vnni256: x86 VNNI vpdpbusd on zmm/ymm; sdot: ARM "
+                   "+dotprod), or float32 FMA where the sums provably stay exact (float-exact). auto: the target's "
+                   "best dot-product kernel, else integer.")
 @click.option("--opt-level", type=click.Choice(["basic", "extended", "all"]), default="extended", show_default=True,
               help="onnxruntime: graph optimisations applied offline ('all' adds layouts that suit only this CPU type).")
 @click.option("--input-shape", multiple=True, metavar="NAME=1x3x224x224",

@@ -44,10 +44,19 @@ def reference(x: np.ndarray, w: np.ndarray, strides, padding) -> np.ndarray:
     return out
 
 
-def build_and_run(mod: tvm.IRModule, x: np.ndarray) -> tuple[np.ndarray, str]:
-    executable = tvm.compile(mod, target=tvm.target.Target(TARGET))
-    out = relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
-    return out, executable.mod.imports[0].inspect_source("asm")
+def build_and_run(mod: tvm.IRModule, x: np.ndarray, target: dict = TARGET,
+                  needs: tuple[str, ...] = ()) -> tuple[np.ndarray | None, str]:
+    """The module's output on `x` (None when this CPU lacks a flag in `needs`) and its assembly."""
+    executable = tvm.compile(mod, target=tvm.target.Target(target))
+    asm = executable.mod.imports[0].inspect_source("asm")
+    if not all(cpu_has(flag) for flag in needs):
+        return None, asm
+    return relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy(), asm
+
+
+def cpu_has(flag: str) -> bool:
+    with open("/proc/cpuinfo") as f:
+        return flag in f.read().split()
 
 
 CASES = {  # name: (data shape, data dtype, output channels, kernel, strides, padding (t, l, b, r))
@@ -73,6 +82,33 @@ def test_pmaddwd_conv_sums_equal_an_int64_reference(case):
     got, asm = build_and_run(schedule_cpu(mod, tvm.target.Target(TARGET), "pmaddwd"), x)
     np.testing.assert_array_equal(got, reference(x, w, strides, padding))
     assert "vpmaddwd" in asm and "vpmulld" not in asm
+
+
+VNNI = {  # kernel: (LLVM target, the /proc/cpuinfo flag running it needs, register in the instruction)
+    "vnni512": ({"kind": "llvm", "mcpu": "icelake-server"}, "avx512_vnni", "zmm"),
+    "vnni256": ({"kind": "llvm", "mcpu": "alderlake"}, "avx_vnni", "ymm"),
+}
+
+
+@pytest.mark.parametrize("kernel", list(VNNI))
+@pytest.mark.parametrize("case", [c for c in CASES if CASES[c][1] == "int8"])
+def test_vnni_conv_sums_equal_an_int64_reference(kernel, case):
+    """vpdpbusd multiplies u8 by s8: the int8 activations are offset by 128 (padding as well) and
+    128 * each channel's weight sum is taken off again. Extremes: -128 activations (0 after the
+    offset) and 127 ones (255) against -128 and 127 weights. Run where this CPU has the instruction;
+    elsewhere the build is checked for the instruction only."""
+    shape, dtype, channels, k, strides, padding = CASES[case]
+    target, flag, register = VNNI[kernel]
+    rng = np.random.default_rng(3)
+    x = rng.integers(-128, 128, size=shape).astype(np.int8)
+    w = rng.integers(-128, 128, size=(channels, shape[1], k, k)).astype(np.int8)
+    x.flat[:40], x.flat[40:80], w[0], w[-1] = -128, 127, -128, 127
+    mod = conv_module(w, shape, dtype, strides, padding)
+    assert count_fitting(mod, KERNELS[kernel]) == 1
+    got, asm = build_and_run(schedule_cpu(mod, tvm.target.Target(target), kernel), x, target, (flag,))
+    assert f"vpdpbusd\t%{register}" in asm and "vpmulld" not in asm
+    if got is not None:
+        np.testing.assert_array_equal(got, reference(x, w, strides, padding))
 
 
 def test_kernel_reads_int16_channel_pairs_and_is_left_unscheduled():
@@ -133,3 +169,10 @@ def test_auto_means_the_targets_dot_product_kernel():
     with pytest.raises(ValueError, match=r"needs an aarch64 target with dot products \(--mattr \+neon,\+dotprod\)"):
         int_kernel_for("sdot", arm)
     assert int_kernel_for("float-exact", arm) == "float-exact"
+    for mcpu, best in (("sapphirerapids", "vnni512"), ("znver4", "vnni512"), ("alderlake", "vnni256"),
+                       ("znver3", "pmaddwd")):
+        assert int_kernel_for("auto", tvm.target.Target({"kind": "llvm", "mcpu": mcpu})) == best
+    with pytest.raises(ValueError, match="needs an x86 target with AVX512-VNNI"):
+        int_kernel_for("vnni512", tvm.target.Target({"kind": "llvm", "mcpu": "alderlake"}))
+    with pytest.raises(ValueError, match="needs an x86 target with AVX-VNNI or AVX512-VNNI"):
+        int_kernel_for("vnni256", tvm.target.Target(TARGET))

@@ -19,6 +19,8 @@ from qpasses.ops import WEIGHTED_OPS
 ENGINES = ("onnxruntime", "tensorrt", "tvm")
 SUFFIX = {"onnxruntime": ".ort.onnx", "tensorrt": ".plan", "tvm": ".so"}
 KIND = {"onnxruntime": "onnx", "tensorrt": "tensorrt", "tvm": "elf"}  # what each engine's artifact looks like
+# how the TVM engine runs integer convs (`tvm_schedule.int_kernel_for`); here so the CLI need not import TVM
+INT_KERNELS = ("auto", "integer", "pmaddwd", "vnni256", "vnni512", "sdot", "float-exact")
 
 
 def planned_int8(model: onnx.ModelProto) -> list[onnx.NodeProto]:

@@ -1,11 +1,15 @@
-"""Integer conv2d kernels on a CPU's dot-product instructions: x86 AVX2 `vpmaddwd`, ARM `sdot`.
+"""Integer conv2d kernels on a CPU's dot-product instructions: x86 `vpmaddwd` and `vpdpbusd`, ARM `sdot`.
 
-Both instructions multiply a small group of input channels pairwise and add the group into one
+Each instruction multiplies a small group of input channels pairwise and adds the group into one
 int32 lane, exactly:
 * `vpmaddwd` (x86 AVX2): 2 int16 pairs per lane, 8 lanes: 16 multiply-adds per instruction where
   the int32 multiply (`vpmulld`) of the generic integer kernel does 8 at a quarter of the rate.
   Every int16 product and pair sum fits int32, so int8 and int16 operands (activations centred
   on their zero point) are exact.
+* `vpdpbusd` (x86 VNNI: AVX512-VNNI on zmm, 16 lanes; AVX-VNNI on ymm, 8 lanes): 4 u8*s8 products
+  per lane, accumulated in place without saturation: 4x the multiply-adds of `vpmaddwd` per lane.
+  The activations are int8, so they are offset by 128 into u8 (padding too: 128 is the old 0)
+  and 128 * (the sum of each output channel's weights) is subtracted from the int32 result, exact.
 * `sdot` (ARMv8.2 dotprod): 4 int8 products per lane, 4 lanes, accumulated in place; int8 only.
 
 TVM 0.27's `Schedule.tensorize` crashes on such intrinsics, so the kernel is written directly in
@@ -39,6 +43,14 @@ def _pmaddwd(acc, data, weight):
                                          data, weight)
 
 
+def _vpdpbusd(bits: int) -> Callable:
+    vector, intrinsic = f"int32x{bits // 32}", f"llvm.x86.avx512.vpdpbusd.{bits}"  # 256: AVX-VNNI or AVX512VL
+
+    def accumulate(acc, data, weight):  # the LLVM in apache-tvm 0.27 takes the byte vectors as they are
+        return T.call_llvm_pure_intrin(vector, T.llvm_lookup_intrinsic_id(intrinsic), acc, data, weight)
+    return accumulate
+
+
 def _sdot(acc, data, weight):
     return T.call_llvm_pure_intrin("int32x4", T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot"), acc, data, weight)
 
@@ -48,16 +60,24 @@ class DotKernel:
     """One instruction's shape: `group` operands per int32 lane, `lanes` lanes per register."""
 
     name: str
-    operand: str  # dtype of both operands
-    accepts: tuple[str, ...]  # conv operand dtypes that convert to `operand` exactly
+    operand: str  # dtype of the activations in the instruction
+    accepts: tuple[str, ...]  # conv operand dtypes that convert to the kernel's exactly
     group: int
     lanes: int
     accumulators: int  # registers for the tile; the rest hold weights and the broadcast group
     accumulate: Callable  # (acc, data group broadcast, weights) -> acc: TIR vectors
+    weight_operand: str = ""  # dtype of the weights in the instruction, when not `operand`
+    offset: int = 0  # added to the activations to make them `operand` (subtracted again through the weights)
+
+    @property
+    def weights(self) -> str:
+        return self.weight_operand or self.operand
 
 
 KERNELS = {
     "pmaddwd": DotKernel("pmaddwd", "int16", ("int8", "uint8", "int16"), 2, 8, 14, _pmaddwd),  # 16 ymm
+    "vnni512": DotKernel("vnni512", "uint8", ("int8",), 4, 16, 24, _vpdpbusd(512), "int8", 128),  # 32 zmm
+    "vnni256": DotKernel("vnni256", "uint8", ("int8",), 4, 8, 14, _vpdpbusd(256), "int8", 128),  # 16 ymm
     "sdot": DotKernel("sdot", "int8", ("int8",), 4, 4, 24, _sdot),  # 32 NEON registers
 }
 
@@ -121,8 +141,12 @@ def _dot_conv(call: relax.Call, kernel: DotKernel, builder: relax.BlockBuilder, 
     extra = max(0, (wo_padded - 1) * sw + kw - (w + left + right))  # the last strip reads past the row
     cg, hp, wp = -(-c // g), h + top + bottom, w + left + right + extra
 
-    x = data if str(data.ty.dtype) == kernel.operand else relax.op.astype(data, kernel.operand)
-    x = relax.op.nn.pad(x, [0, 0, 0, g * cg - c, top, bottom, left, right + extra])
+    if kernel.offset:  # int8 -> u8: x + 128, in int16 so that it does not wrap
+        x = relax.op.astype(relax.op.add(relax.op.astype(data, "int16"), relax.const(kernel.offset, "int16")),
+                            kernel.operand)
+    else:
+        x = data if str(data.ty.dtype) == kernel.operand else relax.op.astype(data, kernel.operand)
+    x = relax.op.nn.pad(x, [0, 0, 0, g * cg - c, top, bottom, left, right + extra], pad_value=float(kernel.offset))
     x = relax.op.permute_dims(relax.op.reshape(x, (n, cg, g, hp, wp)), [0, 1, 3, 4, 2])
     key = (n, cg, hp, wp, blocks, kh, kw, ho, wo_padded, sh, sw, xs, obb)
     if key not in kernels:
@@ -134,6 +158,9 @@ def _dot_conv(call: relax.Call, kernel: DotKernel, builder: relax.BlockBuilder, 
     out = relax.op.reshape(relax.op.permute_dims(out, [0, 1, 4, 2, 3]), (n, blocks * lanes, ho, wo_padded))
     if blocks * lanes != oc or wo_padded != wo:
         out = relax.op.strided_slice(out, [1, 3], [0, 0], [oc, wo])
+    if kernel.offset:  # the offset times each output channel's weight sum
+        shift = (kernel.offset * weight.reshape(oc, -1).sum(axis=1)).astype(np.int32).reshape(1, oc, 1, 1)
+        out = relax.op.subtract(out, relax.const(shift))
     return out
 
 
@@ -149,7 +176,7 @@ def pack_weight(weight: np.ndarray, kernel: DotKernel) -> np.ndarray:
     """OIHW integers -> [OC/L, C/G, KH, KW, L, G], zero-padded to whole blocks and channel groups."""
     oc, c, kh, kw = weight.shape
     g, lanes = kernel.group, kernel.lanes
-    padded = np.zeros((-(-oc // lanes) * lanes, -(-c // g) * g, kh, kw), kernel.operand)
+    padded = np.zeros((-(-oc // lanes) * lanes, -(-c // g) * g, kh, kw), kernel.weights)
     padded[:oc, :c] = weight
     blocks, groups = padded.shape[0] // lanes, padded.shape[1] // g
     return np.ascontiguousarray(padded.reshape(blocks, lanes, groups, g, kh, kw).transpose(0, 2, 4, 5, 1, 3))
@@ -164,13 +191,13 @@ def dot_conv(kernel: DotKernel, n: int, cg: int, hp: int, wp: int, blocks: int, 
     lanes and one instruction multiplies it with the L output channels' weight groups.
     """
     operand, g, lanes, accumulate = kernel.operand, kernel.group, kernel.lanes, kernel.accumulate
-    vector, group = f"{operand}x{g * lanes}", f"{operand}x{g}"
+    vector, group, weights = f"{operand}x{g * lanes}", f"{operand}x{g}", f"{kernel.weights}x{g * lanes}"
     strips, tasks = wo // xs, blocks // obb
     tile = obb * xs
     outer = T.parallel if parallel else T.serial
 
     @T.prim_func
-    def conv(D: T.Buffer((n, cg, hp, wp, g), operand), W: T.Buffer((blocks, cg, kh, kw, lanes, g), operand),
+    def conv(D: T.Buffer((n, cg, hp, wp, g), operand), W: T.Buffer((blocks, cg, kh, kw, lanes, g), kernel.weights),
              O: T.Buffer((n, blocks, ho, wo, lanes), INT32)):
         T.func_attr({"tir.noalias": True, KERNEL_ATTR: kernel.name})
         for task in outer(n * tasks * ho):
@@ -186,7 +213,7 @@ def dot_conv(kernel: DotKernel, n: int, cg: int, hp: int, wp: int, blocks: int, 
                                 T.reinterpret(T.broadcast(T.reinterpret(D.vload(
                                     [task // (tasks * ho), c, task % ho * sh + ky, (strip * xs + xi) * sw + kx, 0],
                                     group), dtype=INT32), lanes), dtype=vector),
-                                W.vload([task // ho % tasks * obb + bi, c, ky, kx, 0, 0], vector))
+                                W.vload([task // ho % tasks * obb + bi, c, ky, kx, 0, 0], weights))
                 for bi in T.unroll(obb):
                     for xi in T.unroll(xs):
                         O[task // (tasks * ho), task // ho % tasks * obb + bi, task % ho, strip * xs + xi,

@@ -17,11 +17,13 @@ with a few fixed rules, each one function below:
   multiple of 8, non-constant weights, conv2d_transpose). Loops go parallel only above
   MIN_PARALLEL operations: on the small kernels waking the thread pool costs more than it saves.
 
-Integer convs run one of four kernels (`int_kernel`), all exact; "auto" picks the target's
-dot-product kernel (pmaddwd with AVX2, sdot on aarch64 with +dotprod), else "integer":
+Integer convs run one of these kernels (`int_kernel`), all exact; "auto" picks the target's best
+dot-product kernel (vnni512, vnni256, pmaddwd on x86 as its features allow, sdot on aarch64 with
++dotprod), else "integer":
 * "integer": int8 operands widened to int32 in the inner loop (vpmovsx + vpmulld), on any CPU.
   Wider operands (int16/int32, widened once ahead) measured the same: the int32 multiply bounds them.
-* "pmaddwd" (x86 AVX2) and "sdot" (ARM dotprod): hand-written TIR kernels on those instructions
+* "pmaddwd" (x86 AVX2), "vnni512"/"vnni256" (x86 `vpdpbusd` on zmm/ymm) and "sdot" (ARM dotprod):
+  hand-written TIR kernels on those instructions
   (`tvm_dot`; `Schedule.tensorize` segfaults in apache-tvm 0.27.0.post1). pmaddwd has about 3.5x
   the "integer" kernel's throughput; on CPUs without VNNI it is as fast as float32 FMA, no faster.
 * "float-exact": a conv whose every partial sum provably stays below 2^24 in magnitude (max over
@@ -45,6 +47,7 @@ from tvm import relax, s_tir, tirx
 from tvm.ir import GenericConst
 from tvm.target.codegen import target_has_features
 
+from . import INT_KERNELS
 from .tvm_passes.common import rewrite_functions
 from .tvm_dot import KERNEL_ATTR, KERNELS as DOT_KERNELS, dot_convs
 
@@ -52,7 +55,6 @@ LOG = logging.getLogger(__name__)
 LANES = 8  # AVX2: 8 x int32 / float32 per ymm register
 MAX_STRIP = 8  # output pixels per register tile (8 accumulators + operands fit the 16 ymm registers)
 MIN_PARALLEL = 1 << 20  # fewer operations (MACs, elements) than this: threads cost more than they save
-INT_KERNELS = ("auto", "integer", "pmaddwd", "sdot", "float-exact")
 EXACT_FLOAT = 2 ** 24  # float32 holds every integer of smaller magnitude exactly
 
 Packing = dict[int, Callable[[np.ndarray], np.ndarray]]  # PrimFunc parameter index -> constant repack
@@ -63,11 +65,15 @@ def int_kernel_for(choice: str, target: tvm.target.Target) -> str:
     if choice not in INT_KERNELS:
         raise ValueError(f"int_kernel must be one of {INT_KERNELS}, not {choice!r}")
     llvm = target.kind.name == "llvm"
-    available = {"pmaddwd": llvm and bool(target_has_features("avx2", target)),
-                 "sdot": llvm and "aarch64" in str(target.attrs.get("mtriple", ""))
-                 and bool(target_has_features("dotprod", target))}
+    has = lambda *features: llvm and bool(target_has_features(list(features), target))  # noqa: E731
+    available = {"vnni512": has("avx512vnni", "avx512bw"),  # in order of preference: multiply-adds per instruction
+                 "vnni256": has("avxvnni") or has("avx512vnni", "avx512vl"),
+                 "pmaddwd": has("avx2"),
+                 "sdot": llvm and "aarch64" in str(target.attrs.get("mtriple", "")) and has("dotprod")}
     if choice in available and not available[choice]:
         needs = {"pmaddwd": "an x86 target with AVX2 (e.g. --mcpu x86-64-v3)",
+                 "vnni512": "an x86 target with AVX512-VNNI (e.g. --mcpu icelake-server, sapphirerapids, znver4)",
+                 "vnni256": "an x86 target with AVX-VNNI or AVX512-VNNI (e.g. --mcpu alderlake, sapphirerapids)",
                  "sdot": "an aarch64 target with dot products (--mattr +neon,+dotprod)"}[choice]
         raise ValueError(f"the {choice} kernel needs {needs}")
     if choice == "auto":
