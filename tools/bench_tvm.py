@@ -3,8 +3,9 @@
 Models: the bundled example, the test zoo's ResNet and MobileNet blocks (tests/models.py, 16x16
 inputs) and a ResNet-18 at 224x224 (random weights: latency does not depend on them). For TVM the
 float model and qpass's `tvm-x86` int8 model are compiled with `qpass compile --engine tvm`
-(schedules included), the int8 one with each integer kernel: "TVM int8" is the default on this
-AVX2 CPU (`--int-kernel pmaddwd`, int16 pair multiply-adds), "int32-mul" the portable one
+(schedules included), the int8 one with each integer kernel: "TVM int8" is the target's best
+(`--int-kernel auto`: pmaddwd int16 pairs with the default x86-64-v3; vpdpbusd with `--mcpu` of a
+VNNI CPU, e.g. sapphirerapids), "int32-mul" the portable one
 (`integer`), "exact-float" float32 FMA where the sums provably stay exact (`float-exact`). For
 ONNX Runtime the int8 model is qpass's `onnxruntime` target (u8 activations and 7-bit weights: its
 fastest safe int8 form on this AVX2 CPU), loaded with ORT's full optimisations. At one thread all of them run in one session, interleaved run by run
@@ -13,6 +14,7 @@ because both runtimes' idle worker threads spin and would steal the cores from t
 Batch 1.
 
 Usage: python tools/bench_tvm.py [--models ...] [--threads 1 2] [--runs 50] [--workdir /tmp/qpass-tvm-bench]
+                                 [--mcpu LLVM_CPU]
 Prints the compile times, then a Markdown table of medians and the ratios the TVM issue names:
 TVM float / TVM int8 (> 1: int8 pays) and ORT int8 / TVM int8 (>= 1: TVM int8 no slower than ORT).
 """
@@ -25,12 +27,14 @@ import time
 from pathlib import Path
 
 import onnx
+import tvm
 
 from qpasses.bench import cpu_description, measure
 from qpasses.pass_infra import PassContext
 from qpasses.pipeline import quantize
 from qpasses.targets import load_target
 from qpasses.targets.lower import onnxruntime as ort_engine, tvm as tvm_engine
+from qpasses.targets.lower.tvm_schedule import int_kernel_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_latency import source_and_calibration  # noqa: E402  (the same models and calibration data)
@@ -38,19 +42,19 @@ from bench_latency import source_and_calibration  # noqa: E402  (the same models
 MODELS = ["example", "resnet_basic", "resnet_bottleneck", "mobilenetv2_block", "resnet18-224"]
 
 
-def prepare(name: str, workdir: Path) -> tuple[dict[str, tuple[str, Path]], dict[str, float]]:
-    """The four artifacts of one model ({label: (engine, path)}) and the TVM build seconds."""
-    source, calib = source_and_calibration(name, workdir)
+def prepare(name: str, workdir: Path, mcpu: str | None) -> tuple[dict[str, tuple[str, Path]], dict[str, float]]:
+    """The six artifacts of one model ({label: (engine, path)}) and the TVM build seconds."""
+    source, calib, _ = source_and_calibration(name, workdir)
     artifacts, build_seconds = {}, {}
     for target in ("tvm-x86", "onnxruntime"):
         model = quantize(source, load_target(target), calib, PassContext(quiet=True)).model
         onnx.save(model, workdir / f"{name}.{target}.onnx")
     int8 = workdir / f"{name}.tvm-x86.onnx"
-    for label, model, kernel in (("tvm int8", int8, "pmaddwd"), ("tvm int8 int32-mul", int8, "integer"),
+    for label, model, kernel in (("tvm int8", int8, "auto"), ("tvm int8 int32-mul", int8, "integer"),
                                  ("tvm int8 exact-float", int8, "float-exact"), ("tvm float", source, "auto")):
         library = workdir / f"{name}.{label.replace(' ', '-')}.so"
         start = time.perf_counter()
-        tvm_engine.compile_model(model, library, target="tvm-x86", int_kernel=kernel)
+        tvm_engine.compile_model(model, library, target="tvm-x86", int_kernel=kernel, mcpu=mcpu)
         build_seconds[label] = time.perf_counter() - start
         artifacts[label] = ("tvm", library)
     artifacts["ort int8"] = ("onnxruntime", workdir / f"{name}.onnxruntime.onnx")
@@ -64,14 +68,18 @@ def main() -> None:
     parser.add_argument("--threads", nargs="*", type=int, default=[1, 2])
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/qpass-tvm-bench"))
+    parser.add_argument("--mcpu", help="LLVM CPU for every TVM build (default: the tvm-x86 target's, x86-64-v3)")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    print(f"CPU: {cpu_description()}; batch 1, median of {args.runs} interleaved runs\n")
+    llvm = {**load_target("tvm-x86").tvm.llvm, **({"mcpu": args.mcpu} if args.mcpu else {})}
+    kernel = int_kernel_for("auto", tvm.target.Target(llvm))
+    print(f"CPU: {cpu_description()}; LLVM CPU {llvm.get('mcpu')}: TVM int8 runs the {kernel} kernel; batch 1, "
+          f"median of {args.runs} interleaved runs\n")
     prepared = {}
     print("| model | TVM int8 compile s | int32-mul compile s | exact-float compile s | TVM float compile s |\n"
           "|---|---|---|---|---|")
     for name in args.models:
-        prepared[name], seconds = prepare(name, args.workdir)
+        prepared[name], seconds = prepare(name, args.workdir, args.mcpu)
         print(f"| {name} | {seconds['tvm int8']:.1f} | {seconds['tvm int8 int32-mul']:.1f} | "
               f"{seconds['tvm int8 exact-float']:.1f} | {seconds['tvm float']:.1f} |", flush=True)
     print("\n| model | threads | TVM int8 ms | int32-mul ms | exact-float ms | TVM float ms | ORT int8 ms | ORT float ms | "

@@ -1,6 +1,6 @@
 """Kernel efficiency of the TVM engine per conv layer: achieved GMAC/s against this CPU's peak.
 
-    python tools/bench_tvm_layers.py [--models resnet18-224 ...] [--runs 30] [--workdir DIR]
+    python tools/bench_tvm_layers.py [--models resnet18-224 ...] [--runs 30] [--workdir DIR] [--mcpu LLVM_CPU]
 
 Each model is quantized for `tvm-x86` (as tools/bench_tvm.py does); every distinct conv of it
 (input shape, weights, strides, pads, groups) is cut out of the Q/DQ model with its quantizers
@@ -8,8 +8,8 @@ Each model is quantized for `tvm-x86` (as tools/bench_tvm.py does); every distin
 one integer conv with its requantize) and compiled alone, int8 with the default integer kernel and
 its float original, and both are timed at one thread, interleaved (`qpasses.bench.measure`, median
 of `--runs`). MACs are `ops.node_macs`; efficiency is GMAC/s over the peak of the instruction the
-kernel uses (tools/bench_peak.py, measured in the same run: int16 pairs for pmaddwd, fp32 FMA ymm
-for float). Models: tools/bench_latency.py's (`source_and_calibration`: resnet18-224, zoo names,
+kernel uses (tools/bench_peak.py, measured in the same run: int16 pairs for pmaddwd, vpdpbusd for
+the VNNI kernels, fp32 FMA for float, on zmm where the LLVM CPU has AVX-512). Models: tools/bench_latency.py's (`source_and_calibration`: resnet18-224, zoo names,
 corpus names). Run on a quiet machine (`uptime` below 0.5).
 """
 
@@ -22,7 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
+import tvm
 from onnx import helper
+from tvm.target.codegen import target_has_features
 
 from qpasses.bench import cpu_description, measure
 from qpasses.ops import node_macs
@@ -30,12 +32,15 @@ from qpasses.pass_infra import PassContext
 from qpasses.pipeline import quantize
 from qpasses.targets import load_target
 from qpasses.targets.lower import tvm as tvm_engine
+from qpasses.targets.lower.tvm_schedule import int_kernel_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_latency import source_and_calibration  # noqa: E402
 from bench_peak import measure as measure_peaks  # noqa: E402
 
 ACTIVATIONS = {"Relu", "Clip"}  # fused into the conv's requantize by the lowering
+PEAK_OF = {"pmaddwd": "int16 pairs ymm", "vnni256": "u8*s8 ymm (vnni)", "vnni512": "u8*s8 zmm (vnni)",
+           "integer": "int16 pairs ymm"}  # the integer kernel -> the bench_peak row it is measured against
 
 
 @dataclass
@@ -107,14 +112,19 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=["resnet18-224"])
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/qpass-tvm-layers"))
+    parser.add_argument("--mcpu", help="LLVM CPU for every TVM build (default: the tvm-x86 target's, x86-64-v3)")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     warnings.filterwarnings("ignore", message="Renaming name")  # TVM's importer, once per cut
     peaks = measure_peaks(100_000_000)
-    int_peak, float_peak = peaks["int16 pairs ymm"]["macs_per_ns"], peaks["fp32 fma ymm"]["macs_per_ns"]
-    print(f"CPU: {cpu_description()}; one thread, batch 1, median of {args.runs} interleaved runs; peaks: "
-          f"int16 pairs {int_peak:.1f} GMAC/s, fp32 FMA {float_peak:.1f} GMAC/s\n")
-    print("| model | conv | count | MMAC | int8 ms | int8 GMAC/s | % of int16-pair peak | float ms | float GMAC/s | "
+    llvm = tvm.target.Target({**load_target("tvm-x86").tvm.llvm, **({"mcpu": args.mcpu} if args.mcpu else {})})
+    kernel = int_kernel_for("auto", llvm)
+    int_row, float_row = PEAK_OF[kernel], "fp32 fma zmm" if target_has_features("avx512f", llvm) else "fp32 fma ymm"
+    int_peak, float_peak = peaks[int_row]["macs_per_ns"], peaks[float_row]["macs_per_ns"]
+    print(f"CPU: {cpu_description()}; LLVM CPU {llvm.attrs.get('mcpu')}, int8 kernel {kernel}; one thread, batch 1, "
+          f"median of {args.runs} interleaved runs; peaks: {int_row} {int_peak:.1f} GMAC/s, {float_row} "
+          f"{float_peak:.1f} GMAC/s\n")
+    print("| model | conv | count | MMAC | int8 ms | int8 GMAC/s | % of int8 peak | float ms | float GMAC/s | "
           "% of FMA peak | float / int8 |\n|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.models:
         source_path, calib, _ = source_and_calibration(name, args.workdir)
@@ -125,7 +135,7 @@ def main() -> None:
                 path = args.workdir / f"{name}.{i}.{kind}.onnx"
                 onnx.save(model, path)
                 library = path.with_suffix(".so")
-                tvm_engine.compile_model(path, library, target="tvm-x86")
+                tvm_engine.compile_model(path, library, target="tvm-x86", mcpu=args.mcpu)
                 runners[kind] = tvm_engine.Runner(library, threads=1)
             if not runners["int8"].quantized:
                 raise SystemExit(f"bench_tvm_layers: {name} {layer.name}: the cut did not lower to an integer conv")
