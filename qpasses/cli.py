@@ -532,7 +532,8 @@ def check(model: Path, target_name: str, as_json: bool) -> None:
               help="Artifact path [default: MODEL.ort.onnx / MODEL.plan / MODEL.so].")
 @click.option("--target", "-t", "target_name", default="tvm-x86", show_default=True,
               help="tvm: the target file whose [tvm] table names the device (tvm-x86, tvm-arm, or a path).")
-@click.option("--mcpu", help="tvm: LLVM CPU, overriding the target file's (e.g. cortex-a76).")
+@click.option("--mcpu", help="tvm: LLVM CPU, overriding the target file's (e.g. cortex-a76, sapphirerapids; "
+                             "'native': this machine's).")
 @click.option("--mattr", metavar="+dotprod,+i8mm", help="tvm: LLVM CPU features, overriding the target file's.")
 @click.option("--int-kernel", type=click.Choice(INT_KERNELS), default="auto", show_default=True,
               help="tvm: how integer convs run, all with the same results: int32 multiplies (integer), dot-product "

@@ -62,7 +62,7 @@ class CompileReport:
     integer_nodes: dict[str, int] = field(default_factory=dict)  # "conv2d int8 x int8 -> int32": count
     float_nodes: list[dict] = field(default_factory=list)  # {name: Relax variable, op}: compute left in float32
     int_kernel: str = "integer"  # how integer convs run: int32 multiplies, dot products, or exact float32 FMA
-    dot_convs: int = 0  # with int_kernel pmaddwd/sdot: the integer convs on that dot-product kernel (tvm_dot)
+    dot_convs: int = 0  # with a dot-product int_kernel (pmaddwd, vnni512, ...): the integer convs on it (tvm_dot)
     exact_float_convs: int = 0  # with int_kernel float-exact: the int8 convs that run on float32 FMA
     build_seconds: float = 0.0  # schedule + build + link
     warnings: list[str] = field(default_factory=list)
@@ -82,8 +82,8 @@ def compile_model(model_path: Path, output: Path, target: str = "tvm-x86", input
     if device is None:
         raise InputError(f"target {target} has no [tvm] device table: use tvm-x86 or tvm-arm, or add one to the file")
     llvm = dict(device.llvm)
-    if mcpu:
-        llvm["mcpu"] = mcpu
+    if mcpu:  # "native": LLVM's name for this machine's CPU, with the instructions it implies
+        llvm["mcpu"] = tvm.target.codegen.llvm_get_system_cpu() if mcpu == "native" else mcpu
     if mattr:
         llvm["mattr"] = [a.strip() for a in mattr.split(",") if a.strip()]
     llvm_target = tvm.target.Target(llvm)
