@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--mcpu", help="LLVM CPU for every TVM build (default: the tvm-x86 target's, x86-64-v3)")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    llvm = {**load_target("tvm-x86").tvm.llvm, **({"mcpu": args.mcpu} if args.mcpu else {})}
+    llvm = tvm_engine.llvm_config(load_target("tvm-x86").tvm.llvm, args.mcpu)
     kernel = int_kernel_for("auto", tvm.target.Target(llvm))
     print(f"CPU: {cpu_description()}; LLVM CPU {llvm.get('mcpu')}: TVM int8 runs the {kernel} kernel; batch 1, "
           f"median of {args.runs} interleaved runs\n")

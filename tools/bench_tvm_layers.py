@@ -117,7 +117,7 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     warnings.filterwarnings("ignore", message="Renaming name")  # TVM's importer, once per cut
     peaks = measure_peaks(100_000_000)
-    llvm = tvm.target.Target({**load_target("tvm-x86").tvm.llvm, **({"mcpu": args.mcpu} if args.mcpu else {})})
+    llvm = tvm.target.Target(tvm_engine.llvm_config(load_target("tvm-x86").tvm.llvm, args.mcpu))
     kernel = int_kernel_for("auto", llvm)
     int_row, float_row = PEAK_OF[kernel], "fp32 fma zmm" if target_has_features("avx512f", llvm) else "fp32 fma ymm"
     int_peak, float_peak = peaks[int_row]["macs_per_ns"], peaks[float_row]["macs_per_ns"]

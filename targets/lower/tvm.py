@@ -81,11 +81,7 @@ def compile_model(model_path: Path, output: Path, target: str = "tvm-x86", input
     device = load_target(target).tvm
     if device is None:
         raise InputError(f"target {target} has no [tvm] device table: use tvm-x86 or tvm-arm, or add one to the file")
-    llvm = dict(device.llvm)
-    if mcpu:  # "native": LLVM's name for this machine's CPU, with the instructions it implies
-        llvm["mcpu"] = tvm.target.codegen.llvm_get_system_cpu() if mcpu == "native" else mcpu
-    if mattr:
-        llvm["mattr"] = [a.strip() for a in mattr.split(",") if a.strip()]
+    llvm = llvm_config(device.llvm, mcpu, mattr)
     llvm_target = tvm.target.Target(llvm)
     try:
         int_kernel = int_kernel_for(int_kernel, llvm_target)
@@ -120,6 +116,17 @@ def compile_model(model_path: Path, output: Path, target: str = "tvm-x86", input
         _stage(stages, "done")
     graph_io.write_all({sidecar(output): json.dumps(report.to_json(), indent=2, sort_keys=True).encode()})
     return report
+
+
+def llvm_config(base: dict, mcpu: str | None = None, mattr: str | None = None) -> dict:
+    """A target file's LLVM table with `--mcpu`/`--mattr` applied; mcpu "native" is LLVM's name for
+    this machine's CPU, with the instructions it implies."""
+    llvm = dict(base)
+    if mcpu:
+        llvm["mcpu"] = tvm.target.codegen.llvm_get_system_cpu() if mcpu == "native" else mcpu
+    if mattr:
+        llvm["mattr"] = [a.strip() for a in mattr.split(",") if a.strip()]
+    return llvm
 
 
 def _stage(bar: tqdm, name: str) -> None:
