@@ -215,9 +215,15 @@ def run_outputs(model: onnx.ModelProto, source: DataSource, batch_size: int, opt
             break
         first = first or len(next(iter(feeds.values())))
         outs.append(sess.run(None, feeds))
+    return join_batches(model, first, outs)
+
+
+def join_batches(model: onnx.ModelProto, samples: int, outs: list[list[np.ndarray]]) -> list[np.ndarray]:
+    """Per-run outputs (each in graph output order; `samples` in the first run) joined into one
+    array per output along its batch axis."""
     if not outs:
         return []
-    axes = sample_axes(model, first, outs[0])
+    axes = sample_axes(model, samples, outs[0])
     return [np.concatenate(parts, axis=axis) for parts, axis in zip(zip(*outs), axes)]
 
 

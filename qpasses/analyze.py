@@ -31,7 +31,8 @@ import onnx_graphsurgeon as gs
 from tqdm import tqdm
 
 from qpasses.calibration.data import DataSource, open_source
-from qpasses.calibration.runner import feed_batch, input_specs, observe, reads, run_outputs, session, with_outputs
+from qpasses.calibration.runner import (feed_batch, input_specs, join_batches, observe, reads, run_outputs, session,
+                                        with_outputs)
 from qpasses.calibration.stats import TensorSummary
 from qpasses.errors import InputError
 from qpasses.targets.schema import Target
@@ -292,7 +293,8 @@ class Variants:
         return results
 
     def score(self, runs: list[dict[str, np.ndarray]]) -> Score:
-        return self.evaluator.score([np.concatenate([run[o] for run in runs]) for o in self.outputs])
+        samples = len(next(iter(self.batches[0].values())))
+        return self.evaluator.score(join_batches(self.model, samples, [[run[o] for o in self.outputs] for run in runs]))
 
     def _outside(self, layers: list[str]) -> frozenset[str]:
         """The model inputs and the float-graph tensors that the layers' nodes neither compute nor feed."""

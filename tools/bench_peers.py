@@ -111,7 +111,7 @@ def run_qpass(name: str, entry: dict, model: Path, calib: Path, evals, work: Pat
     """`qpass quantize` with its defaults, or `--auto` to the task goal (a goal --auto cannot meet is an
     answer: it writes its best model, which is scored); --auto's choice is read from its report."""
     int8, record = work / f"{name}.{'auto' if auto else 'qpass'}.onnx", work / f"{name}.auto.json"
-    options = [*auto_options(name, entry, work), "--report", str(record)] if auto else ["--target", "onnxruntime"]
+    options = [*auto_options(name, entry, model, work), "--report", str(record)] if auto else ["--target", "onnxruntime"]
     code, err, _, _ = qpass("quantize", str(model), *options, "--data", str(calib), "-o", str(int8), "--force", "--quiet")
     missed = auto and code == 1 and "--auto: no setting met the goal" in last_line(err, "")
     if code != 0 and not missed:

@@ -200,6 +200,7 @@ PHRASES = ["the quick brown fox jumps over the lazy dog", "quantization keeps th
            "open the window and let the air in", "we measured the latency on two cores",
            "the meeting starts at nine", "turn left at the next street", "a cup of coffee with milk",
            "this sentence is for evaluation only", "numbers like four five six", "goodbye and thank you"]
+CALIBRATION_PHRASES, EVALUATION_PHRASES = PHRASES[:len(PHRASES) * 3 // 4], PHRASES[len(PHRASES) * 3 // 4:]
 
 
 def speech(seed: int, phrases: list[str]) -> np.ndarray:

@@ -126,9 +126,8 @@ def build_data(name: str, entry: dict, model_path: Path, work: Path) -> tuple[Pa
         np.savez(calib_path, **{entry["input"]: corpus_data.text_images(entry, 48, seed=1)})
         return calib_path, corpus_data.text_images(entry, 144, seed=2)  # 48 lines told 0.75 from 0.85 poorly
     if task == "vad":
-        half = len(corpus_data.PHRASES) * 3 // 4
-        np.savez(calib_path, **vad_feeds(model_path, corpus_data.speech(1, corpus_data.PHRASES[:half])))
-        return calib_path, corpus_data.speech(2, corpus_data.PHRASES[half:])
+        np.savez(calib_path, **vad_feeds(model_path, corpus_data.speech(1, corpus_data.CALIBRATION_PHRASES)))
+        return calib_path, corpus_data.speech(2, corpus_data.EVALUATION_PHRASES)
     raise SystemExit(f"real_models: {name}: unknown task {task!r}")
 
 
@@ -344,21 +343,22 @@ def metric(reference, candidate):
 """
 
 
-def auto_options(name: str, entry: dict, work: Path) -> list[str]:
+def auto_options(name: str, entry: dict, model: Path, work: Path) -> list[str]:
     """`qpass quantize --auto` to the corpus goal of the model's task, measured by its task metric on
-    samples the table does not score: what can be rendered, 96 more text lines or 24 more document
-    pages (`--eval-data`: on 20 lines a goal of 0.85 cannot be told from 0.75), otherwise 20 samples
-    held back from calibration."""
+    samples the table does not score: what can be rendered or spoken, 96 more text lines, 24 more
+    document pages or the windows of more speech (`--eval-data`: on 20 lines a goal of 0.85 cannot
+    be told from 0.75), otherwise 20 samples held back from calibration."""
     path = work / f"{name}.metric.py"
     path.write_text(METRIC_FILE.format(name=name, tools=str(Path(__file__).resolve().parent), entry=json.dumps(entry)))
     options = ["--target", "onnxruntime", "--auto", "--metric", f"{path}:metric",
                "--min-metric", str(TASK_GOALS[entry["task"]])]
-    rendered = {"ocr-ctc": lambda: corpus_data.text_images(entry, 96, seed=3),
-                "documents": lambda: corpus_data.document_pages(entry, 24, seed=3, evaluation=False)}
+    rendered = {"ocr-ctc": lambda: {entry["input"]: corpus_data.text_images(entry, 96, seed=3)},
+                "documents": lambda: {entry["input"]: corpus_data.document_pages(entry, 24, seed=3, evaluation=False)},
+                "vad": lambda: vad_feeds(model, corpus_data.speech(3, corpus_data.CALIBRATION_PHRASES))}  # spoken anew
     render = rendered.get(entry["task"]) or rendered.get(entry.get("data", ""))
     if render is not None:
         validation = work / f"{name}.validation.npz"
-        np.savez(validation, **{entry["input"]: render()})
+        np.savez(validation, **render())
         return [*options, "--eval-data", str(validation)]
     return [*options, "--holdout", "20"]
 
@@ -418,7 +418,7 @@ def run_model(name: str, entry: dict, model: Path, work: Path, rows: list[tuple[
     calib, evals = build_data(name, entry, model, work)
     out = []
     for label, options in rows:
-        options = auto_options(name, entry, work) if label == AUTO else options
+        options = auto_options(name, entry, model, work) if label == AUTO else options
         target = options[options.index("--target") + 1]
         int8 = work / f"{name}.{label.split(' (')[0].replace(' ', '_').replace('-', '')}.onnx"
         code, err, secs, peak = qpass("quantize", str(model), *options, "--data", str(calib), "-o", str(int8),
