@@ -136,8 +136,7 @@ def _dot_conv(call: relax.Call, kernel: DotKernel, builder: relax.BlockBuilder, 
     top, left, bottom, right = (int(p) for p in attrs.padding)
     ho, wo = int(call.ty.shape[2]), int(call.ty.shape[3])
     blocks = -(-oc // lanes)
-    obb = next(b for b in (4, 2, 1) if blocks % b == 0 and b * 4 <= kernel.accumulators)
-    xs, wo_padded = _strip(wo, kernel.accumulators // obb)
+    obb, xs, wo_padded = tile(blocks, wo, kernel.accumulators)
     extra = max(0, (wo_padded - 1) * sw + kw - (w + left + right))  # the last strip reads past the row
     cg, hp, wp = -(-c // g), h + top + bottom, w + left + right + extra
 
@@ -164,12 +163,15 @@ def _dot_conv(call: relax.Call, kernel: DotKernel, builder: relax.BlockBuilder, 
     return out
 
 
-def _strip(width: int, most: int) -> tuple[int, int]:
-    """(pixels per register strip, padded output width): a divisor of the width when one is at least 4."""
+def tile(blocks: int, width: int, accumulators: int) -> tuple[int, int, int]:
+    """(blocks of output channels, pixels, padded output width) of the register tile: the most
+    blocks (up to 4) that leave room for 4 pixels, then a divisor of the width when one is at least 4."""
+    obb = next(b for b in (4, 2, 1) if blocks % b == 0 and b * 4 <= accumulators)
+    most = accumulators // obb
     divisor = max(d for d in range(1, min(width, most) + 1) if width % d == 0)
     if divisor >= 4 or width <= most:
-        return divisor, width
-    return most, -(-width // most) * most
+        return obb, divisor, width
+    return obb, most, -(-width // most) * most
 
 
 def pack_weight(weight: np.ndarray, kernel: DotKernel) -> np.ndarray:
