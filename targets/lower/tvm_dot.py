@@ -76,7 +76,7 @@ class DotKernel:
 
 KERNELS = {
     "pmaddwd": DotKernel("pmaddwd", "int16", ("int8", "uint8", "int16"), 2, 8, 14, _pmaddwd),  # 16 ymm
-    "vnni512": DotKernel("vnni512", "uint8", ("int8",), 4, 16, 24, _vpdpbusd(512), "int8", 128),  # 32 zmm
+    "vnni512": DotKernel("vnni512", "uint8", ("int8",), 4, 16, 14, _vpdpbusd(512), "int8", 128),  # 2 x 7 tiles
     "vnni256": DotKernel("vnni256", "uint8", ("int8",), 4, 8, 14, _vpdpbusd(256), "int8", 128),  # 16 ymm
     "sdot": DotKernel("sdot", "int8", ("int8",), 4, 4, 24, _sdot),  # 32 NEON registers
 }
