@@ -26,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import onnx
 import tvm
 
@@ -42,9 +43,12 @@ from bench_latency import source_and_calibration  # noqa: E402  (the same models
 MODELS = ["example", "resnet_basic", "resnet_bottleneck", "mobilenetv2_block", "resnet18-224"]
 
 
-def prepare(name: str, workdir: Path, mcpu: str | None) -> tuple[dict[str, tuple[str, Path]], dict[str, float]]:
-    """The six artifacts of one model ({label: (engine, path)}) and the TVM build seconds."""
+def prepare(name: str, workdir: Path, mcpu: str | None) -> tuple[dict[str, tuple[str, Path]], dict[str, float], dict]:
+    """The six artifacts of one model ({label: (engine, path)}), the TVM build seconds and the input
+    shapes (a dynamic size is the calibration data's, at batch 1)."""
     source, calib, _ = source_and_calibration(name, workdir)
+    with np.load(calib) as data:
+        shapes = {k: [1, *data[k].shape[1:]] for k in data.files}
     artifacts, build_seconds = {}, {}
     for target in ("tvm-x86", "onnxruntime"):
         model = quantize(source, load_target(target), calib, PassContext(quiet=True)).model
@@ -54,12 +58,12 @@ def prepare(name: str, workdir: Path, mcpu: str | None) -> tuple[dict[str, tuple
                                  ("tvm int8 exact-float", int8, "float-exact"), ("tvm float", source, "auto")):
         library = workdir / f"{name}.{label.replace(' ', '-')}.so"
         start = time.perf_counter()
-        tvm_engine.compile_model(model, library, target="tvm-x86", int_kernel=kernel, mcpu=mcpu)
+        tvm_engine.compile_model(model, library, target="tvm-x86", int_kernel=kernel, mcpu=mcpu, input_shapes=shapes)
         build_seconds[label] = time.perf_counter() - start
         artifacts[label] = ("tvm", library)
     artifacts["ort int8"] = ("onnxruntime", workdir / f"{name}.onnxruntime.onnx")
     artifacts["ort float"] = ("onnxruntime", source)
-    return artifacts, build_seconds
+    return artifacts, build_seconds, shapes
 
 
 def main() -> None:
@@ -79,16 +83,18 @@ def main() -> None:
     print("| model | TVM int8 compile s | int32-mul compile s | exact-float compile s | TVM float compile s |\n"
           "|---|---|---|---|---|")
     for name in args.models:
-        prepared[name], seconds = prepare(name, args.workdir, args.mcpu)
+        artifacts, seconds, shapes = prepare(name, args.workdir, args.mcpu)
+        prepared[name] = (artifacts, shapes)
         print(f"| {name} | {seconds['tvm int8']:.1f} | {seconds['tvm int8 int32-mul']:.1f} | "
               f"{seconds['tvm int8 exact-float']:.1f} | {seconds['tvm float']:.1f} |", flush=True)
     print("\n| model | threads | TVM int8 ms | int32-mul ms | exact-float ms | TVM float ms | ORT int8 ms | ORT float ms | "
           "TVM float / TVM int8 | ORT int8 / TVM int8 | TVM float / exact-float | ORT int8 / exact-float |\n"
           "|---|---|---|---|---|---|---|---|---|---|---|---|")
     engines = {"tvm": tvm_engine, "onnxruntime": ort_engine}
-    for name, artifacts in prepared.items():
+    for name, (artifacts, shapes) in prepared.items():
         for threads in args.threads:
-            runners = {label: engines[kind].Runner(path, threads=threads) for label, (kind, path) in artifacts.items()}
+            runners = {label: engines[kind].Runner(path, threads=threads, input_shapes=shapes)
+                       for label, (kind, path) in artifacts.items()}
             if threads == 1:
                 lat = {k: v.median_ms for k, v in measure(runners, warmup=5, runs=args.runs, quiet=True).items()}
             else:  # idle pools spin: interleaved, each engine's spinning threads would slow the other's runs
