@@ -87,12 +87,13 @@ def normalise(image: np.ndarray, entry: dict) -> np.ndarray:
     return np.ascontiguousarray(x if entry.get("layout") == "NHWC" else x.transpose(2, 0, 1), dtype=np.float32)
 
 
-def image_split(entry: dict, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(calibration, evaluation) batches [N, 3, H, W] (or [N, H, W, 3]) for an image model."""
+def image_split(entry: dict, seed: int = 0, whole: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(calibration, evaluation) batches [N, 3, H, W] (or [N, H, W, 3]) for an image model; without
+    the `whole` images (only random crops: another seed's crops share nothing with the first's)."""
     rng = np.random.default_rng(seed)
     calib, evals = [], []
     for i, (_, image) in enumerate(source_images()):
-        for crop in crops(image, rng, CROPS_PER_IMAGE):
+        for crop in crops(image, rng, CROPS_PER_IMAGE)[0 if whole else 1:]:
             (evals if i % 4 == 3 else calib).append(normalise(fit(crop, entry), entry))
     return np.stack(calib), np.stack(evals)
 

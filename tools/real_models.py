@@ -345,22 +345,29 @@ def metric(reference, candidate):
 
 def auto_options(name: str, entry: dict, model: Path, work: Path) -> list[str]:
     """`qpass quantize --auto` to the corpus goal of the model's task, measured by its task metric on
-    samples the table does not score: what can be rendered or spoken, 96 more text lines, 24 more
-    document pages or the windows of more speech (`--eval-data`: on 20 lines a goal of 0.85 cannot
-    be told from 0.75), otherwise 20 samples held back from calibration."""
+    validation data (`validation_feeds`) the table does not score: 20 samples held back from
+    calibration told 0.98 from 0.95 and 0.85 from 0.75 poorly."""
     path = work / f"{name}.metric.py"
     path.write_text(METRIC_FILE.format(name=name, tools=str(Path(__file__).resolve().parent), entry=json.dumps(entry)))
-    options = ["--target", "onnxruntime", "--auto", "--metric", f"{path}:metric",
-               "--min-metric", str(TASK_GOALS[entry["task"]])]
-    rendered = {"ocr-ctc": lambda: {entry["input"]: corpus_data.text_images(entry, 96, seed=3)},
-                "documents": lambda: {entry["input"]: corpus_data.document_pages(entry, 24, seed=3, evaluation=False)},
-                "vad": lambda: vad_feeds(model, corpus_data.speech(3, corpus_data.CALIBRATION_PHRASES))}  # spoken anew
-    render = rendered.get(entry["task"]) or rendered.get(entry.get("data", ""))
-    if render is not None:
-        validation = work / f"{name}.validation.npz"
-        np.savez(validation, **render())
-        return [*options, "--eval-data", str(validation)]
-    return [*options, "--holdout", "20"]
+    validation = work / f"{name}.validation.npz"
+    np.savez(validation, **validation_feeds(entry, model))
+    return ["--target", "onnxruntime", "--auto", "--metric", f"{path}:metric",
+            "--min-metric", str(TASK_GOALS[entry["task"]]), "--eval-data", str(validation)]
+
+
+def validation_feeds(entry: dict, model: Path) -> dict[str, np.ndarray]:
+    """Data from the calibration's sources, never the evaluation's: 96 more text lines, 24 more
+    document pages, the calibration phrases spoken anew (VAD windows), or new crops of the
+    calibration photos (in their four rotations for the orientation classifier)."""
+    task = entry["task"]
+    if task == "ocr-ctc":
+        return {entry["input"]: corpus_data.text_images(entry, 96, seed=3)}
+    if entry.get("data") == "documents":
+        return {entry["input"]: corpus_data.document_pages(entry, 24, seed=3, evaluation=False)}
+    if task == "vad":
+        return vad_feeds(model, corpus_data.speech(3, corpus_data.CALIBRATION_PHRASES))
+    crops, _ = corpus_data.image_split(entry, seed=3, whole=False)
+    return {entry["input"]: corpus_data.rotations(crops)[0] if entry.get("rotations") else crops}
 
 
 def latency_ratio(float_path: Path, int8_path: Path, input_name: str, x: np.ndarray, runs: int = 20) -> float:
