@@ -157,9 +157,9 @@ def test_every_int_kernel_gives_the_same_outputs(tmp_path):
     assert report.exact_float_convs == 6 and not report.warnings  # every conv of the example fits 2^24
     assert json.loads((tmp_path / "exact.so.json").read_text())["int_kernel"] == "float-exact"
     report = compile_model(qdq, tmp_path / "auto.so")  # tvm-x86 is x86-64-v3: AVX2
-    assert report.int_kernel == "pmaddwd" and report.dot_convs == 6
+    assert report.int_kernel == "pmaddwd" and report.dot_layers == 7  # 6 convs and the classifier
     report = compile_model(qdq, tmp_path / "native.so", mcpu="native")  # this CPU's best: vnni512 where it has VNNI
-    assert report.llvm["mcpu"] == tvm.target.codegen.llvm_get_system_cpu() and report.dot_convs == 6
+    assert report.llvm["mcpu"] == tvm.target.codegen.llvm_get_system_cpu() and report.dot_layers == 7
     want = Runner(tmp_path / "int.so").outputs()
     for library in ("exact.so", "auto.so", "native.so"):
         for got, expected in zip(Runner(tmp_path / library).outputs(), want):

@@ -62,7 +62,7 @@ class CompileReport:
     integer_nodes: dict[str, int] = field(default_factory=dict)  # "conv2d int8 x int8 -> int32": count
     float_nodes: list[dict] = field(default_factory=list)  # {name: Relax variable, op}: compute left in float32
     int_kernel: str = "integer"  # how integer convs run: int32 multiplies, dot products, or exact float32 FMA
-    dot_convs: int = 0  # with a dot-product int_kernel (pmaddwd, vnni512, ...): the integer convs on it (tvm_dot)
+    dot_layers: int = 0  # with a dot-product int_kernel (pmaddwd, vnni512, ...): the integer convs and matmuls on it
     exact_float_convs: int = 0  # with int_kernel float-exact: the int8 convs that run on float32 FMA
     build_seconds: float = 0.0  # schedule + build + link
     warnings: list[str] = field(default_factory=list)
@@ -96,7 +96,7 @@ def compile_model(model_path: Path, output: Path, target: str = "tvm-x86", input
         report.planned_int8 = len(planned_int8(model))
         _describe(lowered, report)
         if int_kernel in DOT_KERNELS:
-            report.dot_convs = count_fitting(lowered, DOT_KERNELS[int_kernel])
+            report.dot_layers = count_fitting(lowered, DOT_KERNELS[int_kernel])
         if int_kernel == "float-exact":
             report.exact_float_convs, kept = exact_float_plan(lowered)
             if kept:

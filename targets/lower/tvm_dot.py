@@ -13,8 +13,8 @@ int32 lane, exactly:
 * `sdot` (ARMv8.2 dotprod): 4 int8 products per lane, 4 lanes, accumulated in place; int8 only.
 
 TVM 0.27's `Schedule.tensorize` crashes on such intrinsics, so the kernel is written directly in
-TIR and reached through `relax.call_tir`. `dot_convs` rewrites each qualifying integer conv2d
-before legalization into: pad, group G adjacent input channels ([N, C/G, H, W, G]), the kernel,
+TIR and reached through `relax.call_tir`. `dot_layers` rewrites each qualifying integer conv2d (and
+matmul with a constant weight, as the 1x1 conv of its rows) before legalization into: pad, group G adjacent input channels ([N, C/G, H, W, G]), the kernel,
 and back to NCHW. The output layout [N, OC/L, Ho, Wo, L] keeps L output channels in one register;
 weights are repacked once at compile time to [OC/L, C/G, KH, KW, L, G]. Register tile: OBB blocks
 of L output channels x XS output pixels, all accumulators in registers (x86: 2 x 7 measured
@@ -82,8 +82,8 @@ KERNELS = {
 }
 
 
-def dot_convs(mod: tvm.IRModule, kernel: DotKernel) -> tvm.IRModule:
-    """Every integer conv2d `fits` accepts becomes a call to `kernel`."""
+def dot_layers(mod: tvm.IRModule, kernel: DotKernel) -> tvm.IRModule:
+    """Every integer conv2d `fits` and matmul `fits_matmul` accepts becomes a call to `kernel`."""
     kernels: dict[tuple, tvm.ir.GlobalVar] = {}
     builder = relax.BlockBuilder(mod)
 
@@ -91,6 +91,8 @@ def dot_convs(mod: tvm.IRModule, kernel: DotKernel) -> tvm.IRModule:
     class Rewrite(relax.PyExprMutator):
         def visit_call_(self, call: relax.Call) -> relax.Expr:
             call = super().visit_call_(call)
+            if fits_matmul(call, kernel):
+                return _dot_matmul(call, kernel, builder, kernels)
             return _dot_conv(call, kernel, builder, kernels) if fits(call, kernel) else call
 
     rewrite = Rewrite(mod)
@@ -113,12 +115,23 @@ def fits(call: relax.Expr, kernel: DotKernel) -> bool:
             and all(isinstance(s, tvm.tirx.IntImm) for s in data.ty.shape))
 
 
+def fits_matmul(call: relax.Expr, kernel: DotKernel) -> bool:
+    """A matmul of static activations [..., M, K] `kernel` accepts by a constant 2-D weight [K, N], int32 sums."""
+    if not isinstance(call, relax.Call) or not call.op.same_as(tvm.ir.Op.get("relax.matmul")):
+        return False
+    data, weight = call.args
+    return (str(data.ty.dtype) in kernel.accepts and isinstance(weight, GenericConst)
+            and str(weight.ty.dtype) in kernel.accepts and len(weight.ty.shape) == 2
+            and str(call.attrs.out_dtype) == INT32 and len(data.ty.shape) >= 2
+            and all(isinstance(s, tvm.tirx.IntImm) for s in data.ty.shape))
+
+
 def count_fitting(mod: tvm.IRModule, kernel: DotKernel) -> int:
-    """Integer convs `dot_convs` would run on `kernel`: for the compile report."""
+    """Integer convs and matmuls `dot_layers` would run on `kernel`: for the compile report."""
     found = [0]
 
     def visit(expr: relax.Expr) -> None:
-        found[0] += fits(expr, kernel)
+        found[0] += fits(expr, kernel) or fits_matmul(expr, kernel)
 
     for func in mod.functions.values():
         if isinstance(func, relax.Function):
@@ -128,13 +141,23 @@ def count_fitting(mod: tvm.IRModule, kernel: DotKernel) -> int:
 
 def _dot_conv(call: relax.Call, kernel: DotKernel, builder: relax.BlockBuilder, kernels: dict) -> relax.Expr:
     data, attrs = call.args[0], call.attrs
+    return _dot_kernel_call(data, str(data.ty.dtype), tuple(int(d) for d in data.ty.shape),
+                            call.args[1].value.numpy(), tuple(int(s) for s in attrs.strides),
+                            tuple(int(p) for p in attrs.padding), (int(call.ty.shape[2]), int(call.ty.shape[3])),
+                            kernel, builder, kernels)
+
+
+def _dot_kernel_call(data: relax.Expr, dtype: str, shape: tuple[int, ...], weight: np.ndarray,
+                     strides: tuple[int, ...], padding: tuple[int, ...], out_size: tuple[int, int],
+                     kernel: DotKernel, builder: relax.BlockBuilder, kernels: dict) -> relax.Expr:
+    """conv2d(data: NCHW `shape` of `dtype`, constant OIHW `weight`) -> int32 NCHW, through `kernel`."""
     g, lanes = kernel.group, kernel.lanes
-    weight = call.args[1].value.numpy().astype(np.int64)
-    n, c, h, w = (int(d) for d in data.ty.shape)
+    weight = weight.astype(np.int64)
+    n, c, h, w = shape
     oc, _, kh, kw = weight.shape
-    sh, sw = (int(s) for s in attrs.strides)
-    top, left, bottom, right = (int(p) for p in attrs.padding)
-    ho, wo = int(call.ty.shape[2]), int(call.ty.shape[3])
+    sh, sw = strides
+    top, left, bottom, right = padding
+    ho, wo = out_size
     blocks = -(-oc // lanes)
     obb, xs, wo_padded = tile(blocks, wo, kernel.accumulators)
     extra = max(0, (wo_padded - 1) * sw + kw - (w + left + right))  # the last strip reads past the row
@@ -144,7 +167,7 @@ def _dot_conv(call: relax.Call, kernel: DotKernel, builder: relax.BlockBuilder, 
         x = relax.op.astype(relax.op.add(relax.op.astype(data, "int16"), relax.const(kernel.offset, "int16")),
                             kernel.operand)
     else:
-        x = data if str(data.ty.dtype) == kernel.operand else relax.op.astype(data, kernel.operand)
+        x = data if dtype == kernel.operand else relax.op.astype(data, kernel.operand)
     x = relax.op.nn.pad(x, [0, 0, 0, g * cg - c, top, bottom, left, right + extra], pad_value=float(kernel.offset))
     x = relax.op.permute_dims(relax.op.reshape(x, (n, cg, g, hp, wp)), [0, 1, 3, 4, 2])
     key = (n, cg, hp, wp, blocks, kh, kw, ho, wo_padded, sh, sw, xs, obb)
@@ -161,6 +184,20 @@ def _dot_conv(call: relax.Call, kernel: DotKernel, builder: relax.BlockBuilder, 
         shift = (kernel.offset * weight.reshape(oc, -1).sum(axis=1)).astype(np.int32).reshape(1, oc, 1, 1)
         out = relax.op.subtract(out, relax.const(shift))
     return out
+
+
+def _dot_matmul(call: relax.Call, kernel: DotKernel, builder: relax.BlockBuilder, kernels: dict) -> relax.Expr:
+    """x[..., M, K] @ W[K, N] as the 1x1 conv of x's rows as pixels ([1, K, 1, rows]) with W as [N, K, 1, 1]."""
+    data, weight = call.args
+    shape = [int(d) for d in data.ty.shape]
+    rows, depth = int(np.prod(shape[:-1])), shape[-1]
+    columns = int(weight.ty.shape[1])
+    pixels = relax.op.reshape(relax.op.permute_dims(relax.op.reshape(data, (rows, depth)), [1, 0]), (1, depth, 1, rows))
+    conv = _dot_kernel_call(pixels, str(data.ty.dtype), (1, depth, 1, rows),
+                            weight.value.numpy().T.reshape(columns, depth, 1, 1), (1, 1), (0, 0, 0, 0), (1, rows),
+                            kernel, builder, kernels)
+    out = relax.op.permute_dims(relax.op.reshape(conv, (columns, rows)), [1, 0])
+    return relax.op.reshape(out, (*shape[:-1], columns))
 
 
 def tile(blocks: int, width: int, accumulators: int) -> tuple[int, int, int]:

@@ -49,7 +49,8 @@ from tvm.target.codegen import target_has_features
 
 from . import INT_KERNELS
 from .tvm_passes.common import rewrite_functions
-from .tvm_dot import KERNEL_ATTR, KERNELS as DOT_KERNELS, dot_convs
+from .tvm_fast_math import FAST_MATH
+from .tvm_dot import KERNEL_ATTR, KERNELS as DOT_KERNELS, dot_layers
 
 LOG = logging.getLogger(__name__)
 LANES = 8  # AVX2: 8 x int32 / float32 per ymm register
@@ -88,10 +89,10 @@ def schedule_cpu(mod: tvm.IRModule, target: tvm.target.Target, int_kernel: str =
         if int_kernel == "float-exact":
             mod = exact_float_convs(mod)
         elif int_kernel in DOT_KERNELS:
-            mod = dot_convs(mod, DOT_KERNELS[int_kernel])
+            mod = dot_layers(mod, DOT_KERNELS[int_kernel])
         mod = tvm.transform.Sequential([
             relax.transform.DecomposeOpsForInference(),
-            relax.transform.LegalizeOps(),
+            relax.transform.LegalizeOps(FAST_MATH),
             relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(),
             relax.transform.FuseOps(),
