@@ -90,3 +90,27 @@ def test_conv_kernels_are_tiled_parallel_and_vectorized_on_integers():
     assert [int(d) for d in kernel.params[1].shape] == [4, 64, 3, 3, 8]
     text = kernel.script()  # TVM's Python API has no TIR visitor any more: read the printed loops
     assert "T.parallel(" in text and "T.vectorized(T.int64(8))" in text
+
+
+@pytest.mark.parametrize("rows", [(1,), (24, 1), (3, 5)])
+def test_dense_rule_tiles_rows_and_streams_repacked_weights(rows):
+    """A float matmul by a constant [K, N] plus bias (an LSTM's projections: [24, 1, 512] @ [512, 2048],
+    and its per-step [1, 512] @ [512, 2048]) reads the weight repacked to N/8 K 8n, keeps the bias add at
+    the tile and equals numpy's float64 result to float32 rounding."""
+    rng = np.random.default_rng(2)
+    depth, columns = 512, 256
+    x = rng.standard_normal((*rows, depth)).astype(np.float32)
+    w = rng.standard_normal((depth, columns)).astype(np.float32)
+    b = rng.standard_normal(columns).astype(np.float32)
+    builder = relax.BlockBuilder()
+    data = relax.Var("x", relax.TensorType(x.shape, "float32"))
+    with builder.function("main", [data]):
+        with builder.dataflow():
+            out = builder.emit_output(relax.op.add(relax.op.matmul(data, relax.const(w)), relax.const(b)))
+        builder.emit_func_output(out)
+    mod = schedule_cpu(builder.get(), tvm.target.Target(TARGET))
+    kernels = [f for _, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)]
+    assert len(kernels) == 1 and [int(d) for d in kernels[0].params[1].shape] == [columns // 8, depth, 8]
+    assert "T.vectorized(T.int64(8))" in kernels[0].script()
+    expected = x.astype(np.float64) @ w.astype(np.float64) + b
+    np.testing.assert_allclose(run(mod, [x])[0], expected, rtol=1e-4, atol=1e-4 * float(np.abs(expected).max()))
