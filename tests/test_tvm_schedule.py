@@ -114,3 +114,29 @@ def test_dense_rule_tiles_rows_and_streams_repacked_weights(rows):
     assert "T.vectorized(T.int64(8))" in kernels[0].script()
     expected = x.astype(np.float64) @ w.astype(np.float64) + b
     np.testing.assert_allclose(run(mod, [x])[0], expected, rtol=1e-4, atol=1e-4 * float(np.abs(expected).max()))
+
+
+def test_requantize_between_dot_convs_runs_in_channel_blocks():
+    """Between two convs on the pmaddwd kernel (8 output channels per register), the requantize runs
+    over [N, C/8, H, W, 8] (contiguous reads of the packed sums) into an intermediate, and a second
+    block packs it for the next conv; the result equals the unscheduled module's bit for bit."""
+    rng = np.random.default_rng(4)
+    w1 = rng.integers(-20, 21, size=(16, 8, 3, 3)).astype(np.int8)
+    w2 = rng.integers(-20, 21, size=(8, 16, 3, 3)).astype(np.int8)
+    x = rng.integers(-128, 128, size=(1, 8, 12, 12)).astype(np.int8)
+    builder = relax.BlockBuilder()
+    data = relax.Var("x", relax.TensorType(x.shape, "int8"))
+    with builder.function("main", [data]):
+        with builder.dataflow():
+            sums = relax.op.nn.conv2d(data, relax.const(w1), padding=(1, 1, 1, 1), out_dtype="int32")
+            requantized = relax.op.astype(relax.op.clip(relax.op.right_shift(sums, relax.const(5, "int32")),
+                                                        -128, 127), "int8")
+            out = builder.emit_output(relax.op.nn.conv2d(requantized, relax.const(w2), padding=(1, 1, 1, 1),
+                                                         out_dtype="int32"))
+        builder.emit_func_output(out)
+    mod = builder.get()
+    scheduled = schedule_cpu(mod, tvm.target.Target(TARGET), "pmaddwd")
+    scripts = [f.script() for _, f in scheduled.functions_items() if isinstance(f, tirx.PrimFunc)]
+    assert any("T.int64(1), T.int64(2), T.int64(12), T.int64(12), T.int64(8)" in s and "T.vectorized(T.int64(8))" in s
+               for s in scripts)  # the [1, 16/8, 12, 12, 8] intermediate, 8 lanes vectorized
+    np.testing.assert_array_equal(run(scheduled, [x])[0], run(mod, [x])[0])

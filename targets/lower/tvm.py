@@ -63,7 +63,7 @@ class CompileReport:
     float_nodes: list[dict] = field(default_factory=list)  # {name: Relax variable, op}: compute left in float32
     int_kernel: str = "integer"  # how integer convs run: int32 multiplies, dot products, or exact float32 FMA
     dot_layers: int = 0  # with a dot-product int_kernel (pmaddwd, vnni512, ...): the integer convs and matmuls on it
-    exact_float_convs: int = 0  # with int_kernel float-exact: the int8 convs that run on float32 FMA
+    exact_float_convs: int = 0  # int8 convs on float32 FMA: all that fit (float-exact), else those a dot kernel leaves
     build_seconds: float = 0.0  # schedule + build + link
     warnings: list[str] = field(default_factory=list)
 
@@ -97,6 +97,7 @@ def compile_model(model_path: Path, output: Path, target: str = "tvm-x86", input
         _describe(lowered, report)
         if int_kernel in DOT_KERNELS:
             report.dot_layers = count_fitting(lowered, DOT_KERNELS[int_kernel])
+            report.exact_float_convs = exact_float_plan(lowered, DOT_KERNELS[int_kernel])[0]
         if int_kernel == "float-exact":
             report.exact_float_convs, kept = exact_float_plan(lowered)
             if kept:
