@@ -65,6 +65,7 @@ LOG = logging.getLogger(__name__)
 LANES = 8  # AVX2: 8 x int32 / float32 per ymm register
 MAX_STRIP = 8  # output pixels per register tile (8 accumulators + operands fit the 16 ymm registers)
 MIN_PARALLEL = 1 << 20  # fewer operations (MACs, elements) than this: threads cost more than they save
+PARALLEL_TASKS = 64  # enough tasks to balance the threads
 EXACT_FLOAT = 2 ** 24  # float32 holds every integer of smaller magnitude exactly
 
 Packing = dict[int, Callable[[np.ndarray], np.ndarray]]  # PrimFunc parameter index -> constant repack
@@ -257,6 +258,8 @@ def schedule_relayout(sch: s_tir.Schedule) -> None:
     moves = [_is_layout(sch, block) for block in blocks]
     if all(moves) or not any(moves):
         raise ValueError("no elementwise chain next to a layout change")
+    if any(_is_select(sch, block) for block in blocks):  # both branches would be computed per lane: 3.4x slower
+        raise ValueError("a concatenation")
     body = max(i for i, m in enumerate(moves) if not m)
     for block in blocks[:body] + blocks[body + 1:-1]:
         sch.compute_inline(block)
@@ -530,6 +533,13 @@ def _is_layout(sch: s_tir.Schedule, block: s_tir.SBlockRV) -> bool:
     return isinstance(value, tvm.ir.expr.TensorLoad)
 
 
+def _is_select(sch: s_tir.Schedule, block: s_tir.SBlockRV) -> bool:
+    """A block choosing between two computed values (a concatenation), not a value and padding."""
+    value = sch.get(block).body.value if isinstance(sch.get(block).body, tvm.tirx.stmt.BufferStore) else None
+    return isinstance(value, tvm.ir.expr.Call) and value.op.same_as(tvm.ir.Op.get("prim.if_then_else")) \
+        and not isinstance(value.args[2], (tvm.ir.prim.expr.IntImm, tvm.ir.prim.expr.FloatImm))
+
+
 def _inline_injective(sch: s_tir.Schedule) -> None:
     """Inline every block of an elementwise chain into the next: one pass over memory instead of one per op."""
     changed = True
@@ -549,11 +559,18 @@ def _vectorize_tile(sch: s_tir.Schedule, block: s_tir.SBlockRV) -> None:
 
 
 def _parallel(sch: s_tir.Schedule, loops: list[s_tir.LoopRV], work: int) -> None:
-    """Fuse the outer loops into one parallel loop when `work` (operations) pays for waking threads."""
+    """Fuse the outer loops into one parallel loop when `work` (operations) pays for waking threads:
+    only as many as give PARALLEL_TASKS tasks, since each fused loop costs a division per iteration."""
     loops = [loop for loop in loops if _extent(sch, loop) > 1] or loops[:1]
     if not loops or work < MIN_PARALLEL:
         return
-    sch.parallel(sch.fuse(*loops) if len(loops) > 1 else loops[0])
+    tasks, prefix = 1, []
+    for loop in loops:
+        prefix.append(loop)
+        tasks *= _extent(sch, loop)
+        if tasks >= PARALLEL_TASKS:
+            break
+    sch.parallel(sch.fuse(*prefix) if len(prefix) > 1 else prefix[0])
 
 
 def _loop_kinds(sch: s_tir.Schedule, block: s_tir.SBlockRV) -> list[str] | None:
