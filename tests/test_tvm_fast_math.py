@@ -46,3 +46,20 @@ def test_matches_float64_without_libm_calls(name):
     np.testing.assert_allclose(got, expected, rtol=5e-6, atol=1e-30 if name == "exp" else 1e-6)
     for call in ("expf", "erff", "tanhf"):
         assert f"call\t{call}" not in asm and f"{call}@PLT" not in asm
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_quantize_multiplies_by_the_reciprocal_within_one_step(per_channel):
+    """quantize by a constant scale: round-half-even(x / scale) + zero point, clamped to int8 as numpy
+    computes it, but with no division in the code; the result may differ by one step only where
+    x / scale is within float32 rounding of a tie."""
+    rng = np.random.default_rng(6)
+    x = (rng.standard_normal((2, 4, 8, 16)) * 3).astype(np.float32)
+    scale = (rng.uniform(0.01, 0.05, 4) if per_channel else np.array(0.0234)).astype(np.float32)
+    zero = np.array([3, -2, 0, 5] if per_channel else 1).astype(np.int8)
+    op = lambda d: relax.op.quantize(d, relax.const(scale), relax.const(zero), axis=1, out_dtype="int8")  # noqa: E731
+    got, asm = run(op, x)
+    shape = (1, 4, 1, 1) if per_channel else ()
+    expected = np.clip(np.round(x / scale.reshape(shape)) + zero.reshape(shape), -128, 127)
+    assert np.abs(got.astype(np.int32) - expected).max() <= 1 and np.mean(got != expected) < 1e-3
+    assert "vdivps" not in asm and "divss" not in asm

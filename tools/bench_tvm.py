@@ -14,7 +14,7 @@ because both runtimes' idle worker threads spin and would steal the cores from t
 Batch 1.
 
 Usage: python tools/bench_tvm.py [--models ...] [--threads 1 2] [--runs 50] [--workdir /tmp/qpass-tvm-bench]
-                                 [--mcpu LLVM_CPU]
+                                 [--mcpu LLVM_CPU] [--no-kernels]
 Prints the compile times, then a Markdown table of medians and the ratios the TVM issue names:
 TVM float / TVM int8 (> 1: int8 pays) and ORT int8 / TVM int8 (>= 1: TVM int8 no slower than ORT).
 """

@@ -13,13 +13,13 @@ int32 lane, exactly:
 * `sdot` (ARMv8.2 dotprod): 4 int8 products per lane, 4 lanes, accumulated in place; int8 only.
 
 TVM 0.27's `Schedule.tensorize` crashes on such intrinsics, so the kernel is written directly in
-TIR and reached through `relax.call_tir`. `dot_layers` rewrites each qualifying integer conv2d (and
-matmul with a constant weight, as the 1x1 conv of its rows) before legalization into: pad, group G adjacent input channels ([N, C/G, H, W, G]), the kernel,
-and back to NCHW. The output layout [N, OC/L, Ho, Wo, L] keeps L output channels in one register;
-weights are repacked once at compile time to [OC/L, C/G, KH, KW, L, G]. Register tile: OBB blocks
-of L output channels x XS output pixels, all accumulators in registers (x86: 2 x 7 measured
-fastest on ResNet-18 layers). The epilogue (bias, requantize) stays in Relax and fuses with the
-unpacking.
+TIR and reached through `relax.call_tir`. `dot_layers` rewrites each qualifying integer conv2d
+(and matmul by a constant weight, as the 1x1 conv of its rows) before legalization into: pad,
+group G adjacent input channels ([N, C/G, H, W, G]), the kernel, and back to NCHW. The output
+layout [N, OC/L, Ho, Wo, L] keeps L output channels in one register; weights are repacked once at
+compile time to [OC/L, C/G, KH, KW, L, G]. Register tile: OBB blocks of L output channels x XS
+output pixels, all accumulators in registers (x86: 2 x 7 measured fastest on ResNet-18 layers).
+The epilogue (bias, requantize) stays in Relax and fuses with the unpacking.
 """
 
 from __future__ import annotations
