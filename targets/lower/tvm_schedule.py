@@ -66,6 +66,7 @@ LANES = 8  # AVX2: 8 x int32 / float32 per ymm register
 MAX_STRIP = 8  # output pixels per register tile (8 accumulators + operands fit the 16 ymm registers)
 MIN_PARALLEL = 1 << 20  # fewer operations (MACs, elements) than this: threads cost more than they save
 PARALLEL_TASKS = 64  # enough tasks to balance the threads
+ELEMENT_WORK = 64  # operations per element of a requantize/activation chain, for the parallel threshold
 EXACT_FLOAT = 2 ** 24  # float32 holds every integer of smaller magnitude exactly
 
 Packing = dict[int, Callable[[np.ndarray], np.ndarray]]  # PrimFunc parameter index -> constant repack
@@ -285,7 +286,7 @@ def schedule_relayout(sch: s_tir.Schedule) -> None:
         inner = loops[-1]
         if _extent(sch, inner) > 16 and _extent(sch, inner) % 16 == 0:
             inner = sch.split(inner, [None, 16])[1]
-        _parallel(sch, loops[1:-2] if len(loops) > 4 else loops[1:-1], size)
+        _parallel(sch, loops[1:-2] if len(loops) > 4 else loops[1:-1], size * ELEMENT_WORK)
         if _extent(sch, inner) in (4, 8, 16):
             sch.vectorize(inner)
 
