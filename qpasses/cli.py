@@ -580,9 +580,10 @@ def compile_command(model: Path, engine_name: str, output: Path | None, target_n
         if result.float_nodes:
             click.echo(f"float nodes: {len(result.float_nodes)}: "
                        + ", ".join(f"{n['name']} ({n['op']})" for n in result.float_nodes), err=True)
-        if engine_name == "tvm" and result.int_kernel in ("pmaddwd", "sdot"):
-            click.echo(f"{result.int_kernel}: {result.dot_layers} integer conv(s) and matmul(s) run on the dot-product kernel", err=True)
-        if engine_name == "tvm" and result.int_kernel == "float-exact":
+        if engine_name == "tvm" and result.int_kernel not in ("integer", "float-exact"):
+            click.echo(f"{result.int_kernel}: {result.dot_layers} integer conv(s) and matmul(s) run on the "
+                       "dot-product kernel", err=True)
+        if engine_name == "tvm" and result.exact_float_convs:
             click.echo(f"float-exact: {result.exact_float_convs} int8 conv(s) run on float32 FMA, exactly", err=True)
         for warning in result.warnings:
             click.echo(f"warning: {warning}", err=True)

@@ -182,6 +182,7 @@ def test_cli_compile_and_bench_against_float(tmp_path):
     result = qpass("compile", str(qdq), "--engine", "tvm", "-o", str(tmp_path / "q.so"), "--report", str(tmp_path / "c.json"))
     assert result.returncode == 0, result.stderr
     assert "integer kernels: conv2d int8 x int8 -> int32 x6, matmul int8 x int8 -> int32 x1" in result.stderr
+    assert "pmaddwd: 7 integer conv(s) and matmul(s) run on the dot-product kernel" in result.stderr
     compiled = json.loads((tmp_path / "c.json").read_text())
     assert compiled["engine"] == "tvm" and compiled["inputs"] == [{"name": "input", "shape": [1, 1, 8, 8], "dtype": "float32"}]
     assert qpass("compile", str(EXAMPLE / "model.onnx"), "--engine", "tvm", "-o", str(tmp_path / "f.so"), "-q").returncode == 0
