@@ -69,6 +69,7 @@ PARALLEL_TASKS = 64  # enough tasks to balance the threads
 ELEMENT_WORK = 64  # operations per element of a requantize/activation chain, for the parallel threshold
 EXACT_FLOAT = 2 ** 24  # float32 holds every integer of smaller magnitude exactly
 
+CONSTANTS = (tvm.ir.prim.expr.IntImm, tvm.ir.prim.expr.FloatImm)
 Packing = dict[int, Callable[[np.ndarray], np.ndarray]]  # PrimFunc parameter index -> constant repack
 
 
@@ -528,17 +529,25 @@ def _inline_epilogue(sch: s_tir.Schedule, block: s_tir.SBlockRV) -> None:
 def _is_layout(sch: s_tir.Schedule, block: s_tir.SBlockRV) -> bool:
     """A block that only moves values (transpose, reshape, slice, pad): it stores a load, or a
     load-or-constant."""
-    value = sch.get(block).body.value if isinstance(sch.get(block).body, tvm.tirx.stmt.BufferStore) else None
-    if isinstance(value, tvm.ir.expr.Call) and value.op.same_as(tvm.ir.Op.get("prim.if_then_else")):
-        value = value.args[1] if isinstance(value.args[2], (tvm.ir.prim.expr.IntImm, tvm.ir.prim.expr.FloatImm)) else None
+    value = _stored_value(sch, block)
+    if _is_if_then_else(value):
+        value = value.args[1] if isinstance(value.args[2], CONSTANTS) else None
     return isinstance(value, tvm.ir.expr.TensorLoad)
 
 
 def _is_select(sch: s_tir.Schedule, block: s_tir.SBlockRV) -> bool:
     """A block choosing between two computed values (a concatenation), not a value and padding."""
-    value = sch.get(block).body.value if isinstance(sch.get(block).body, tvm.tirx.stmt.BufferStore) else None
-    return isinstance(value, tvm.ir.expr.Call) and value.op.same_as(tvm.ir.Op.get("prim.if_then_else")) \
-        and not isinstance(value.args[2], (tvm.ir.prim.expr.IntImm, tvm.ir.prim.expr.FloatImm))
+    value = _stored_value(sch, block)
+    return _is_if_then_else(value) and not isinstance(value.args[2], CONSTANTS)
+
+
+def _stored_value(sch: s_tir.Schedule, block: s_tir.SBlockRV) -> tvm.ir.expr.Expr | None:
+    body = sch.get(block).body
+    return body.value if isinstance(body, tvm.tirx.stmt.BufferStore) else None
+
+
+def _is_if_then_else(value: tvm.ir.expr.Expr | None) -> bool:
+    return isinstance(value, tvm.ir.expr.Call) and value.op.same_as(tvm.ir.Op.get("prim.if_then_else"))
 
 
 def _inline_injective(sch: s_tir.Schedule) -> None:
